@@ -1,0 +1,111 @@
+"""The mainstay-code attack: PGD in pixel space against a guide code.
+
+Untargeted: push F(x + delta) away from b*(y) (minimise mean(F * b*)).
+Targeted: pull F(x + delta) toward b*(y_t) (minimise -mean(F * b*(y_t))).
+PGD: uniform random start in [-eps, eps], signed-gradient steps, projection
+onto the eps-ball and [0, 1]; the model's tanh temperature alpha follows a
+schedule over the iterations (10 equal phases). ``restarts`` > 1 runs
+independent random starts and keeps, per example, the strongest one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+ALPHA_SCHEDULE = (0.1, 0.1, 0.1, 0.1, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+
+
+def attack_loss(codes_BK: torch.Tensor, guide_BK: torch.Tensor, targeted: bool, kind: str = "plain") -> torch.Tensor:
+    """Per-example loss (B,) that the attack minimises.
+
+    ``plain``: mean(F * b) (negated when targeted). ``sharp`` (the reference
+    generators' loss): with s = F * b, untargeted keeps the bits with
+    s > -0.5 and minimises sum(w (s + 2) s) / sum(w); targeted keeps bits
+    with s < 0.5 and maximises the same form.
+    """
+    s = codes_BK * guide_BK
+    if kind == "plain":
+        out = s.mean(1)
+        return -out if targeted else out
+    if kind != "sharp":
+        raise ValueError(f"attack loss {kind!r} is not one of ['plain', 'sharp']")
+    w = (s < 0.5).float() if targeted else (s > -0.5).float()
+    form = (w * (s + 2) * s).sum(1) / w.sum(1).clamp_min(1)
+    return -form if targeted else form
+
+
+def alpha_at(it: int, iters: int, schedule: tuple[float, ...] | None) -> float | None:
+    if not schedule:
+        return None
+    return schedule[min(len(schedule) - 1, it * len(schedule) // iters)]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Attacks see the model as at test time (BatchNorm running stats)."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def _one_run(model, x, guide, eps, step_size, iters, targeted, random_start, schedule, loss, generator):
+    delta = torch.zeros_like(x)
+    if random_start:
+        delta.uniform_(-eps, eps, generator=generator)
+    delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
+    for it in range(iters):
+        codes = model(x + delta, alpha=alpha_at(it, iters, schedule))
+        obj = attack_loss(codes, guide, targeted, loss).sum()  # per-example gradients stay independent
+        (grad,) = torch.autograd.grad(obj, delta)
+        with torch.no_grad():
+            delta -= step_size * grad.sign()
+            delta.clamp_(-eps, eps)
+            delta.copy_((x + delta).clamp(0, 1) - x)
+    return (x + delta).detach()
+
+
+def pgd_attack(
+    model: nn.Module,
+    x_BCHW: torch.Tensor,
+    guide_BK: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    iters: int,
+    targeted: bool = False,
+    random_start: bool = True,
+    alpha_schedule: tuple[float, ...] | None = ALPHA_SCHEDULE,
+    loss: str = "sharp",
+    restarts: int = 1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Adversarial images x + delta with ||delta||_inf <= eps and values in [0, 1].
+
+    ``guide_BK`` is b*(y) (untargeted) or b*(y_t) (targeted). With restarts,
+    the kept run per example is the one with the lowest plain attack loss at
+    alpha = 1. Only the input gets gradients; model parameters are untouched.
+    """
+    if iters < 1 or eps < 0 or step_size <= 0:
+        raise ValueError("pgd_attack: need iters >= 1, eps >= 0, step_size > 0")
+    guide = guide_BK.to(x_BCHW.device, x_BCHW.dtype)
+    best, best_score = None, None
+    with eval_mode(model):
+        for _ in range(max(1, restarts)):
+            x_adv = _one_run(model, x_BCHW, guide, eps, step_size, iters, targeted, random_start,
+                             alpha_schedule, loss, generator)
+            if restarts <= 1:
+                return x_adv
+            with torch.no_grad():
+                score = attack_loss(model(x_adv, alpha=1.0), guide, targeted, "plain")
+            if best is None:
+                best, best_score = x_adv, score
+            else:
+                better = score < best_score
+                best[better], best_score[better] = x_adv[better], score[better]
+    return best

@@ -1,0 +1,125 @@
+"""The `saat-dist` command.
+
+  saat-dist run --config configs/demo.yaml            the whole protocol
+  saat-dist train|saat|evaluate|report --config ...   one stage, in the run directory
+  saat-dist data demo --out DIR [--seed S]            build the embedded demo data set
+  saat-dist data convert --root DIR --out DIR         DeepHash list format -> WebDataset shards
+  saat-dist bench map|mainstay --out FILE.json        benchmarks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+import sys
+from pathlib import Path
+
+
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML run config (default: built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.epochs=2 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saat-dist", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in [("run", "run every stage"), ("train", "benign hashing training"),
+                        ("saat", "SAAT adversarial training from the benign model"),
+                        ("evaluate", "evaluate the benign and/or SAAT model"),
+                        ("report", "write report.json/md and plots")]:
+        p = sub.add_parser(name, help=help_)
+        _config_args(p)
+        if name == "evaluate":
+            p.add_argument("--which", choices=["benign", "saat", "both"], default="both")
+
+    data = sub.add_parser("data", help="data sets and shards").add_subparsers(dest="data_command", required=True)
+    conv = data.add_parser("convert", help="DeepHash list format -> WebDataset shards")
+    conv.add_argument("--root", required=True, help="data set root with {train,test,database}_{img,label}.txt")
+    conv.add_argument("--out", required=True, help="output shard directory")
+    conv.add_argument("--shard-size", type=int, default=1000, help="target samples per shard")
+    conv.add_argument("--shard-multiple", type=int, default=12,
+                      help="shard counts are rounded up to a multiple of this (ranks x loader workers)")
+    demo = data.add_parser("demo", help="build the embedded multi-label MNIST-mosaic data set")
+    demo.add_argument("--out", required=True, help="output directory (list format in list/, shards in shards/)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--train", type=int, default=2000)
+    demo.add_argument("--query", type=int, default=500)
+    demo.add_argument("--database", type=int, default=5000)
+    demo.add_argument("--min-digits", type=int, default=1)
+    demo.add_argument("--max-digits", type=int, default=3)
+    demo.add_argument("--single-label", action="store_true", help="one digit per image (one-hot labels)")
+    demo.add_argument("--shard-size", type=int, default=500)
+
+    bench = sub.add_parser("bench", help="benchmarks that write JSON")
+    bench.add_argument("which", choices=["map", "mainstay", "all"])
+    bench.add_argument("--out", default="bench-results", help="directory for <which>.json")
+    bench.add_argument("--small", action="store_true", help="small sizes (a smoke run, not the target sizes)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    from saat_dist.config import ConfigError, load_config
+    from saat_dist.data.listformat import DataFormatError
+
+    try:
+        if args.command == "data":
+            return _data(args)
+        if args.command == "bench":
+            from saat_dist.bench import run_bench
+
+            print(json.dumps(run_bench(args.which, Path(args.out), small=args.small), indent=1))
+            return 0
+        cfg = load_config(args.config, args.overrides)  # bad configs fail here, before any work
+        return _stage(args, cfg)
+    except (ConfigError, DataFormatError, FileNotFoundError) as e:
+        print(f"saat-dist: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _data(args) -> int:
+    if args.data_command == "convert":
+        from saat_dist.data.convert import convert
+
+        manifest = convert(args.root, args.out, args.shard_size, args.shard_multiple)
+        print(json.dumps({s: {"count": v["count"], "shards": len(v["shards"])} for s, v in manifest["splits"].items()}))
+        return 0
+    from saat_dist.data.demo import DemoSpec, build_demo
+
+    lo, hi = (1, 1) if args.single_label else (args.min_digits, args.max_digits)
+    summary = build_demo(args.out, DemoSpec(train=args.train, query=args.query, database=args.database,
+                                            min_digits=lo, max_digits=hi, seed=args.seed, shard_size=args.shard_size))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _stage(args, cfg) -> int:
+    from saat_dist import pipeline
+    from saat_dist.report import write_report
+
+    if args.command == "run":
+        report = pipeline.run_all(cfg)
+        print(json.dumps({k: report[k] for k in ("random_map", "benign", "saat", "stage_seconds")}, indent=1, default=str)[:4000])
+        return 0
+    run_dir = pipeline.prepare_run_dir(cfg)
+    if args.command == "train":
+        pipeline.stage_train(cfg, run_dir)
+    elif args.command == "saat":
+        pipeline.stage_saat(cfg, run_dir)
+    elif args.command == "evaluate":
+        for which in (["benign", "saat"] if args.which == "both" else [args.which]):
+            pipeline.stage_evaluate(cfg, run_dir, which)
+    elif args.command == "report":
+        write_report(cfg, run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Typed run configuration, loaded from YAML with ``--set key=value`` overrides.
+
+Every field is documented where it is declared. Unknown keys and bad values
+raise ``ConfigError`` naming the key (and the allowed values) before any
+work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DemoDataConfig:
+    train: int = 2000  # training images
+    query: int = 500  # query (test) images
+    database: int = 5000  # database images
+    min_digits: int = 1  # fewest digits in a mosaic
+    max_digits: int = 3  # most digits in a mosaic (1 and 1: single-label variant)
+    grid: int = 2  # mosaic of grid x grid cells of 28 px
+    seed: int = 0  # seed of the demo data (same seed: byte-identical shards)
+    shard_size: int = 500  # target samples per shard
+
+
+@dataclass
+class DataConfig:
+    shard_dir: str = "data/demo/shards"  # directory with manifest.json and the shards (output of `data convert`)
+    build_demo: bool = True  # build the embedded demo data set here if shard_dir has no manifest
+    demo: DemoDataConfig = field(default_factory=DemoDataConfig)  # demo data parameters
+    image_size: int = 32  # images are resized to image_size x image_size
+    loader_workers: int = 0  # DataLoader worker processes per rank (0: read in the training process)
+    skip_corrupt: bool = False  # skip unreadable shards with a warning instead of failing
+    base_url: str | None = None  # read shards from this URL prefix instead of shard_dir (pipe:, http://, s3 mirrors)
+
+
+@dataclass
+class ModelConfig:
+    backbone: Literal["small_cnn", "alexnet", "vgg11", "vgg16", "vgg19", "resnet18", "resnet50"] = "small_cnn"  # feature extractor
+    bits: int = 32  # hash code length K
+    pretrained_path: str | None = None  # local torchvision ImageNet weights; never downloaded
+    hash_bn: bool = True  # BatchNorm1d on the hash logits (keeps DPH codes from collapsing)
+    width: int = 32  # channel width of small_cnn
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "sgd"] = "adam"  # optimizer
+    lr: float = 1e-3  # learning rate
+    momentum: float = 0.0  # SGD momentum
+    weight_decay: float = 0.0  # L2 weight decay
+    milestones: list[float] = field(default_factory=list)  # fractions of all steps where lr is multiplied by gamma
+    gamma: float = 0.1  # lr factor at each milestone
+
+
+@dataclass
+class TrainConfig:
+    loss: Literal["dph", "dpsh", "hashnet", "csq"] = "dph"  # benign hashing loss
+    epochs: int = 6  # training epochs
+    batch_size: int = 64  # batch size per step
+    optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer of benign training
+
+
+@dataclass
+class SAATConfig:
+    epochs: int = 6  # adversarial training epochs, starting from the benign model
+    batch_size: int = 64  # batch size per step
+    eps: float = 16 / 255  # L-inf budget of the inner maximisation
+    step_size: float = 4 / 255  # inner PGD step
+    iters: int = 7  # inner PGD iterations
+    lam: float = 1.0  # weight of the adversarial mainstay term (lambda)
+    mu: float = 1e-4  # weight of the adversarial quantisation term (mu)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        name="sgd", lr=0.05, weight_decay=1e-5, milestones=[0.5, 0.75]))  # optimizer of SAAT
+
+
+@dataclass
+class AttackConfig:
+    eps: float = 16 / 255  # L-inf budget of the evaluation attacks
+    step_size: float = 1 / 255  # PGD step
+    iters: int = 100  # PGD iterations
+    loss: Literal["plain", "sharp"] = "sharp"  # attack loss (sharp: the reference generators' loss)
+    batch_size: int = 128  # images per attack batch
+    strong_factor: int = 5  # the strong check runs strong_factor x iters ...
+    strong_restarts: int = 3  # ... with this many random restarts (worst case per query)
+
+
+@dataclass
+class EvalConfig:
+    top_k: int = 5000  # mAP@top_k (the reference uses 5000)
+    num_queries: int = 0  # evaluate on the first num_queries queries (0: all)
+    pr_levels: int = 11  # recall levels of the PR curve (11: steps of 0.1)
+    precision_at: list[int] = field(default_factory=lambda: [100, 200, 500, 1000])  # N of precision@N
+    batch_size: int = 256  # images per encoding batch
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"  # run name, used in logs and reports
+    output_dir: str = "runs/demo"  # where checkpoints, report.json/md and plots go
+    seed: int = 0  # seed of models, data order and attacks
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when visible, else CPU
+    log_every_s: float = 10.0  # seconds between progress lines
+    data: DataConfig = field(default_factory=DataConfig)  # data
+    model: ModelConfig = field(default_factory=ModelConfig)  # hash model
+    train: TrainConfig = field(default_factory=TrainConfig)  # benign training
+    saat: SAATConfig = field(default_factory=SAATConfig)  # SAAT adversarial training
+    attack: AttackConfig = field(default_factory=AttackConfig)  # evaluation attacks
+    eval: EvalConfig = field(default_factory=EvalConfig)  # retrieval evaluation
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("model.bits", self.model.bits >= 8, "must be >= 8"),
+            ("data.image_size", self.data.image_size >= 16, "must be >= 16"),
+            ("data.loader_workers", self.data.loader_workers >= 0, "must be >= 0"),
+            ("train.epochs", self.train.epochs >= 0, "must be >= 0"),
+            ("train.batch_size", self.train.batch_size >= 2, "must be >= 2"),
+            ("saat.epochs", self.saat.epochs >= 0, "must be >= 0"),
+            ("saat.batch_size", self.saat.batch_size >= 2, "must be >= 2"),
+            ("saat.eps", 0 <= self.saat.eps <= 1, "must be in [0, 1]"),
+            ("saat.iters", self.saat.iters >= 1, "must be >= 1"),
+            ("attack.eps", 0 <= self.attack.eps <= 1, "must be in [0, 1]"),
+            ("attack.iters", self.attack.iters >= 1, "must be >= 1"),
+            ("attack.strong_factor", self.attack.strong_factor >= 1, "must be >= 1"),
+            ("attack.strong_restarts", self.attack.strong_restarts >= 1, "must be >= 1"),
+            ("eval.top_k", self.eval.top_k >= 1, "must be >= 1"),
+            ("eval.pr_levels", self.eval.pr_levels >= 2, "must be >= 2"),
+            ("train.optim.lr", self.train.optim.lr > 0, "must be > 0"),
+            ("saat.optim.lr", self.saat.optim.lr > 0, "must be > 0"),
+        ]
+        for key, ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"{key}: {msg}")
+        for key, ms in (("train.optim.milestones", self.train.optim.milestones),
+                        ("saat.optim.milestones", self.saat.optim.milestones)):
+            if any(not 0 < m < 1 for m in ms):
+                raise ConfigError(f"{key}: milestones are fractions of the run in (0, 1), got {ms}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {[f.name for f in dataclasses.fields(tp)]}")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key '{prefix}{unknown[0]}' (known keys here: {sorted(names)})")
+    kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from e
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """A RunConfig from a YAML file (or the defaults) plus ``key=value`` overrides."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return _build(RunConfig, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from e
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Data: the DeepHash list format, WebDataset shards, demo data, streaming."""

@@ -1,0 +1,236 @@
+"""Reading shards: a resumable, rank- and worker-split training stream, and
+whole-split loading for evaluation.
+
+Training stream. Every epoch ``e`` of the data, all shards are shuffled with
+the same seed on every rank and dealt round-robin to the ``world_size x
+num_workers`` (rank, loader worker) slots; each slot reads its shards in
+order, each shard's samples in a seeded permutation, and cuts batches from
+that endless sequence. A slot never runs dry (it simply moves on to its shards
+of the next data epoch), so every rank yields exactly ``steps_per_epoch``
+batches per trainer epoch, computed once from the manifest as
+``(split count // world_size) // batch_size``; collectives can never hang on a
+rank that ran out. The position is the number of batches taken; restoring it
+skips whole shards by their manifest counts instead of reading them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from torchvision.io import ImageReadMode, decode_image
+
+from saat_dist.data.shards import IMAGE_EXTS, load_manifest, shard_urls
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images B x 3 x S x S in [0,1], labels B x C, index B
+
+
+class ShardError(RuntimeError):
+    """A shard could not be read; the message names the shard and the sample."""
+
+
+def decode_sample(sample: dict, image_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(uint8 image 3 x S x S, float multi-hot label, global index) of one raw sample."""
+    meta = json.loads(sample["json"])
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise ValueError(f"sample {sample.get('__key__')}: no image (looked for {IMAGE_EXTS})")
+    img = decode_image(torch.frombuffer(bytearray(sample[ext]), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    if img.shape[1:] != (image_size, image_size):
+        img = F.interpolate(img[None].float(), size=(image_size, image_size), mode="bilinear",
+                            antialias=True, align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+    return img, torch.tensor(meta["label"], dtype=torch.float32), int(meta["index"])
+
+
+def iter_shard(url: str, image_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Decoded samples of one shard, in stored order; errors name the shard and key."""
+    key = None
+    try:
+        for sample in wds.tariterators.tarfile_samples([{"url": url}]):
+            key = sample.get("__key__")
+            yield decode_sample(sample, image_size)
+    except ShardError:
+        raise
+    except Exception as e:
+        where = f"after sample {key}" if key else "at its start"
+        raise ShardError(f"shard {url}: unreadable {where}: {e}") from e
+
+
+@dataclass
+class StreamSpec:
+    shard_dir: str
+    split: str
+    batch_size: int
+    image_size: int
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0  # DataLoader worker processes (0: read in the main process)
+    seed: int = 0
+    shuffle: bool = True
+    skip_corrupt: bool = False  # skip (with a warning) the rest of an unreadable shard
+    base_url: str | None = None  # read shards from here instead of shard_dir (pipe:, http, s3 mirrors)
+
+
+class _SlotStream(torch.utils.data.IterableDataset):
+    """The batches of this rank, cut per loader worker (see module docstring)."""
+
+    def __init__(self, spec: StreamSpec, counts: list[int], urls: list[str], start_batch: int) -> None:
+        self.spec, self.counts, self.urls, self.start_batch = spec, counts, urls, start_batch
+
+    def _slot_shards(self, slot: int, slots: int) -> Iterator[tuple[int, int]]:
+        """(data epoch, shard) pairs this slot reads, forever."""
+        for epoch in itertools.count():
+            order = np.arange(len(self.urls))
+            if self.spec.shuffle:
+                order = np.random.default_rng([self.spec.seed, epoch]).permutation(order)
+            for j in order[slot::slots]:
+                yield epoch, int(j)
+
+    def _samples(self, slot: int, slots: int, skip: int):
+        for epoch, j in self._slot_shards(slot, slots):
+            if skip >= self.counts[j]:  # resume: skip whole shards unread
+                skip -= self.counts[j]
+                continue
+            try:
+                items = list(iter_shard(self.urls[j], self.spec.image_size))
+            except ShardError as e:
+                if not self.spec.skip_corrupt:
+                    raise
+                log.warning("skipping corrupt shard (skip_corrupt is on): %s", e)
+                continue
+            if self.spec.shuffle:
+                perm = np.random.default_rng([self.spec.seed, epoch, j]).permutation(len(items))
+                items = [items[p] for p in perm]
+            yield from items[skip:]
+            skip = 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        workers = max(1, self.spec.num_workers)
+        wid = 0 if info is None else info.id
+        # The DataLoader asks its workers round-robin starting at worker 0;
+        # rotate roles so that the slot owed the next batch answers first.
+        logical = (wid + self.start_batch) % workers
+        done = self.start_batch // workers + (1 if logical < self.start_batch % workers else 0)
+        slots = self.spec.world_size * workers
+        slot = self.spec.rank * workers + logical
+        samples = self._samples(slot, slots, done * self.spec.batch_size)
+        while True:
+            chunk = list(itertools.islice(samples, self.spec.batch_size))
+            imgs, labels, index = zip(*chunk)
+            yield torch.stack(imgs).float().div_(255), torch.stack(labels), torch.tensor(index)
+
+
+class ShardStream:
+    """Endless, resumable batches of one split for one rank.
+
+    ``for batch in stream.epoch(): ...`` yields ``steps_per_epoch`` batches;
+    ``state_dict()`` / ``load_state_dict()`` save and restore the position.
+    """
+
+    def __init__(self, spec: StreamSpec) -> None:
+        self.spec = spec
+        manifest = load_manifest(spec.shard_dir)
+        self.manifest = manifest
+        self.urls = shard_urls(spec.shard_dir, manifest, spec.split, spec.base_url)
+        self.counts = [s["count"] for s in manifest["splits"][spec.split]["shards"]]
+        slots = spec.world_size * max(1, spec.num_workers)
+        if len(self.urls) < slots:
+            raise ValueError(
+                f"{spec.shard_dir}: split {spec.split!r} has {len(self.urls)} shards, fewer than "
+                f"ranks x loader workers = {slots}; re-convert with a smaller --shard-size"
+            )
+        per_rank = manifest["splits"][spec.split]["count"] // spec.world_size
+        self.steps_per_epoch = per_rank // spec.batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"{spec.split}: {per_rank} samples per rank cannot fill one batch of {spec.batch_size}"
+            )
+        self.batches_taken = 0
+        self._iter: Iterator[Batch] | None = None
+
+    def _open(self) -> Iterator[Batch]:
+        ds = _SlotStream(self.spec, self.counts, self.urls, self.batches_taken)
+        if self.spec.num_workers == 0:
+            return iter(ds)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=None, num_workers=self.spec.num_workers, persistent_workers=False
+        )
+        return iter(loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._iter is None:
+            self._iter = self._open()
+        batch = next(self._iter)
+        self.batches_taken += 1
+        return batch
+
+    def epoch(self) -> Iterator[Batch]:
+        return itertools.islice(self, self.steps_per_epoch)
+
+    def state_dict(self) -> dict:
+        s = self.spec
+        return {"batches_taken": self.batches_taken, "world_size": s.world_size, "num_workers": s.num_workers,
+                "batch_size": s.batch_size, "seed": s.seed, "split": s.split}
+
+    def load_state_dict(self, state: dict) -> None:
+        s = self.spec
+        for key in ("world_size", "num_workers", "batch_size", "seed", "split"):
+            if state[key] != getattr(s, key):
+                raise ValueError(
+                    f"data position was saved with {key}={state[key]!r}, this run has {getattr(s, key)!r}: "
+                    "the stream cannot resume at a different layout"
+                )
+        self.batches_taken = int(state["batches_taken"])
+        self._iter = None
+
+
+def load_split(shard_dir: str | Path, split: str, image_size: int, base_url: str | None = None,
+               shards: list[int] | None = None) -> Batch:
+    """A whole split (or some of its shards) in memory, ordered by global index:
+    uint8 images N x 3 x S x S, float labels N x C, index N."""
+    manifest = load_manifest(shard_dir)
+    urls = shard_urls(shard_dir, manifest, split, base_url)
+    chosen = range(len(urls)) if shards is None else shards
+    imgs, labels, index = [], [], []
+    for j in chosen:
+        for img, label, i in iter_shard(urls[j], image_size):
+            imgs.append(img)
+            labels.append(label)
+            index.append(i)
+    order = torch.argsort(torch.tensor(index))
+    return torch.stack(imgs)[order], torch.stack(labels)[order], torch.tensor(index)[order]
+
+
+def load_labels(shard_dir: str | Path, split: str, base_url: str | None = None) -> torch.Tensor:
+    """Multi-hot labels N x C of a split by global index, reading only the
+    metadata members of the shards (image bytes are skipped, not decoded)."""
+    manifest = load_manifest(shard_dir)
+    labels = torch.zeros(manifest["splits"][split]["count"], manifest["num_classes"])
+    seen = 0
+    for url in shard_urls(shard_dir, manifest, split, base_url):
+        try:
+            for sample in wds.tariterators.tarfile_samples(
+                [{"url": url}], select_files=lambda name: name.endswith(".json")
+            ):
+                meta = json.loads(sample["json"])
+                labels[meta["index"]] = torch.tensor(meta["label"], dtype=torch.float32)
+                seen += 1
+        except Exception as e:
+            raise ShardError(f"shard {url}: unreadable: {e}") from e
+    if seen != len(labels):
+        raise ShardError(f"{shard_dir}: split {split!r} has {seen} samples, the manifest says {len(labels)}")
+    return labels

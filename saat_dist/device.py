@@ -1,0 +1,20 @@
+"""The one place where the compute device is chosen."""
+
+from __future__ import annotations
+
+import torch
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    """Return the device to run on.
+
+    ``auto`` takes the first CUDA device when one is visible, else the CPU;
+    ``cpu`` and ``cuda`` force a choice (``cuda`` fails loudly without a GPU).
+    """
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' was asked for but no CUDA device is visible")
+    if preference not in ("cpu", "cuda"):
+        raise ValueError(f"device: {preference!r} is not one of 'auto', 'cpu', 'cuda'")
+    return torch.device(preference)

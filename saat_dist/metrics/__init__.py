@@ -1,0 +1,17 @@
+"""Retrieval metrics: mAP@k, t-mAP, precision-recall curve, precision@N."""
+
+from saat_dist.metrics.retrieval import (
+    average_precision,
+    mean_average_precision,
+    precision_at_n,
+    precision_recall_curve,
+    rank_database,
+)
+
+__all__ = [
+    "average_precision",
+    "mean_average_precision",
+    "precision_at_n",
+    "precision_recall_curve",
+    "rank_database",
+]

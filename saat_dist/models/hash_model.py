@@ -1,0 +1,47 @@
+"""The hash model F(x; alpha) = tanh(alpha * h(norm(x))).
+
+ImageNet normalisation happens inside the model so that attacks work in pixel
+space [0, 1]. ``alpha`` is a temperature: 1 at test time; attacks anneal it
+and HashNet grows it during training.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from saat_dist.models.backbones import BACKBONE_NAMES, build_backbone
+
+BACKBONES = BACKBONE_NAMES
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class HashModel(nn.Module):
+    def __init__(self, backbone: nn.Module, feature_dim: int, bits: int, hash_bn: bool = True) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.hash_layer = nn.Linear(feature_dim, bits)
+        # BatchNorm on the hash logits keeps codes from collapsing to 0 with
+        # DPH-style losses (SAAT.md §2, practical note).
+        self.hash_bn = nn.BatchNorm1d(bits) if hash_bn else nn.Identity()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.bits = bits
+        self.alpha = 1.0  # default temperature; forward(alpha=...) overrides per call
+
+    def logits(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        """h(norm(x)) before tanh; x in [0, 1]."""
+        feats = self.backbone((x_BCHW - self.mean) / self.std)
+        return self.hash_bn(self.hash_layer(feats))
+
+    def forward(self, x_BCHW: torch.Tensor, alpha: float | None = None) -> torch.Tensor:
+        a = self.alpha if alpha is None else alpha
+        return torch.tanh(a * self.logits(x_BCHW))
+
+
+def build_hash_model(
+    backbone: str, bits: int, pretrained_path: str | None = None, hash_bn: bool = True, width: int = 32
+) -> HashModel:
+    net = build_backbone(backbone, pretrained_path, width)
+    return HashModel(net, net.out_dim, bits, hash_bn)

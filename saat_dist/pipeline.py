@@ -1,0 +1,147 @@
+"""The SAAT protocol end to end, one stage at a time (single process).
+
+prepare -> train (benign) -> evaluate benign -> saat -> evaluate saat -> report.
+Every stage reads the previous stage's files from the run directory, so each
+also runs alone (``saat-dist train | saat | evaluate | report``).
+
+Run directory layout:
+  config.yaml               the resolved configuration
+  benign/model.pt           benign model (state_dict) and its code bank
+  benign/eval.json          its evaluation
+  saat/model.pt, saat/eval.json
+  stages.json               wall time of each stage
+  report.json, report.md, plots/*.png
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from saat_dist.checkpoint import load_state, save_state
+from saat_dist.config import RunConfig, save_config
+from saat_dist.data.demo import DemoSpec, build_demo
+from saat_dist.data.shards import MANIFEST, load_manifest
+from saat_dist.data.stream import load_labels
+from saat_dist.device import select_device
+from saat_dist.evaluation import EvalData, evaluate_model, random_map
+from saat_dist.mainstay import CodeBank
+from saat_dist.models import build_hash_model
+from saat_dist.training.loop import fill_bank, train_benign, train_saat
+
+log = logging.getLogger("saat_dist")
+
+
+def ensure_data(cfg: RunConfig) -> dict:
+    """The shard manifest; builds the demo data set first when asked and missing."""
+    shard_dir = Path(cfg.data.shard_dir)
+    if not (shard_dir / MANIFEST).is_file() and cfg.data.build_demo:
+        if shard_dir.name != "shards":
+            raise ValueError(f"data.shard_dir: the demo is built as <dir>/shards, got {shard_dir}")
+        d = cfg.data.demo
+        log.info("building the embedded demo data set under %s", shard_dir.parent)
+        summary = build_demo(shard_dir.parent, DemoSpec(
+            train=d.train, query=d.query, database=d.database, min_digits=d.min_digits,
+            max_digits=d.max_digits, grid=d.grid, seed=d.seed, shard_size=d.shard_size))
+        log.info("demo data: %s, relevance fraction %.3f", summary["counts"], summary["relevance_fraction"])
+    return load_manifest(shard_dir)
+
+
+def _record_stage(run_dir: Path, stage: str, seconds: float) -> None:
+    path = run_dir / "stages.json"
+    times = json.loads(path.read_text()) if path.is_file() else {}
+    times[stage] = round(seconds, 2)
+    path.write_text(json.dumps(times, indent=1))
+
+
+def _new_bank(cfg: RunConfig, manifest: dict) -> CodeBank:
+    labels = load_labels(cfg.data.shard_dir, "train", cfg.data.base_url)
+    set_labels = torch.tensor(manifest["label_sets"], dtype=torch.int64)
+    return CodeBank(labels, cfg.model.bits, set_labels)
+
+
+def _model(cfg: RunConfig, device):
+    m = cfg.model
+    torch.manual_seed(cfg.seed)
+    return build_hash_model(m.backbone, m.bits, m.pretrained_path, m.hash_bn, m.width).to(device)
+
+
+def _save_model(path: Path, cfg: RunConfig, model, bank: CodeBank, steps: int) -> None:
+    save_state({"format": "saat-dist-model/1", "backbone": cfg.model.backbone, "bits": cfg.model.bits,
+                "model": model.state_dict(), "bank": bank.state_dict(), "steps": steps}, path)
+
+
+def _load_model(path: Path, cfg: RunConfig, device):
+    state = load_state(path)
+    if state.get("backbone") != cfg.model.backbone or state.get("bits") != cfg.model.bits:
+        raise ValueError(f"{path}: saved for {state.get('backbone')}/{state.get('bits')} bits, "
+                         f"the config asks for {cfg.model.backbone}/{cfg.model.bits}")
+    model = _model(cfg, device)
+    model.load_state_dict(state["model"])
+    return model, state
+
+
+def stage_train(cfg: RunConfig, run_dir: Path) -> None:
+    device = select_device(cfg.device)
+    manifest = ensure_data(cfg)
+    model, bank = _model(cfg, device), _new_bank(cfg, manifest)
+    t = time.monotonic()
+    result = train_benign(cfg, model, bank, manifest["num_classes"], device)
+    _save_model(run_dir / "benign" / "model.pt", cfg, model, bank, result.steps)
+    (run_dir / "benign" / "train.json").write_text(json.dumps({"history": result.history, "steps": result.steps}))
+    _record_stage(run_dir, "train", time.monotonic() - t)
+
+
+def stage_saat(cfg: RunConfig, run_dir: Path) -> None:
+    device = select_device(cfg.device)
+    manifest = ensure_data(cfg)
+    model, _ = _load_model(run_dir / "benign" / "model.pt", cfg, device)
+    bank = _new_bank(cfg, manifest)
+    t = time.monotonic()
+    fill_bank(cfg, model, bank, device)
+    result = train_saat(cfg, model, bank, manifest["num_classes"], device)
+    _save_model(run_dir / "saat" / "model.pt", cfg, model, bank, result.steps)
+    (run_dir / "saat" / "train.json").write_text(json.dumps({"history": result.history, "steps": result.steps}))
+    _record_stage(run_dir, "saat", time.monotonic() - t)
+
+
+def stage_evaluate(cfg: RunConfig, run_dir: Path, which: str, data: EvalData | None = None) -> dict:
+    """Evaluate ``which`` ('benign' or 'saat'); the SAAT model also gets the strong attack."""
+    device = select_device(cfg.device)
+    ensure_data(cfg)
+    model, _ = _load_model(run_dir / which / "model.pt", cfg, device)
+    t = time.monotonic()
+    data = data or EvalData(cfg)
+    res = evaluate_model(cfg, model, data, device, which, strong=(which == "saat"))
+    res["random_map"] = random_map(data, cfg.model.bits, cfg.eval.top_k, cfg.seed + 20)
+    (run_dir / which / "eval.json").write_text(json.dumps(res, indent=1))
+    _record_stage(run_dir, f"evaluate_{which}", time.monotonic() - t)
+    return res
+
+
+def prepare_run_dir(cfg: RunConfig) -> Path:
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def run_all(cfg: RunConfig) -> dict:
+    from saat_dist.report import write_report
+
+    run_dir = prepare_run_dir(cfg)
+    t0 = time.monotonic()
+    t = time.monotonic()
+    ensure_data(cfg)
+    _record_stage(run_dir, "data", time.monotonic() - t)
+    stage_train(cfg, run_dir)
+    data = EvalData(cfg)
+    stage_evaluate(cfg, run_dir, "benign", data)
+    stage_saat(cfg, run_dir)
+    stage_evaluate(cfg, run_dir, "saat", data)
+    _record_stage(run_dir, "total", time.monotonic() - t0)
+    return write_report(cfg, run_dir)

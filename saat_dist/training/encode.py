@@ -1,0 +1,23 @@
+"""Binary codes of images."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from saat_dist.attacks.mainstay_pgd import eval_mode
+
+
+@torch.no_grad()
+def encode(model: nn.Module, images: torch.Tensor, device, batch_size: int = 256) -> torch.Tensor:
+    """+-1 codes (CPU float) of images N x 3 x S x S, uint8 or float in [0, 1].
+
+    Test-time model (eval mode, alpha = 1); a zero output maps to +1.
+    """
+    out = []
+    with eval_mode(model):
+        for s in range(0, len(images), batch_size):
+            x = images[s : s + batch_size].to(device)
+            x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+            out.append(torch.where(model(x, alpha=1.0) >= 0, 1.0, -1.0).cpu())
+    return torch.cat(out)

@@ -1,0 +1,100 @@
+"""One training step each for benign hashing and SAAT (SAAT.md §5).
+
+Steps are functions of (model, stepper, batch, bank, ...). ``stepper`` is
+anything with ``backward(loss)`` and ``step()``: ``TorchStepper`` around a
+torch optimizer here, or a DeepSpeed engine as is, so a distributed trainer
+calls these functions unchanged. ``model`` may be a DeepSpeed engine too
+(its ``module`` is the hash model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from saat_dist.attacks.mainstay_pgd import pgd_attack
+from saat_dist.mainstay import CodeBank
+
+
+class TorchStepper:
+    """backward/step over a plain torch optimizer and an optional LR scheduler."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler=None) -> None:
+        self.optimizer, self.scheduler = optimizer, scheduler
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+
+def hash_module(model: nn.Module) -> nn.Module:
+    """The HashModel inside a wrapper (DeepSpeed engine, DDP) or the model itself."""
+    return getattr(model, "module", model)
+
+
+def _hash_loss(loss_fn, u, y, bank: CodeBank | None):
+    if loss_fn.uses_bank:
+        return loss_fn(u, y, bank.codes.to(u.device), bank.labels.to(u.device, u.dtype))
+    return loss_fn(u, y)
+
+
+def _check_finite(loss: torch.Tensor, what: str, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{what} loss is not finite at step {step}: stopping the run")
+
+
+def benign_step(model, stepper, batch, bank: CodeBank | None, loss_fn, step: int) -> dict[str, torch.Tensor]:
+    """One step of benign deep hashing. The batch's own codes enter the bank
+    before the loss (as the reference does), so bank losses see them."""
+    x, y, index = batch
+    hash_module(model).alpha = loss_fn.tanh_scale(step)
+    u = model(x)
+    if loss_fn.uses_bank:
+        bank.update(index, u.detach())
+    loss, parts = _hash_loss(loss_fn, u, y, bank)
+    _check_finite(loss, "benign", step)
+    stepper.backward(loss)
+    stepper.step()
+    return {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
+
+
+@dataclass
+class SAATSettings:
+    eps: float = 8 / 255  # L-inf budget of the inner maximisation
+    step_size: float = 2 / 255  # PGD step of the inner maximisation
+    iters: int = 7  # PGD iterations of the inner maximisation
+    lam: float = 1.0  # weight of the adversarial (mainstay) term
+    mu: float = 1e-4  # weight of the quantisation term on adversarial codes
+
+
+def saat_step(model, stepper, batch, bank: CodeBank, loss_fn, settings: SAATSettings, step: int,
+              generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """One SAAT minimax step, in the reference order:
+    b*(y) -> inner PGD -> clean/adversarial forward -> bank update and b*
+    recompute -> outer loss = L_hash + lam * L_adv + mu * L_quant."""
+    x, y, index = batch
+    hash_module(model).alpha = 1.0
+    guide = bank.mainstay(y).to(x.device)
+    x_adv = pgd_attack(model, x, guide, eps=settings.eps, step_size=settings.step_size, iters=settings.iters,
+                       targeted=False, random_start=True, alpha_schedule=None, loss="plain", generator=generator)
+    u = model(x)
+    u_adv = model(x_adv)
+    bank.update(index, torch.sign(u.detach()))
+    guide = bank.mainstay(y).to(x.device)
+    hash_loss, _ = _hash_loss(loss_fn, u, y, bank)
+    adv = -(u_adv * guide).mean()
+    quant = (u_adv - torch.sign(u_adv)).pow(2).mean()
+    loss = hash_loss + settings.lam * adv + settings.mu * quant
+    _check_finite(loss, "SAAT", step)
+    stepper.backward(loss)
+    stepper.step()
+    flipped = (torch.sign(u_adv.detach()) != torch.sign(u.detach())).float().mean()
+    return {"loss": loss.detach(), "hash": hash_loss.detach(), "adv": adv.detach(), "quant": quant.detach(),
+            "bits_flipped": flipped}
