@@ -93,6 +93,7 @@ class AttackConfig:
     batch_size: int = 128  # images per attack batch
     strong_factor: int = 5  # the strong check runs strong_factor x iters ...
     strong_restarts: int = 3  # ... with this many random restarts (worst case per query)
+    strong_queries: int = 100  # queries in the strong check (0: all); the plain attack is re-scored on the same ones
 
 
 @dataclass

@@ -87,22 +87,31 @@ def mainstay_codes(query_labels: torch.Tensor, train_codes: torch.Tensor, train_
     return mainstay_from_table(query_labels, set_labels, sums, counts)
 
 
-def mainstay_codes_dense(query_labels: torch.Tensor, train_codes: torch.Tensor, train_labels: torch.Tensor) -> torch.Tensor:
-    """The O(B * N * (C + K)) formula over every item, as the reference code does.
-
-    Kept as the yardstick for tests and benchmarks.
-    """
+def mainstay_codes_dense(query_labels: torch.Tensor, train_codes: torch.Tensor, train_labels: torch.Tensor,
+                         chunk: int = 65536) -> torch.Tensor:
+    """The O(B * N * (C + K)) formula over every item, as the reference code
+    computes it (in chunks of items to bound memory). The yardstick for tests
+    and benchmarks."""
     y = query_labels.to(torch.float64)
-    Y = train_labels.to(torch.float64)
-    U = train_codes.to(torch.float64)
-    overlap = y @ Y.T
-    norms = y.norm(dim=1, keepdim=True) * Y.norm(dim=1).unsqueeze(0)
-    cos = torch.where(norms > 0, overlap / norms.clamp_min(1e-30), torch.zeros_like(overlap))
-    pos_mass = cos.sum(1, keepdim=True)
-    pos = torch.where(pos_mass > 0, (cos @ U) / pos_mass.clamp_min(1e-30), torch.zeros(1, dtype=torch.float64))
-    irr = (overlap == 0).to(torch.float64)
-    neg_mass = irr.sum(1, keepdim=True)
-    neg = torch.where(neg_mass > 0, (irr @ U) / neg_mass.clamp_min(1e-30), torch.zeros(1, dtype=torch.float64))
+    ny = y.norm(dim=1, keepdim=True)
+    k = train_codes.shape[1]
+    pos = torch.zeros(len(y), k, dtype=torch.float64)
+    neg = torch.zeros(len(y), k, dtype=torch.float64)
+    pos_mass = torch.zeros(len(y), 1, dtype=torch.float64)
+    neg_mass = torch.zeros(len(y), 1, dtype=torch.float64)
+    for s in range(0, len(train_codes), chunk):
+        Y = train_labels[s : s + chunk].to(torch.float64)
+        U = train_codes[s : s + chunk].to(torch.float64)
+        overlap = y @ Y.T
+        norms = ny * Y.norm(dim=1).unsqueeze(0)
+        cos = torch.where(norms > 0, overlap / norms.clamp_min(1e-30), torch.zeros_like(overlap))
+        pos += cos @ U
+        pos_mass += cos.sum(1, keepdim=True)
+        irr = (overlap == 0).to(torch.float64)
+        neg += irr @ U
+        neg_mass += irr.sum(1, keepdim=True)
+    pos = torch.where(pos_mass > 0, pos / pos_mass.clamp_min(1e-30), torch.zeros_like(pos))
+    neg = torch.where(neg_mass > 0, neg / neg_mass.clamp_min(1e-30), torch.zeros_like(neg))
     return _sign_with_ties(pos - neg).to(torch.float32)
 
 

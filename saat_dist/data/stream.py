@@ -15,6 +15,7 @@ skips whole shards by their manifest counts instead of reading them.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import logging
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
 
 from saat_dist.data.shards import IMAGE_EXTS, load_manifest, shard_urls
 
@@ -45,7 +46,8 @@ def decode_sample(sample: dict, image_size: int) -> tuple[torch.Tensor, torch.Te
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
         raise ValueError(f"sample {sample.get('__key__')}: no image (looked for {IMAGE_EXTS})")
-    img = decode_image(torch.frombuffer(bytearray(sample[ext]), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    with Image.open(io.BytesIO(sample[ext])) as im:
+        img = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
     if img.shape[1:] != (image_size, image_size):
         img = F.interpolate(img[None].float(), size=(image_size, image_size), mode="bilinear",
                             antialias=True, align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)

@@ -87,7 +87,8 @@ def precision_recall_curve(query_codes, db_codes, query_labels, db_labels, num_l
         recall = hits / n_rel
         # best precision at recall >= r: running max from the end
         best = precision.flip(1).cummax(1).values.flip(1)
-        first = torch.searchsorted(recall.contiguous(), levels.expand(len(recall), -1).contiguous())
+        # a small tolerance so that recall 3/10 counts as reaching level 0.3
+        first = torch.searchsorted(recall.contiguous(), (levels - 1e-12).expand(len(recall), -1).contiguous())
         first = first.clamp(max=rel.shape[1] - 1)
         total += best.gather(1, first).sum(0)
         counted += int(keep.sum())

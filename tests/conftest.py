@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny real data sets built once per test session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import pytest
+import torch
+
+from saat_dist.data.demo import DemoSpec, build_demo
+
+TINY = DemoSpec(train=240, query=60, database=300, seed=3, shard_size=20)
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory):
+    """A tiny multi-label demo data set (real MNIST mosaics) in shards."""
+    out = tmp_path_factory.mktemp("tiny_demo")
+    summary = build_demo(out, TINY)
+    return out, summary
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def trained_small(tiny_demo):
+    """A small CNN hash model trained a little on the tiny demo: (model, splits)."""
+    from saat_dist.data.stream import load_split
+    from saat_dist.hashing import DPHLoss
+    from saat_dist.mainstay import CodeBank
+    from saat_dist.models import build_hash_model
+    from saat_dist.training import TorchStepper, benign_step
+
+    shard_dir = tiny_demo[1]["shard_dir"]
+    splits = {s: load_split(shard_dir, s, 32) for s in ("train", "test", "database")}
+    x, y, idx = splits["train"]
+    torch.manual_seed(0)
+    model = build_hash_model("small_cnn", 16, width=16)
+    bank = CodeBank(y, 16)
+    stepper = TorchStepper(torch.optim.Adam(model.parameters(), lr=3e-3))
+    g = torch.Generator().manual_seed(0)
+    for step in range(60):
+        b = torch.randperm(len(x), generator=g)[:48]
+        benign_step(model, stepper, (x[b].float() / 255, y[b], idx[b]), bank, DPHLoss(), step)
+    model.eval()
+    return model, splits
