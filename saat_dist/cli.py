@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
                         ("report", "write report.json/md and plots")]:
         p = sub.add_parser(name, help=help_)
         _config_args(p)
+        p.add_argument("--address", help="Ray cluster to join (default: start a local Ray); sets distributed.address")
+        if name in ("run", "train", "saat"):
+            p.add_argument("--resume", action="store_true",
+                           help="continue from the newest complete checkpoint of this run directory")
         if name == "evaluate":
             p.add_argument("--which", choices=["benign", "saat", "both"], default="both")
 
@@ -77,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(run_bench(args.which, Path(args.out), small=args.small), indent=1))
             return 0
-        cfg = load_config(args.config, args.overrides)  # bad configs fail here, before any work
+        overrides = list(args.overrides) + ([f"distributed.address={args.address}"] if args.address else [])
+        cfg = load_config(args.config, overrides)  # bad configs fail here, before any work
         return _stage(args, cfg)
     except (ConfigError, DataFormatError, FileNotFoundError) as e:
         print(f"saat-dist: error: {e}", file=sys.stderr)
@@ -105,14 +110,14 @@ def _stage(args, cfg) -> int:
     from saat_dist.report import write_report
 
     if args.command == "run":
-        report = pipeline.run_all(cfg)
+        report = pipeline.run_all(cfg, resume=args.resume)
         print(json.dumps({k: report[k] for k in ("random_map", "benign", "saat", "stage_seconds")}, indent=1, default=str)[:4000])
         return 0
     run_dir = pipeline.prepare_run_dir(cfg)
     if args.command == "train":
-        pipeline.stage_train(cfg, run_dir)
+        pipeline.stage_train(cfg, run_dir, resume=args.resume)
     elif args.command == "saat":
-        pipeline.stage_saat(cfg, run_dir)
+        pipeline.stage_saat(cfg, run_dir, resume=args.resume)
     elif args.command == "evaluate":
         for which in (["benign", "saat"] if args.which == "both" else [args.which]):
             pipeline.stage_evaluate(cfg, run_dir, which)

@@ -106,6 +106,32 @@ class EvalConfig:
 
 
 @dataclass
+class DistributedConfig:
+    num_workers: int = 2  # Ray Train workers (processes); 0 runs every stage in this process, without Ray
+    address: str | None = None  # Ray cluster to join (e.g. "auto", "ray://head:10001"); None starts a local Ray
+    use_gpu: bool = False  # one GPU per worker (set device to auto or cuda)
+    cpus_per_worker: float = 1.0  # CPUs Ray reserves per worker
+    gpus_per_worker: float = 1.0  # GPUs Ray reserves per worker when use_gpu
+    zero_stage: int = 0  # DeepSpeed ZeRO stage: 0, 1, 2 or 3
+    precision: Literal["fp32", "bf16"] = "fp32"  # DeepSpeed training precision
+    grad_accum: int = 1  # gradient accumulation steps (global batch = batch_size x grad_accum x workers)
+    gradient_clipping: float = 0.0  # DeepSpeed gradient clipping (0: off)
+    bank_sync_every: int = 1  # all-reduce the code bank's label-set table every N steps (and at epoch ends)
+    checkpoint_every: int = 0  # also checkpoint every N steps (0: only at epoch ends)
+    storage_path: str | None = None  # Ray Train storage for checkpoints (None: <output_dir>/ray); shared or s3:// on clusters
+    max_failures: int = 2  # Ray Train restarts the worker group from the newest checkpoint up to this many times
+    num_to_keep: int = 2  # checkpoints kept per stage
+    local_cpus: int | None = None  # CPUs of the local Ray started when address is None (None: all)
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = True  # serve Prometheus metrics from every worker
+    bind: str = "127.0.0.1"  # address the metrics servers bind to (0.0.0.0 only inside a cluster network)
+    port: int = 0  # 0: any free port; N: port N + local rank. Chosen ports land in <output_dir>/metrics/
+
+
+@dataclass
 class RunConfig:
     name: str = "demo"  # run name, used in logs and reports
     output_dir: str = "runs/demo"  # where checkpoints, report.json/md and plots go
@@ -118,6 +144,8 @@ class RunConfig:
     saat: SAATConfig = field(default_factory=SAATConfig)  # SAAT adversarial training
     attack: AttackConfig = field(default_factory=AttackConfig)  # evaluation attacks
     eval: EvalConfig = field(default_factory=EvalConfig)  # retrieval evaluation
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # Ray Train + DeepSpeed
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # Prometheus
 
     def __post_init__(self) -> None:
         checks = [
@@ -138,6 +166,16 @@ class RunConfig:
             ("eval.pr_levels", self.eval.pr_levels >= 2, "must be >= 2"),
             ("train.optim.lr", self.train.optim.lr > 0, "must be > 0"),
             ("saat.optim.lr", self.saat.optim.lr > 0, "must be > 0"),
+            ("distributed.num_workers", self.distributed.num_workers >= 0, "must be >= 0"),
+            ("distributed.zero_stage", self.distributed.zero_stage in (0, 1, 2, 3), "must be one of [0, 1, 2, 3]"),
+            ("distributed.grad_accum", self.distributed.grad_accum >= 1, "must be >= 1"),
+            ("distributed.bank_sync_every", self.distributed.bank_sync_every >= 1, "must be >= 1"),
+            ("distributed.checkpoint_every", self.distributed.checkpoint_every >= 0, "must be >= 0"),
+            ("distributed.max_failures", self.distributed.max_failures >= -1, "must be >= -1 (-1: no limit)"),
+            ("distributed.num_to_keep", self.distributed.num_to_keep >= 1, "must be >= 1"),
+            ("metrics.port", 0 <= self.metrics.port <= 65535, "must be in [0, 65535]"),
+            ("device", not (self.distributed.use_gpu and self.device == "cpu"),
+             "is 'cpu' but distributed.use_gpu is true"),
         ]
         for key, ok, msg in checks:
             if not ok:
@@ -238,6 +276,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return _build(RunConfig, tree)
     except ConfigError as e:
         raise ConfigError(f"{path or 'config'}: {e}") from e
+
+
+def config_from_dict(tree: dict) -> RunConfig:
+    """A RunConfig from ``to_dict()`` output (e.g. sent to Ray workers)."""
+    return _build(RunConfig, tree)
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

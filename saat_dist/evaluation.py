@@ -44,8 +44,19 @@ def random_map(data: EvalData, bits: int, top_k: int, seed: int) -> float:
     return mean_average_precision(q, db, data.q_lab, data.db_lab, top_k)
 
 
+def local_rows(fn, *tensors):
+    """The single-process row map: ``fn`` over all rows (see ``evaluate_model``)."""
+    return fn(*tensors)
+
+
 def _attack_all(model, images_u8, guides, device, cfg: RunConfig, what: str, *, targeted: bool,
-                iters: int, restarts: int, seed: int) -> torch.Tensor:
+                iters: int, restarts: int, seed: int, row_map=local_rows) -> torch.Tensor:
+    return row_map(lambda x, g: _attack_rows(model, x, g, device, cfg, what, targeted=targeted, iters=iters,
+                                             restarts=restarts, seed=seed), images_u8, guides)
+
+
+def _attack_rows(model, images_u8, guides, device, cfg: RunConfig, what: str, *, targeted: bool,
+                 iters: int, restarts: int, seed: int) -> torch.Tensor:
     a = cfg.attack
     gen = torch.Generator(device=device).manual_seed(seed)
     progress = Progress(what, len(images_u8), unit="image", every_s=cfg.log_every_s)
@@ -60,20 +71,28 @@ def _attack_all(model, images_u8, guides, device, cfg: RunConfig, what: str, *, 
 
 
 def evaluate_model(cfg: RunConfig, model: nn.Module, data: EvalData, device, stage: str,
-                   strong: bool = False) -> dict:
+                   strong: bool = False, row_map=local_rows) -> dict:
+    """Every number of one model's evaluation.
+
+    ``row_map(fn, *tensors)`` applies ``fn`` to rows of the tensors and returns
+    the results for all rows in order; a distributed caller passes one that
+    gives each process a slice and gathers the results (encoding and attacks
+    are the costly, row-independent parts).
+    """
     e, a = cfg.eval, cfg.attack
-    bits = cfg.model.bits
-    db_codes = encode(model, data.db_img, device, e.batch_size)
-    q_codes = encode(model, data.q_img, device, e.batch_size)
-    tr_codes = encode(model, data.tr_img, device, e.batch_size)
+
+    def codes_of(images):
+        return row_map(lambda x: encode(model, x, device, e.batch_size), images)
+
+    db_codes, q_codes, tr_codes = codes_of(data.db_img), codes_of(data.q_img), codes_of(data.tr_img)
     guide = mainstay_codes(data.q_lab, tr_codes, data.tr_lab)
 
     res: dict = {"clean_map": mean_average_precision(q_codes, db_codes, data.q_lab, data.db_lab, e.top_k)}
     log.info("%s: clean mAP@%d = %.4f", stage, e.top_k, res["clean_map"])
 
     x_adv = _attack_all(model, data.q_img, guide, device, cfg, f"{stage} attack", targeted=False,
-                        iters=a.iters, restarts=1, seed=cfg.seed + 10)
-    adv_codes = encode(model, x_adv, device, e.batch_size)
+                        iters=a.iters, restarts=1, seed=cfg.seed + 10, row_map=row_map)
+    adv_codes = codes_of(x_adv)
     res["attacked_map"] = mean_average_precision(adv_codes, db_codes, data.q_lab, data.db_lab, e.top_k)
     res["perceptibility"] = perceptibility(data.q_img.float() / 255, x_adv)
     res["theory_map"] = mean_average_precision(-guide, db_codes, data.q_lab, data.db_lab, e.top_k)
@@ -83,8 +102,8 @@ def evaluate_model(cfg: RunConfig, model: nn.Module, data: EvalData, device, sta
     targets, valid = choose_targets(data.q_lab, db_sets, torch.Generator().manual_seed(cfg.seed + 11))
     t_guide = mainstay_codes(targets[valid], tr_codes, data.tr_lab)
     x_t = _attack_all(model, data.q_img[valid], t_guide, device, cfg, f"{stage} targeted attack",
-                      targeted=True, iters=a.iters, restarts=1, seed=cfg.seed + 12)
-    t_codes = encode(model, x_t, device, e.batch_size)
+                      targeted=True, iters=a.iters, restarts=1, seed=cfg.seed + 12, row_map=row_map)
+    t_codes = codes_of(x_t)
     res["targeted_tmap"] = mean_average_precision(t_codes, db_codes, targets[valid], data.db_lab, e.top_k)
     res["clean_tmap"] = mean_average_precision(q_codes[valid], db_codes, targets[valid], data.db_lab, e.top_k)
     res["theory_tmap"] = mean_average_precision(t_guide, db_codes, targets[valid], data.db_lab, e.top_k)
@@ -98,8 +117,9 @@ def evaluate_model(cfg: RunConfig, model: nn.Module, data: EvalData, device, sta
         # attack's mAP on the same queries is reported beside it.
         n = a.strong_queries or len(data.q_img)
         x_s = _attack_all(model, data.q_img[:n], guide[:n], device, cfg, f"{stage} strong attack", targeted=False,
-                          iters=a.iters * a.strong_factor, restarts=a.strong_restarts, seed=cfg.seed + 13)
-        s_codes = encode(model, x_s, device, e.batch_size)
+                          iters=a.iters * a.strong_factor, restarts=a.strong_restarts, seed=cfg.seed + 13,
+                          row_map=row_map)
+        s_codes = codes_of(x_s)
         res["attacked_map_strong"] = mean_average_precision(s_codes, db_codes, data.q_lab[:n], data.db_lab, e.top_k)
         res["strong_check"] = {
             "queries": n, "iters": a.iters * a.strong_factor, "restarts": a.strong_restarts,

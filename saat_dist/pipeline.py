@@ -85,23 +85,41 @@ def _load_model(path: Path, cfg: RunConfig, device):
     return model, state
 
 
-def stage_train(cfg: RunConfig, run_dir: Path) -> None:
-    device = select_device(cfg.device)
+def _distributed(cfg: RunConfig) -> bool:
+    return cfg.distributed.num_workers > 0
+
+
+def stage_train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> None:
     manifest = ensure_data(cfg)
-    model, bank = _model(cfg, device), _new_bank(cfg, manifest)
     t = time.monotonic()
+    if _distributed(cfg):
+        from saat_dist.distributed.driver import run_stage
+
+        run_stage(cfg, "train", run_dir, resume)
+        _record_stage(run_dir, "train", time.monotonic() - t)
+        return
+    device = select_device(cfg.device)
+    model, bank = _model(cfg, device), _new_bank(cfg, manifest)
     result = train_benign(cfg, model, bank, manifest["num_classes"], device)
     _save_model(run_dir / "benign" / "model.pt", cfg, model, bank, result.steps)
     (run_dir / "benign" / "train.json").write_text(json.dumps({"history": result.history, "steps": result.steps}))
     _record_stage(run_dir, "train", time.monotonic() - t)
 
 
-def stage_saat(cfg: RunConfig, run_dir: Path) -> None:
-    device = select_device(cfg.device)
+def stage_saat(cfg: RunConfig, run_dir: Path, resume: bool = False) -> None:
     manifest = ensure_data(cfg)
+    if not (run_dir / "benign" / "model.pt").is_file():
+        raise FileNotFoundError(f"{run_dir / 'benign' / 'model.pt'}: run the benign 'train' stage first")
+    t = time.monotonic()
+    if _distributed(cfg):
+        from saat_dist.distributed.driver import run_stage
+
+        run_stage(cfg, "saat", run_dir, resume)
+        _record_stage(run_dir, "saat", time.monotonic() - t)
+        return
+    device = select_device(cfg.device)
     model, _ = _load_model(run_dir / "benign" / "model.pt", cfg, device)
     bank = _new_bank(cfg, manifest)
-    t = time.monotonic()
     fill_bank(cfg, model, bank, device)
     result = train_saat(cfg, model, bank, manifest["num_classes"], device)
     _save_model(run_dir / "saat" / "model.pt", cfg, model, bank, result.steps)
@@ -111,10 +129,18 @@ def stage_saat(cfg: RunConfig, run_dir: Path) -> None:
 
 def stage_evaluate(cfg: RunConfig, run_dir: Path, which: str, data: EvalData | None = None) -> dict:
     """Evaluate ``which`` ('benign' or 'saat'); the SAAT model also gets the strong attack."""
-    device = select_device(cfg.device)
     ensure_data(cfg)
-    model, _ = _load_model(run_dir / which / "model.pt", cfg, device)
+    if not (run_dir / which / "model.pt").is_file():
+        raise FileNotFoundError(f"{run_dir / which / 'model.pt'}: train the {which} model first")
     t = time.monotonic()
+    if _distributed(cfg):
+        from saat_dist.distributed.driver import run_stage
+
+        run_stage(cfg, "evaluate", run_dir, which=which)
+        _record_stage(run_dir, f"evaluate_{which}", time.monotonic() - t)
+        return json.loads((run_dir / which / "eval.json").read_text())
+    device = select_device(cfg.device)
+    model, _ = _load_model(run_dir / which / "model.pt", cfg, device)
     data = data or EvalData(cfg)
     res = evaluate_model(cfg, model, data, device, which, strong=(which == "saat"))
     res["random_map"] = random_map(data, cfg.model.bits, cfg.eval.top_k, cfg.seed + 20)
@@ -130,7 +156,7 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def run_all(cfg: RunConfig) -> dict:
+def run_all(cfg: RunConfig, resume: bool = False) -> dict:
     from saat_dist.report import write_report
 
     run_dir = prepare_run_dir(cfg)
@@ -138,10 +164,13 @@ def run_all(cfg: RunConfig) -> dict:
     t = time.monotonic()
     ensure_data(cfg)
     _record_stage(run_dir, "data", time.monotonic() - t)
-    stage_train(cfg, run_dir)
-    data = EvalData(cfg)
-    stage_evaluate(cfg, run_dir, "benign", data)
-    stage_saat(cfg, run_dir)
+    data = None
+    if not (resume and (run_dir / "benign" / "model.pt").is_file()):
+        stage_train(cfg, run_dir, resume)
+    if not (resume and (run_dir / "benign" / "eval.json").is_file()):
+        stage_evaluate(cfg, run_dir, "benign", data)
+    if not (resume and (run_dir / "saat" / "model.pt").is_file()):
+        stage_saat(cfg, run_dir, resume)
     stage_evaluate(cfg, run_dir, "saat", data)
     _record_stage(run_dir, "total", time.monotonic() - t0)
     return write_report(cfg, run_dir)

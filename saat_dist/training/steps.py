@@ -80,9 +80,12 @@ def saat_step(model, stepper, batch, bank: CodeBank, loss_fn, settings: SAATSett
     b*(y) -> inner PGD -> clean/adversarial forward -> bank update and b*
     recompute -> outer loss = L_hash + lam * L_adv + mu * L_quant."""
     x, y, index = batch
-    hash_module(model).alpha = 1.0
+    net = hash_module(model)
+    net.alpha = 1.0
     guide = bank.mainstay(y).to(x.device)
-    x_adv = pgd_attack(model, x, guide, eps=settings.eps, step_size=settings.step_size, iters=settings.iters,
+    # The inner attack differentiates w.r.t. the input only, through the bare
+    # model: a wrapper's backward hooks (DeepSpeed's) are for the outer loss.
+    x_adv = pgd_attack(net, x, guide, eps=settings.eps, step_size=settings.step_size, iters=settings.iters,
                        targeted=False, random_start=True, alpha_schedule=None, loss="plain", generator=generator)
     u = model(x)
     u_adv = model(x_adv)

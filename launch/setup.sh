@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up (or refresh) the project's virtual environment in .venv:
+#   bash launch/setup.sh
+# Idempotent: reinstalls only when requirements*.txt / requirements.lock /
+# pyproject.toml changed. Needs Python 3.11 with venv; torch/torchvision come
+# from pip (on these machines, from local disk).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${SAAT_VENV:-.venv}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV with $($PYTHON --version)"
+  "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.saat-dist-installed"
+want=$(cat requirements.txt requirements-dev.txt requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] installing pinned requirements (first time: several minutes, ~6 GB for torch)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -r requirements-dev.txt -c requirements.lock
+  "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
+  echo "$want" > "$stamp"
+else
+  echo "[setup] $VENV is up to date"
+fi

@@ -1,0 +1,60 @@
+"""Thin wrappers over torch.distributed that also work without a process group."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over all processes, in place (gloo/NCCL); returns ``t``."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-shaped tensors from every process along dim 0, in rank order."""
+    if not is_distributed():
+        return t
+    out = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+def all_gather_ragged(t: torch.Tensor) -> torch.Tensor:
+    """Like ``all_gather_cat`` for tensors whose first dimension differs per process."""
+    if not is_distributed():
+        return t
+    n = torch.tensor([t.shape[0]], dtype=torch.int64)
+    sizes = all_gather_cat(n).tolist()
+    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype)
+    padded[: t.shape[0]] = t
+    gathered = all_gather_cat(padded)
+    m = max(sizes)
+    return torch.cat([gathered[i * m : i * m + s] for i, s in enumerate(sizes)])
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

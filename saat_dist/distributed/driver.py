@@ -1,0 +1,100 @@
+"""The driver: starts (or joins) Ray and runs one stage as a Ray Train job.
+
+Each stage is a ``TorchTrainer`` whose ScalingConfig (workers, CPU/GPU,
+resources per worker) and RunConfig (storage path, failure and checkpoint
+config) come from ``cfg.distributed``. Ray Train runs are named
+``<name>-<stage>-<timestamp>`` and recorded in ``<run_dir>/ray_runs.json``;
+``resume=True`` reuses the newest recorded run of the stage, so Ray restores
+its newest complete checkpoint and the workers continue from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from saat_dist.config import RunConfig
+
+log = logging.getLogger("saat_dist")
+
+# Keep Train's rendezvous on the node address Ray was given (loopback locally).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def init_ray(cfg: RunConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    d = cfg.distributed
+    env = {"DS_ACCELERATOR": "cuda" if d.use_gpu else "cpu"}
+    address = d.address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit` jobs
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env})
+        return
+    # A local Ray on loopback; its dashboard (which Ray Train's state queries
+    # need) binds to 127.0.0.1 only: nothing listens beyond this machine.
+    ray.init(num_cpus=d.local_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             _node_ip_address="127.0.0.1", runtime_env={"env_vars": env}, configure_logging=False)
+
+
+def _run_name(cfg: RunConfig, stage: str, run_dir: Path, resume: bool) -> str:
+    path = run_dir / "ray_runs.json"
+    runs = json.loads(path.read_text()) if path.is_file() else {}
+    if resume and runs.get(stage):
+        return runs[stage]
+    if resume:
+        log.info("--resume: no earlier %s run recorded in %s, starting fresh", stage, path)
+    name = f"{cfg.name}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    runs[stage] = name
+    path.write_text(json.dumps(runs, indent=1))
+    return name
+
+
+def storage_path(cfg: RunConfig) -> str:
+    sp = cfg.distributed.storage_path or str(Path(cfg.output_dir) / "ray")
+    return sp if "://" in sp else str(Path(sp).resolve())
+
+
+def _absolute_paths(cfg: RunConfig, run_dir: Path) -> dict:
+    """The config as sent to workers, local paths made absolute (workers may run elsewhere)."""
+    tree = cfg.to_dict()
+    tree["output_dir"] = str(run_dir.resolve())
+    if "://" not in tree["data"]["shard_dir"] and not tree["data"]["shard_dir"].startswith("pipe:"):
+        tree["data"]["shard_dir"] = str(Path(tree["data"]["shard_dir"]).resolve())
+    return tree
+
+
+def run_stage(cfg: RunConfig, stage: str, run_dir: Path, resume: bool = False, which: str | None = None):
+    """Run ``stage`` ('train', 'saat' or 'evaluate' with ``which``) on Ray; returns Ray's Result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from saat_dist.distributed.worker import worker_main
+
+    init_ray(cfg)
+    d = cfg.distributed
+    resources = {"CPU": d.cpus_per_worker}
+    if d.use_gpu:
+        resources["GPU"] = d.gpus_per_worker
+    key = stage if which is None else f"evaluate_{which}"
+    trainer = TorchTrainer(
+        worker_main,
+        train_loop_config={"run": _absolute_paths(cfg, run_dir), "stage": stage, "which": which},
+        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu, resources_per_worker=resources),
+        run_config=RayRunConfig(
+            name=_run_name(cfg, key, run_dir, resume),
+            storage_path=storage_path(cfg),
+            failure_config=FailureConfig(max_failures=d.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=d.num_to_keep),
+            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if d.use_gpu else "cpu",
+                                             "PYTHONUNBUFFERED": "1"}},
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"{key} failed on the Ray workers: {result.error}") from result.error
+    return result

@@ -1,0 +1,1 @@
+"""Run telemetry: the Prometheus exporter each training worker serves."""

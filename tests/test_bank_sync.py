@@ -1,0 +1,108 @@
+"""SyncedBank across two real processes (gloo), against one process holding everything."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from saat_dist.distributed.bank_sync import SyncedBank
+from saat_dist.mainstay import CodeBank, label_set_table
+
+
+def _labels():
+    g = torch.Generator().manual_seed(0)
+    return (torch.rand(400, 6, generator=g) < 0.3).float()
+
+
+def _batches(step, rank):
+    """The items and codes rank ``rank`` trains on at ``step`` (disjoint per rank)."""
+    g = torch.Generator().manual_seed(100 * step + rank)
+    idx = torch.arange(rank * 200, rank * 200 + 200)[torch.randperm(200, generator=g)[:16]]
+    return idx, torch.randint(0, 2, (16, 12), generator=g).float() * 2 - 1
+
+
+def _worker(rank, world, port, sync_every, share, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        labels = _labels()
+        bank = CodeBank(labels, 12)
+        synced = SyncedBank(bank, sync_every, share_codes=share)
+        queries = labels[:30]
+        mainstay_per_step, tables = [], []
+        for step in range(6):
+            synced.update(*_batches(step, rank))
+            mainstay_per_step.append(synced.mainstay(queries))
+            tables.append(bank.set_sums.clone())
+        synced.sync_table()
+        out[rank] = {"mainstay": mainstay_per_step, "tables": tables, "final_table": bank.set_sums.clone(),
+                     "codes": bank.codes.clone(), "set_labels": bank.set_labels}
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(sync_every, share):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_worker, args=(2, port, sync_every, share, out), nprocs=2, join=True)
+    return dict(out)
+
+
+def _single_process():
+    """One process applying both ranks' batches at each step."""
+    labels = _labels()
+    bank = CodeBank(labels, 12)
+    mainstay, tables = [], []
+    for step in range(6):
+        for rank in range(2):
+            bank.update(*_batches(step, rank))
+        mainstay.append(bank.mainstay(labels[:30]))
+        tables.append(bank.set_sums.clone())
+    return bank, mainstay, tables
+
+
+@pytest.fixture(scope="module")
+def every_step():
+    return _run(sync_every=1, share=True)
+
+
+def test_sync_every_step_equals_one_process(every_step):
+    bank, mainstay, tables = _single_process()
+    for rank in (0, 1):
+        for step in range(6):
+            assert torch.equal(every_step[rank]["mainstay"][step], mainstay[step]), (rank, step)
+            assert torch.equal(every_step[rank]["tables"][step], tables[step])
+        # shared codes: every rank's bank codes equal the single process's
+        assert torch.equal(every_step[rank]["codes"], bank.codes)
+
+
+def test_table_after_sync_equals_table_from_all_codes():
+    res = _run(sync_every=4, share=False)  # codes not shared: each rank only knows its own items
+    bank, _, _ = _single_process()
+    set_labels, sums, counts = label_set_table(bank.codes, _labels())
+    for rank in (0, 1):
+        got = res[rank]["final_table"]
+        # reorder the reference rows to the bank's label-set order
+        ref = torch.stack([sums[(set_labels == row).all(1)][0] if (set_labels == row).all(1).any()
+                           else torch.zeros(12, dtype=torch.float64) for row in res[rank]["set_labels"]])
+        assert torch.equal(got, ref)
+        # between syncs (step 2: no sync yet with every=4) the table lacks the other rank's changes
+        assert not torch.equal(res[rank]["tables"][1], res[1 - rank]["tables"][1])
+    assert torch.equal(res[0]["final_table"], res[1]["final_table"])
+    # the 4th update triggered a sync: mainstay codes then equal one process's
+    _, single_mainstay, _ = _single_process()
+    for rank in (0, 1):
+        assert torch.equal(res[rank]["mainstay"][3], single_mainstay[3])
+
+
+def test_bytes_per_sync_do_not_depend_on_items():
+    """The all-reduced tensor is the L x K table: same size for 400 or 40,000 items."""
+    for n in (400, 40_000):
+        labels = torch.nn.functional.one_hot(torch.arange(n) % 7, 7).float()
+        bank = CodeBank(labels, 32)
+        assert bank.take_pending().numel() * 8 == 7 * 32 * 8

@@ -1,0 +1,16 @@
+"""The benchmark command runs and checks its own answers (speed targets live in its JSON, not here)."""
+
+import json
+
+from saat_dist.cli import main
+
+
+def test_bench_small_writes_json(tmp_path, capsys):
+    assert main(["bench", "all", "--small", "--out", str(tmp_path)]) == 0
+    m = json.loads((tmp_path / "map.json").read_text())
+    assert m["abs_diff"] < 1e-6  # both methods computed the same mAP
+    assert m["saat_dist"]["seconds"] > 0 and m["numpy_per_query"]["seconds"] > 0
+    assert m["targets"] == {"speedup_min": 30, "peak_gib_max": 2}
+    s = json.loads((tmp_path / "mainstay.json").read_text())
+    assert s["identical_codes"] is True
+    assert s["speedup"] > 0 and s["sizes"]["items"] == 50_000
