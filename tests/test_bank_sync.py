@@ -18,19 +18,23 @@ def _labels():
 
 
 def _batches(step, rank):
-    """The items and codes rank ``rank`` trains on at ``step`` (disjoint per rank)."""
+    """The items and codes rank ``rank`` trains on at ``step``: disjoint halves,
+    except at step 3 where both ranks also train items 0-3 (as when the ranks'
+    data epochs overlap)."""
     g = torch.Generator().manual_seed(100 * step + rank)
     idx = torch.arange(rank * 200, rank * 200 + 200)[torch.randperm(200, generator=g)[:16]]
+    if step == 3:
+        idx[:4] = torch.arange(4)
     return idx, torch.randint(0, 2, (16, 12), generator=g).float() * 2 - 1
 
 
-def _worker(rank, world, port, sync_every, share, out):
+def _worker(rank, world, port, sync_every, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         labels = _labels()
         bank = CodeBank(labels, 12)
-        synced = SyncedBank(bank, sync_every, share_codes=share)
+        synced = SyncedBank(bank, sync_every)
         queries = labels[:30]
         mainstay_per_step, tables = [], []
         for step in range(6):
@@ -44,17 +48,17 @@ def _worker(rank, world, port, sync_every, share, out):
         dist.destroy_process_group()
 
 
-def _run(sync_every, share):
+def _run(sync_every):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, port, sync_every, share, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, port, sync_every, out), nprocs=2, join=True)
     return dict(out)
 
 
 def _single_process():
-    """One process applying both ranks' batches at each step."""
+    """One process applying both ranks' batches at each step (rank 1 last: it wins ties)."""
     labels = _labels()
     bank = CodeBank(labels, 12)
     mainstay, tables = [], []
@@ -68,7 +72,7 @@ def _single_process():
 
 @pytest.fixture(scope="module")
 def every_step():
-    return _run(sync_every=1, share=True)
+    return _run(sync_every=1)
 
 
 def test_sync_every_step_equals_one_process(every_step):
@@ -77,12 +81,13 @@ def test_sync_every_step_equals_one_process(every_step):
         for step in range(6):
             assert torch.equal(every_step[rank]["mainstay"][step], mainstay[step]), (rank, step)
             assert torch.equal(every_step[rank]["tables"][step], tables[step])
-        # shared codes: every rank's bank codes equal the single process's
+        # every rank's bank codes equal the single process's, the item both
+        # ranks trained at step 3 included
         assert torch.equal(every_step[rank]["codes"], bank.codes)
 
 
 def test_table_after_sync_equals_table_from_all_codes():
-    res = _run(sync_every=4, share=False)  # codes not shared: each rank only knows its own items
+    res = _run(sync_every=4)
     bank, _, _ = _single_process()
     set_labels, sums, counts = label_set_table(bank.codes, _labels())
     for rank in (0, 1):

@@ -34,17 +34,19 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-def all_gather_ragged(t: torch.Tensor) -> torch.Tensor:
-    """Like ``all_gather_cat`` for tensors whose first dimension differs per process."""
+def all_gather_ragged(t: torch.Tensor, with_sizes: bool = False):
+    """Like ``all_gather_cat`` for tensors whose first dimension differs per
+    process; with ``with_sizes`` also returns each process's row count."""
     if not is_distributed():
-        return t
+        return (t, [t.shape[0]]) if with_sizes else t
     n = torch.tensor([t.shape[0]], dtype=torch.int64)
     sizes = all_gather_cat(n).tolist()
     padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype)
     padded[: t.shape[0]] = t
     gathered = all_gather_cat(padded)
     m = max(sizes)
-    return torch.cat([gathered[i * m : i * m + s] for i, s in enumerate(sizes)])
+    out = torch.cat([gathered[i * m : i * m + s] for i, s in enumerate(sizes)])
+    return (out, sizes) if with_sizes else out
 
 
 def barrier() -> None:
@@ -58,3 +60,18 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+@torch.no_grad()
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over all
+    processes, in place. Each rank's statistics drift apart on its own data;
+    averaging them at checkpoints makes the saved state one state, so a
+    resumed run continues exactly as an uninterrupted one."""
+    if not is_distributed():
+        return
+    n = world_size()
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(n)

@@ -25,7 +25,7 @@ from saat_dist.config import RunConfig, config_from_dict
 from saat_dist.data.shards import load_manifest
 from saat_dist.data.stream import ShardStream, StreamSpec, load_labels, load_split
 from saat_dist.distributed.bank_sync import SyncedBank
-from saat_dist.distributed.collectives import all_gather_ragged, barrier
+from saat_dist.distributed.collectives import all_gather_ragged, average_buffers, barrier
 from saat_dist.distributed.deepspeed_setup import build_engine
 from saat_dist.hashing import build_hash_loss
 from saat_dist.mainstay import CodeBank
@@ -128,7 +128,7 @@ def _train(cfg: RunConfig, stage: str, rank: int, world: int, device, run_dir: P
     loss_fn = build_hash_loss(cfg.train.loss, manifest["num_classes"], cfg.model.bits, cfg.seed)
     bank = CodeBank(load_labels(cfg.data.shard_dir, "train", cfg.data.base_url), cfg.model.bits,
                     torch.tensor(manifest["label_sets"], dtype=torch.int64))
-    synced = SyncedBank(bank, d.bank_sync_every, share_codes=loss_fn.uses_bank, on_sync=metrics.record_bank_sync)
+    synced = SyncedBank(bank, d.bank_sync_every, on_sync=metrics.record_bank_sync)
     stream = ShardStream(StreamSpec(
         shard_dir=cfg.data.shard_dir, split="train", batch_size=tc.batch_size, image_size=cfg.data.image_size,
         rank=rank, world_size=world, num_workers=cfg.data.loader_workers,
@@ -220,6 +220,7 @@ def _checkpoint(engine, synced: SyncedBank, stream, gen, step, history, sums, ra
 
     t = time.perf_counter()
     synced.sync_table()
+    average_buffers(engine.module)  # one BatchNorm state for all ranks (DeepSpeed saves rank 0's)
     with tempfile.TemporaryDirectory(prefix="saat-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag="engine")
         save_state({
