@@ -12,11 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-
 import sys
 from pathlib import Path
-
-
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:

@@ -1,8 +1,10 @@
-"""The SAAT protocol end to end, one stage at a time (single process).
+"""The SAAT protocol end to end, one stage at a time.
 
 prepare -> train (benign) -> evaluate benign -> saat -> evaluate saat -> report.
 Every stage reads the previous stage's files from the run directory, so each
-also runs alone (``saat-dist train | saat | evaluate | report``).
+also runs alone (``saat-dist train | saat | evaluate | report``). With
+``distributed.num_workers >= 1`` (the default) each stage is a Ray Train job
+(``saat_dist.distributed.driver``); with 0 it runs in this process.
 
 Run directory layout:
   config.yaml               the resolved configuration
@@ -11,6 +13,8 @@ Run directory layout:
   saat/model.pt, saat/eval.json
   stages.json               wall time of each stage
   report.json, report.md, plots/*.png
+  metrics/<stage>-rank<r>.json  where each worker serves Prometheus metrics
+  ray/, ray_runs.json       Ray Train storage (checkpoints) and run names
 """
 
 from __future__ import annotations
@@ -127,7 +131,7 @@ def stage_saat(cfg: RunConfig, run_dir: Path, resume: bool = False) -> None:
     _record_stage(run_dir, "saat", time.monotonic() - t)
 
 
-def stage_evaluate(cfg: RunConfig, run_dir: Path, which: str, data: EvalData | None = None) -> dict:
+def stage_evaluate(cfg: RunConfig, run_dir: Path, which: str) -> dict:
     """Evaluate ``which`` ('benign' or 'saat'); the SAAT model also gets the strong attack."""
     ensure_data(cfg)
     if not (run_dir / which / "model.pt").is_file():
@@ -141,7 +145,7 @@ def stage_evaluate(cfg: RunConfig, run_dir: Path, which: str, data: EvalData | N
         return json.loads((run_dir / which / "eval.json").read_text())
     device = select_device(cfg.device)
     model, _ = _load_model(run_dir / which / "model.pt", cfg, device)
-    data = data or EvalData(cfg)
+    data = EvalData(cfg)
     res = evaluate_model(cfg, model, data, device, which, strong=(which == "saat"))
     res["random_map"] = random_map(data, cfg.model.bits, cfg.eval.top_k, cfg.seed + 20)
     (run_dir / which / "eval.json").write_text(json.dumps(res, indent=1))
@@ -164,13 +168,13 @@ def run_all(cfg: RunConfig, resume: bool = False) -> dict:
     t = time.monotonic()
     ensure_data(cfg)
     _record_stage(run_dir, "data", time.monotonic() - t)
-    data = None
+    # --resume skips stages whose outputs exist and resumes an interrupted one
     if not (resume and (run_dir / "benign" / "model.pt").is_file()):
         stage_train(cfg, run_dir, resume)
     if not (resume and (run_dir / "benign" / "eval.json").is_file()):
-        stage_evaluate(cfg, run_dir, "benign", data)
+        stage_evaluate(cfg, run_dir, "benign")
     if not (resume and (run_dir / "saat" / "model.pt").is_file()):
         stage_saat(cfg, run_dir, resume)
-    stage_evaluate(cfg, run_dir, "saat", data)
+    stage_evaluate(cfg, run_dir, "saat")
     _record_stage(run_dir, "total", time.monotonic() - t0)
     return write_report(cfg, run_dir)

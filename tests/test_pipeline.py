@@ -88,3 +88,14 @@ def test_data_commands(tmp_path, capsys):
     lbl.write_text("\n".join(lines) + "\n")
     assert main(["data", "convert", "--root", str(tmp_path / "d" / "list"), "--out", str(tmp_path / "s2")]) == 2
     assert "train_label.txt:4: 11 label values, expected 10" in capsys.readouterr().err
+
+
+def test_single_process_run_without_ray(tmp_path, tiny_demo):
+    """distributed.num_workers=0: every stage in this process (debugging path)."""
+    run = tmp_path / "run"
+    assert main(["run", "--config", "configs/tiny.yaml", "--set", f"output_dir={run}",
+                 "--set", f"data.shard_dir={tiny_demo[1]['shard_dir']}", "--set", "distributed.num_workers=0",
+                 "--set", "train.epochs=1", "--set", "saat.epochs=1"]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert 0 <= report["saat"]["attacked_map"] <= 1
+    assert not (run / "ray").exists()
