@@ -93,6 +93,11 @@ def _distributed(cfg: RunConfig) -> bool:
     return cfg.distributed.num_workers > 0
 
 
+def _finish_training(run_dir: Path, which: str, cfg: RunConfig, model, bank: CodeBank, result) -> None:
+    _save_model(run_dir / which / "model.pt", cfg, model, bank, result.steps)
+    (run_dir / which / "train.json").write_text(json.dumps({"history": result.history, "steps": result.steps}))
+
+
 def stage_train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> None:
     manifest = ensure_data(cfg)
     t = time.monotonic()
@@ -100,13 +105,11 @@ def stage_train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> None:
         from saat_dist.distributed.driver import run_stage
 
         run_stage(cfg, "train", run_dir, resume)
-        _record_stage(run_dir, "train", time.monotonic() - t)
-        return
-    device = select_device(cfg.device)
-    model, bank = _model(cfg, device), _new_bank(cfg, manifest)
-    result = train_benign(cfg, model, bank, manifest["num_classes"], device)
-    _save_model(run_dir / "benign" / "model.pt", cfg, model, bank, result.steps)
-    (run_dir / "benign" / "train.json").write_text(json.dumps({"history": result.history, "steps": result.steps}))
+    else:
+        device = select_device(cfg.device)
+        model, bank = _model(cfg, device), _new_bank(cfg, manifest)
+        result = train_benign(cfg, model, bank, manifest["num_classes"], device)
+        _finish_training(run_dir, "benign", cfg, model, bank, result)
     _record_stage(run_dir, "train", time.monotonic() - t)
 
 
@@ -119,15 +122,13 @@ def stage_saat(cfg: RunConfig, run_dir: Path, resume: bool = False) -> None:
         from saat_dist.distributed.driver import run_stage
 
         run_stage(cfg, "saat", run_dir, resume)
-        _record_stage(run_dir, "saat", time.monotonic() - t)
-        return
-    device = select_device(cfg.device)
-    model, _ = _load_model(run_dir / "benign" / "model.pt", cfg, device)
-    bank = _new_bank(cfg, manifest)
-    fill_bank(cfg, model, bank, device)
-    result = train_saat(cfg, model, bank, manifest["num_classes"], device)
-    _save_model(run_dir / "saat" / "model.pt", cfg, model, bank, result.steps)
-    (run_dir / "saat" / "train.json").write_text(json.dumps({"history": result.history, "steps": result.steps}))
+    else:
+        device = select_device(cfg.device)
+        model, _ = _load_model(run_dir / "benign" / "model.pt", cfg, device)
+        bank = _new_bank(cfg, manifest)
+        fill_bank(cfg, model, bank, device)
+        result = train_saat(cfg, model, bank, manifest["num_classes"], device)
+        _finish_training(run_dir, "saat", cfg, model, bank, result)
     _record_stage(run_dir, "saat", time.monotonic() - t)
 
 
