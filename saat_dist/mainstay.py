@@ -141,10 +141,6 @@ class CodeBank:
         self.set_counts = torch.bincount(self.set_id, minlength=len(self.set_labels)).to(torch.float64)
         self.pending = torch.zeros_like(self.set_sums)
 
-    @property
-    def num_items(self) -> int:
-        return self.codes.shape[0]
-
     def update(self, index: torch.Tensor, codes: torch.Tensor) -> None:
         """Write ``codes`` (B x K) for the items ``index`` (B); last write wins on repeats."""
         index = index.detach().to("cpu", torch.int64)

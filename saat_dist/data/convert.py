@@ -15,7 +15,6 @@ import os
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import webdataset as wds
 from PIL import Image
 
@@ -161,7 +160,3 @@ def convert(root: str | Path, out: str | Path, shard_size: int = 1000, shard_mul
     os.replace(tmp, out / MANIFEST)
     return manifest
 
-
-def label_matrix(manifest: dict) -> np.ndarray:
-    """The manifest's distinct label sets as an L x C 0/1 matrix."""
-    return np.asarray(manifest["label_sets"], dtype=np.uint8).reshape(-1, manifest["num_classes"])
