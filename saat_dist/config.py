@@ -41,7 +41,7 @@ class DataConfig:
     image_size: int = 32  # images are resized to image_size x image_size
     loader_workers: int = 0  # DataLoader worker processes per rank (0: read in the training process)
     skip_corrupt: bool = False  # skip unreadable shards with a warning instead of failing
-    base_url: str | None = None  # read shards from this URL prefix instead of shard_dir (pipe:, http://, s3 mirrors)
+    base_url: str | None = None  # read manifest + shards from here instead of shard_dir: a prefix (http://host/shards) or a template with {name} (pipe:aws s3 cp s3://b/shards/{name} -)
 
 
 @dataclass

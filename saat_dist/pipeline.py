@@ -42,6 +42,8 @@ log = logging.getLogger("saat_dist")
 
 def ensure_data(cfg: RunConfig) -> dict:
     """The shard manifest; builds the demo data set first when asked and missing."""
+    if cfg.data.base_url:  # shards and manifest are served elsewhere; nothing to build
+        return load_manifest(cfg.data.shard_dir, cfg.data.base_url)
     shard_dir = Path(cfg.data.shard_dir)
     if not (shard_dir / MANIFEST).is_file() and cfg.data.build_demo:
         if shard_dir.name != "shards":

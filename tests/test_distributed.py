@@ -1,25 +1,34 @@
 """The distributed pipeline on a real local Ray cluster: 2 DeepSpeed workers
 on gloo, streamed shards (5 train shards over 2 workers), the code bank
-all-reduce, Prometheus endpoints, a worker killed with SIGKILL, and
-`ray job submit` against a loopback head node."""
+all-reduce, Prometheus endpoints scraped directly and by a real Prometheus
+server, a worker killed with SIGKILL, and `ray job submit` against a
+loopback head node."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from saat_dist.cli import main
 from saat_dist.data.convert import convert
+from saat_dist.monitoring.prometheus import read_target_file
+from tests.conftest import need
+from tests.test_cluster import MONITORING, dashboard_queries
 
 ROOT = Path(__file__).resolve().parents[1]
 SAAT_DIST = [sys.executable, "-m", "saat_dist.cli"]
@@ -92,15 +101,28 @@ def _spawn(args, log_path):
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def test_every_worker_serves_metrics_that_move(tmp_path, odd_shards):
-    run = tmp_path / "run"
-    proc = _spawn(["train", *base_args(run, odd_shards, "train.epochs=40", "train.batch_size=8",
-                                       "distributed.bank_sync_every=2")], tmp_path / "log")
-    try:
-        files = _wait_for(lambda: sorted((run / "metrics").glob("train-rank*.json")) if
-                          len(list((run / "metrics").glob("train-rank*.json"))) == 2 else None, 240,
-                          "both workers' metrics endpoints")
-        ports = {json.loads(f.read_text())["rank"]: json.loads(f.read_text())["port"] for f in files}
+class TestLiveRun:
+    """A 2-worker training running in the background while its metrics are
+    scraped: directly over HTTP, and by a real Prometheus server."""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def live_run(cls, odd_shards, tmp_path_factory):
+        tmp = tmp_path_factory.mktemp("live")
+        run = tmp / "run"
+        proc = _spawn(["train", *base_args(run, odd_shards, "train.epochs=400", "train.batch_size=8",
+                                           "distributed.bank_sync_every=2")], tmp / "log")
+        try:
+            _wait_for(lambda: len(list((run / "metrics").glob("train-rank*.json"))) == 2, 240,
+                      "both workers' metrics target files")
+            yield run
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(60)
+
+    def test_every_worker_serves_metrics_that_move(self, live_run):
+        files = sorted((live_run / "metrics").glob("train-rank*.json"))
+        ports = {read_target_file(f)["rank"]: read_target_file(f)["port"] for f in files}
         assert set(ports) == {"0", "1"}
 
         def stepped(r, port):
@@ -119,9 +141,85 @@ def test_every_worker_serves_metrics_that_move(tmp_path, odd_shards):
             # table all-reduce: bytes per sync = L x K x 8, whatever N
             assert _value(later[r], "saat_bank_sync_bytes_total", rank) > 0
             assert _value(later[r], "saat_bank_sync_last_bytes", rank) % (16 * 8) == 0
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(60)
+
+    def test_a_real_prometheus_finds_and_scrapes_both_ranks(self, live_run, tmp_path):
+        """Prometheus on 127.0.0.1 with cluster/monitoring/prometheus.yml
+        rendered for this run (its file_sd targets, 1 s intervals) and
+        alerts.yml: series of both ranks arrive through the HTTP API, the
+        alert rules load and evaluate, every dashboard query runs."""
+        binary = shutil.which("prometheus")
+        need(binary is not None, "prometheus is not installed (Debian package `prometheus`; launch/test.sh "
+                                 "installs it when apt is usable)")
+        config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+        config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+        (job,) = config["scrape_configs"]
+        job["file_sd_configs"] = [{"files": [str(live_run / "metrics" / "*.json")], "refresh_interval": "1s"}]
+        config["rule_files"] = [str(MONITORING / "alerts.yml")]
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        api = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+                                 f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                stdout=open(tmp_path / "prometheus.log", "w"), stderr=subprocess.STDOUT)
+        try:
+            _wait_for(lambda: _http_ok(f"{api}/-/ready"), 60, "Prometheus ready")
+
+            def ranks_stepping():
+                result = _query(api, 'saat_steps_total{job="saat-dist", stage="train"}')
+                ranks = {r["metric"]["rank"] for r in result if float(r["value"][1]) > 0}
+                return result if ranks == {"0", "1"} else None
+
+            steps = _wait_for(ranks_stepping, 120, "saat_steps_total of rank 0 and rank 1 in Prometheus")
+            targets = {read_target_file(f)["port"] for f in (live_run / "metrics").glob("train-rank*.json")}
+            assert {int(r["metric"]["instance"].rsplit(":", 1)[1]) for r in steps} == targets
+            assert all(r["metric"]["node"] for r in steps)  # relabelled from the target file
+            up = _query(api, 'up{job="saat-dist"}')
+            assert len(up) == 2 and all(r["value"][1] == "1" for r in up)
+            loss = _query(api, 'saat_loss{part="hash"}')
+            assert {r["metric"]["rank"] for r in loss} == {"0", "1"}
+
+            def rules_evaluated():
+                groups = _get(f"{api}/api/v1/rules")["data"]["groups"]
+                rules = [r for g in groups for r in g["rules"]]
+                return rules if len(rules) == 5 and all(r["health"] == "ok" for r in rules) else None
+
+            rules = _wait_for(rules_evaluated, 30, "the 5 alert rules loaded and evaluated")
+            assert {r["name"] for r in rules} >= {"SAATWorkerDown", "SAATLossNotFinite"}
+            assert _query(api, 'ALERTS{alertstate="firing"}') == []  # a healthy run fires nothing
+            for expr in dashboard_queries():
+                _query(api, expr.replace("$__rate_interval", "1m").replace("$stage", ".*"))
+            rate = 'sum by (stage) (rate(saat_samples_total{stage=~".*"}[1m]))'  # the dashboard's throughput
+            throughput = _wait_for(lambda: [r for r in _query(api, rate) if float(r["value"][1]) > 0], 60,
+                                   "a positive samples/s rate from two scrapes")
+            assert throughput[0]["metric"]["stage"] == "train"
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _query(api: str, expr: str) -> list:
+    """An instant query; a query Prometheus rejects fails the test."""
+    try:
+        body = _get(f"{api}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+    except urllib.error.HTTPError as e:
+        raise AssertionError(f"Prometheus rejected {expr!r}: {e.read().decode()}") from e
+    assert body["status"] == "success", (expr, body)
+    return body["data"]["result"]
 
 
 def _final_params(run: Path) -> dict:
@@ -153,7 +251,7 @@ def test_sigkill_a_worker_mid_saat_and_resume(tmp_path, odd_shards):
     # workers (reports still queued in a dying worker are lost): give it time.
     time.sleep(4)
     assert proc.poll() is None, "the run ended before the kill; make it longer"
-    victim = json.loads((run / "metrics" / "saat-rank1.json").read_text())["pid"]
+    victim = read_target_file(run / "metrics" / "saat-rank1.json")["pid"]
     os.kill(victim, signal.SIGKILL)
     assert proc.wait(600) == 0, (tmp_path / "killed.log").read_text()[-3000:]
     log = (tmp_path / "killed.log").read_text()

@@ -88,3 +88,50 @@ def test_corrupt_shard_reported_or_skipped(tmp_path):
     s = ShardStream(spec(str(tmp_path / "out"), shuffle=False, skip_corrupt=True))
     idx = torch.cat([b[2] for b in itertools.islice(s, 15)])
     assert not any(20 <= i < 30 for i in idx.tolist())  # the bad shard's samples never appear
+
+
+@pytest.fixture()
+def http_shards(tiny_demo):
+    """The tiny demo's shard directory served over HTTP on 127.0.0.1."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    shard_dir = tiny_demo[1]["shard_dir"]
+    handler = functools.partial(Quiet, directory=str(shard_dir))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield shard_dir, f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_manifest_and_shards_stream_from_a_url(http_shards, tmp_path):
+    """data.base_url: the manifest and the shards come from an HTTP server,
+    as a prefix and as a `pipe:` command template; no local copy is needed."""
+    from saat_dist.data.stream import load_labels, load_split
+
+    shard_dir, url = http_shards
+    local = load_split(shard_dir, "test", 32)
+    elsewhere = tmp_path / "no-such-dir"  # shard_dir is not read when base_url is set
+    for base in (url, f"pipe:curl -fsS {url}/{{name}}"):
+        images, labels, index = load_split(elsewhere, "test", 32, base_url=base)
+        assert torch.equal(images, local[0]) and torch.equal(labels, local[1]) and torch.equal(index, local[2])
+        assert torch.equal(load_labels(elsewhere, "train", base), load_labels(shard_dir, "train"))
+        stream = ShardStream(StreamSpec(shard_dir=str(elsewhere), split="train", batch_size=8, image_size=32,
+                                       base_url=base))
+        x, y, i = next(iter(stream))
+        assert x.shape == (8, 3, 32, 32) and len(set(i.tolist())) == 8
+
+
+def test_unreachable_manifest_url_names_it(http_shards, tmp_path):
+    from saat_dist.data.shards import load_manifest
+
+    _, url = http_shards
+    with pytest.raises(FileNotFoundError, match=rf"{url}/nope/manifest.json"):
+        load_manifest(tmp_path, f"{url}/nope")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from webdataset.gopen import gopen
+
 MANIFEST = "manifest.json"
 FORMAT = "saat-dist-shards"
 VERSION = 1
@@ -25,23 +27,51 @@ def sample_key(index: int) -> str:
     return f"{index:08d}"
 
 
-def load_manifest(shard_dir: str | Path) -> dict:
-    """Read and check a shard directory's manifest."""
-    path = Path(shard_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: no manifest; convert a data set first with `saat-dist data convert` "
-            f"(an interrupted conversion leaves no manifest)"
-        )
-    manifest = json.loads(path.read_text())
+def file_url(base_url: str, name: str) -> str:
+    """The URL of one file of a shard directory served under ``base_url``.
+
+    ``base_url`` is a prefix (``http://host/shards``, ``/mnt/shards``) or,
+    when the name must sit inside a command, a template with ``{name}``
+    (``pipe:aws s3 cp s3://bucket/shards/{name} -``).
+    """
+    if "{name}" in base_url:
+        return base_url.replace("{name}", name)
+    return f"{base_url.rstrip('/')}/{name}"
+
+
+def load_manifest(shard_dir: str | Path, base_url: str | None = None) -> dict:
+    """Read and check a data set's manifest: ``<shard_dir>/manifest.json``,
+    or, when ``base_url`` is given, the manifest served beside the shards
+    (read with WebDataset's opener, so `pipe:`, http(s) and paths all work)."""
+    if base_url:
+        where = file_url(base_url, MANIFEST)
+        try:
+            with gopen(where, "rb") as stream:
+                text = stream.read().decode()
+        except Exception as e:
+            raise FileNotFoundError(f"{where}: cannot read the manifest (data.base_url={base_url!r}): {e}") from e
+    else:
+        path = Path(shard_dir) / MANIFEST
+        where = str(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: no manifest; convert a data set first with `saat-dist data convert` "
+                f"(an interrupted conversion leaves no manifest)"
+            )
+        text = path.read_text()
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not JSON: {e}") from e
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise ValueError(f"{path}: not a {FORMAT} v{VERSION} manifest")
+        raise ValueError(f"{where}: not a {FORMAT} v{VERSION} manifest")
     return manifest
 
 
 def shard_urls(shard_dir: str | Path, manifest: dict, split: str, base_url: str | None = None) -> list[str]:
-    """Shard URLs of a split: local paths, or under ``base_url`` (e.g. `pipe:` or s3 mirrors)."""
+    """Shard URLs of a split: local paths, or under ``base_url`` (see ``file_url``)."""
     if split not in manifest["splits"]:
-        raise ValueError(f"{shard_dir}: the manifest has no split {split!r} (has {sorted(manifest['splits'])})")
-    base = (base_url or str(Path(shard_dir))).rstrip("/")
-    return [f"{base}/{s['name']}" for s in manifest["splits"][split]["shards"]]
+        where = base_url or shard_dir
+        raise ValueError(f"{where}: the manifest has no split {split!r} (has {sorted(manifest['splits'])})")
+    base = base_url or str(Path(shard_dir))
+    return [file_url(base, s["name"]) for s in manifest["splits"][split]["shards"]]

@@ -142,7 +142,7 @@ class ShardStream:
 
     def __init__(self, spec: StreamSpec) -> None:
         self.spec = spec
-        manifest = load_manifest(spec.shard_dir)
+        manifest = load_manifest(spec.shard_dir, spec.base_url)
         self.manifest = manifest
         self.urls = shard_urls(spec.shard_dir, manifest, spec.split, spec.base_url)
         self.counts = [s["count"] for s in manifest["splits"][spec.split]["shards"]]
@@ -204,7 +204,7 @@ def load_split(shard_dir: str | Path, split: str, image_size: int, base_url: str
                shards: list[int] | None = None) -> Batch:
     """A whole split (or some of its shards) in memory, ordered by global index:
     uint8 images N x 3 x S x S, float labels N x C, index N."""
-    manifest = load_manifest(shard_dir)
+    manifest = load_manifest(shard_dir, base_url)
     urls = shard_urls(shard_dir, manifest, split, base_url)
     chosen = range(len(urls)) if shards is None else shards
     imgs, labels, index = [], [], []
@@ -220,7 +220,7 @@ def load_split(shard_dir: str | Path, split: str, image_size: int, base_url: str
 def load_labels(shard_dir: str | Path, split: str, base_url: str | None = None) -> torch.Tensor:
     """Multi-hot labels N x C of a split by global index, reading only the
     metadata members of the shards (image bytes are skipped, not decoded)."""
-    manifest = load_manifest(shard_dir)
+    manifest = load_manifest(shard_dir, base_url)
     labels = torch.zeros(manifest["splits"][split]["count"], manifest["num_classes"])
     seen = 0
     for url in shard_urls(shard_dir, manifest, split, base_url):

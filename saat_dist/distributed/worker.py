@@ -107,7 +107,7 @@ def make_row_map(rank: int, world: int):
 def _fill_bank_from_model(cfg: RunConfig, engine, bank: CodeBank, rank: int, world: int, device) -> None:
     """Bank <- the model's codes of every training item; each rank encodes
     its share of the shards, then all ranks exchange them."""
-    manifest = load_manifest(cfg.data.shard_dir)
+    manifest = load_manifest(cfg.data.shard_dir, cfg.data.base_url)
     shards = list(range(rank, len(manifest["splits"]["train"]["shards"]), world))
     images, _, index = load_split(cfg.data.shard_dir, "train", cfg.data.image_size, cfg.data.base_url, shards)
     codes = encode(engine.module, images, device, cfg.eval.batch_size)
@@ -121,7 +121,7 @@ def _train(cfg: RunConfig, stage: str, rank: int, world: int, device, run_dir: P
     import ray.train
 
     d, tc = cfg.distributed, (cfg.train if stage == "train" else cfg.saat)
-    manifest = load_manifest(cfg.data.shard_dir)
+    manifest = load_manifest(cfg.data.shard_dir, cfg.data.base_url)
     model = _model(cfg, device)
     if stage == "saat":
         _load_weights(model, run_dir / "benign" / "model.pt", cfg)

@@ -2,7 +2,12 @@
 
 Each worker serves its own registry over HTTP (bind address 127.0.0.1 unless
 configured; port 0 picks a free one, otherwise base port + local rank) and
-records where it listens in ``<run_dir>/metrics/<stage>-rank<r>.json``.
+records where it listens in ``<run_dir>/metrics/<stage>-rank<r>.json``, a
+Prometheus file-based service discovery target file, so a Prometheus outside
+Kubernetes finds every worker with ``file_sd_configs`` over
+``<run_dir>/metrics/*.json`` (see ``cluster/monitoring/prometheus.yml``).
+A worker that stops cleanly removes its file; a killed worker's file stays,
+so its target shows as down until the worker is restarted.
 Every series carries ``rank`` and ``stage`` labels.
 """
 
@@ -49,20 +54,19 @@ class WorkerMetrics:
         self.last_checkpoint = gauge("saat_last_checkpoint_timestamp_seconds", "unix time of the last checkpoint")
         self.server = None
         self.port: int | None = None
+        self.target_file: Path | None = None
 
     def serve(self, bind: str, port: int, run_dir: str | Path | None = None, local_rank: int = 0) -> int:
         """Start the HTTP endpoint; returns the port it listens on."""
         want = 0 if port == 0 else port + local_rank
         self.server, _thread = start_http_server(want, addr=bind, registry=self.registry)
         self.port = self.server.server_port
+        # "nothing since start" must be able to alert, so the clocks start now
+        now = time.time()
+        self.last_bank_sync.labels(**self.labels).set(now)
+        self.last_checkpoint.labels(**self.labels).set(now)
         if run_dir is not None:
-            out = Path(run_dir) / "metrics"
-            out.mkdir(parents=True, exist_ok=True)
-            info = {**self.labels, "host": bind, "node": socket.gethostname(), "port": self.port, "pid": os.getpid()}
-            path = out / f"{self.labels['stage']}-rank{self.labels['rank']}.json"
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(info))
-            os.replace(tmp, path)
+            self.target_file = write_target_file(Path(run_dir) / "metrics", self.labels, bind, self.port)
         return self.port
 
     def close(self) -> None:
@@ -70,6 +74,9 @@ class WorkerMetrics:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
+        if self.target_file is not None:
+            self.target_file.unlink(missing_ok=True)
+            self.target_file = None
 
     def record_step(self, out: dict, samples: int, seconds: float, epoch: int) -> None:
         lab = self.labels
@@ -96,3 +103,41 @@ class WorkerMetrics:
         self.checkpoints.labels(**lab).inc()
         self.checkpoint_seconds.labels(**lab).inc(seconds)
         self.last_checkpoint.labels(**lab).set(time.time())
+
+
+def write_target_file(directory: Path, labels: dict, bind: str, port: int) -> Path:
+    """Write ``<stage>-rank<r>.json`` in Prometheus file_sd format, atomically.
+
+    The target is the bind address, or this node's address when the server
+    listens on every interface. The rank/stage labels stay on the series
+    themselves; the target carries only ``__meta_`` labels (dropped after
+    relabelling) that say which process serves it.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    host = bind if bind not in ("", "0.0.0.0", "::") else _node_address()
+    group = [{
+        "targets": [f"{host}:{port}"],
+        "labels": {"__meta_saat_rank": labels["rank"], "__meta_saat_stage": labels["stage"],
+                   "__meta_saat_node": socket.gethostname(), "__meta_saat_pid": str(os.getpid())},
+    }]
+    path = directory / f"{labels['stage']}-rank{labels['rank']}.json"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not matched by *.json
+    tmp.write_text(json.dumps(group, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def read_target_file(path: str | Path) -> dict:
+    """Where one worker serves its metrics: host, port, pid, rank, stage."""
+    group = json.loads(Path(path).read_text())[0]
+    host, port = group["targets"][0].rsplit(":", 1)
+    meta = group["labels"]
+    return {"host": host, "port": int(port), "pid": int(meta["__meta_saat_pid"]),
+            "rank": meta["__meta_saat_rank"], "stage": meta["__meta_saat_stage"], "node": meta["__meta_saat_node"]}
+
+
+def _node_address() -> str:
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return socket.gethostname()
