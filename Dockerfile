@@ -58,7 +58,8 @@ RUN python -m pip install --no-cache-dir --no-deps --no-build-isolation /app \
  && if [ "${ACCELERATOR}" = cpu ]; then \
       python -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()"; \
     fi \
- && chown -R 1000:1000 "${TORCH_EXTENSIONS_DIR}"
+ && chown -R 1000:1000 "${TORCH_EXTENSIONS_DIR}" \
+ && chown 1000:1000 /app  # the default command writes data/ and runs/ here
 
 USER 1000:1000
 EXPOSE 6379 8265 10001 8080 9500-9507

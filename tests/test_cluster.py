@@ -107,6 +107,15 @@ def test_dockerfile_variants_user_and_ports():
         assert port.split("-")[0] in docker.split("EXPOSE")[0], f"port {port} is not documented"
 
 
+def test_dockerfile_copies_only_what_the_build_context_sends():
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".git", ".venv", "data", "runs"} <= ignored  # the context stays small
+    for line in re.findall(r"^COPY (.+)$", _dockerfile(), re.M):
+        for src in line.split()[:-1]:
+            assert (ROOT / src).exists() and src not in ignored, src
+
+
 def test_dockerfile_prebuilds_the_deepspeed_cpu_extension_with_a_working_command():
     """The CPU image compiles DeepSpeed's comm extension at build time; run
     that very command here (a cache hit after the DeepSpeed tests)."""
