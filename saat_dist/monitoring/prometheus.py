@@ -70,13 +70,15 @@ class WorkerMetrics:
         return self.port
 
     def close(self) -> None:
+        # Withdraw the target before the endpoint goes, so that Prometheus
+        # drops it instead of recording a failed scrape (up == 0).
+        if self.target_file is not None:
+            self.target_file.unlink(missing_ok=True)
+            self.target_file = None
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
-        if self.target_file is not None:
-            self.target_file.unlink(missing_ok=True)
-            self.target_file = None
 
     def record_step(self, out: dict, samples: int, seconds: float, epoch: int) -> None:
         lab = self.labels
