@@ -412,7 +412,7 @@ def _promtool() -> str:
     return promtool
 
 
-def test_promtool_checks_the_shipped_config_and_rules(tmp_path):
+def test_promtool_checks_the_shipped_config_and_rules():
     promtool = _promtool()
     # the shipped config as is (its file_sd glob may match nothing yet)
     out = subprocess.run([promtool, "check", "config", str(MONITORING / "prometheus.yml")],

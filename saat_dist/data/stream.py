@@ -80,7 +80,7 @@ class StreamSpec:
     seed: int = 0
     shuffle: bool = True
     skip_corrupt: bool = False  # skip (with a warning) the rest of an unreadable shard
-    base_url: str | None = None  # read shards from here instead of shard_dir (pipe:, http, s3 mirrors)
+    base_url: str | None = None  # read manifest + shards from here instead of shard_dir (see shards.file_url)
 
 
 class _SlotStream(torch.utils.data.IterableDataset):
