@@ -6,6 +6,11 @@ memory is its own, and the compared methods run side by side in one call.
   mainstay: mainstay codes for a batch of 128, N = 1,000,000 items in 1,000
             label sets of 80 classes, 64 bits: the CodeBank's per-label-set
             table vs the dense formula over all items.
+  saat-step: SAAT training steps per second (small_cnn, 32 px, batch 32,
+            32 bits, DPH, 7 inner PGD iterations) with a code bank of
+            N = 1e4, 1e5, 1e6 items in 500 label sets of 21 classes: the
+            N-independent path (Gram matrix + label-set table) beside the
+            O(N) formula over all bank codes, with their losses compared.
 """
 
 from __future__ import annotations
@@ -23,9 +28,13 @@ SIZES = {
     "map": {"queries": 2000, "database": 200_000, "bits": 64, "classes": 21, "top_k": 5000},
     "mainstay": {"batch": 128, "items": 1_000_000, "label_sets": 1000, "classes": 80, "bits": 64},
 }
+SIZES["saat-step"] = {"items": [10_000, 100_000, 1_000_000], "label_sets": 500, "classes": 21, "batch": 32,
+                      "bits": 32, "image_size": 32, "steps": 20, "warmup": 3}
 SMALL = {
     "map": {"queries": 100, "database": 20_000, "bits": 64, "classes": 21, "top_k": 500},
     "mainstay": {"batch": 32, "items": 50_000, "label_sets": 100, "classes": 80, "bits": 64},
+    "saat-step": {"items": [2_000, 20_000], "label_sets": 50, "classes": 21, "batch": 8, "bits": 16,
+                  "image_size": 32, "steps": 2, "warmup": 1},
 }
 
 
@@ -104,6 +113,70 @@ def _case_mainstay(method: str, s: dict, queue) -> None:
                "peak_extra_bytes": max(0, _peak_bytes() - base), "codes": out.tolist()})
 
 
+def _case_saat_step(method: str, s: dict, queue) -> None:
+    """SAAT steps with a bank of s["n"] items; ``method``: "bank" (the
+    N-independent DPH path) or "formula" (the O(N) formula over all codes)."""
+    from saat_dist.hashing import DPHLoss
+    from saat_dist.mainstay import CodeBank
+    from saat_dist.models import build_hash_model
+    from saat_dist.training import SAATSettings, TorchStepper, saat_step
+
+    g = torch.Generator().manual_seed(0)
+    set_labels, labels, codes, _ = _mainstay_data({**s, "items": s["n"], "batch": 1})
+    bank = CodeBank(labels, s["bits"], set_labels)
+    bank.update(torch.arange(s["n"]), codes[:, : s["bits"]])
+    bank.take_pending()
+    loss_fn = DPHLoss()
+    loss_fn.use_stats = method == "bank"
+    torch.manual_seed(0)
+    model = build_hash_model("small_cnn", s["bits"])
+    stepper = TorchStepper(torch.optim.SGD(model.parameters(), lr=0.05, weight_decay=1e-5))
+    settings = SAATSettings(eps=8 / 255, step_size=2 / 255, iters=7)
+
+    def batch():
+        idx = torch.randint(0, s["n"], (s["batch"],), generator=g)
+        x = torch.rand(s["batch"], 3, s["image_size"], s["image_size"], generator=g)
+        return x, labels[idx].float(), idx
+
+    # the loss of both paths on the same codes, before any training step
+    u = torch.randn(s["batch"], s["bits"], generator=g).tanh()
+    y = labels[:s["batch"]].float()
+    loss_value = float((loss_fn.from_stats(u, y, *bank.dph_stats()) if method == "bank"
+                        else loss_fn(u, y, bank.codes, bank.labels))[0])
+    batches = [batch() for _ in range(s["warmup"] + s["steps"])]
+    model.train()
+    first = []
+    for i, b in enumerate(batches[: s["warmup"]]):
+        first.append(float(saat_step(model, stepper, b, bank, loss_fn, settings, i)["loss"]))
+    t = time.perf_counter()
+    for i, b in enumerate(batches[s["warmup"]:]):
+        out = saat_step(model, stepper, b, bank, loss_fn, settings, s["warmup"] + i, check=False)
+    float(out["loss"])
+    seconds = time.perf_counter() - t
+    queue.put({"images_per_second": s["steps"] * s["batch"] / seconds, "seconds_per_step": seconds / s["steps"],
+               "loss_on_fixed_codes": loss_value, "first_step_losses": first,
+               "peak_rss_gib": _peak_bytes() / 2**30})
+
+
+def bench_saat_step(sizes: dict) -> dict:
+    rows = []
+    for n in sizes["items"]:
+        case = {**sizes, "n": n}
+        bank = _in_child(_case_saat_step, "bank", case)
+        formula = _in_child(_case_saat_step, "formula", case)
+        rows.append({"items": n, "code_bank": bank, "o_n_formula": formula,
+                     "speedup": bank["images_per_second"] / formula["images_per_second"],
+                     "loss_rel_diff": abs(bank["loss_on_fixed_codes"] - formula["loss_on_fixed_codes"])
+                     / abs(formula["loss_on_fixed_codes"])})
+    base = rows[0]["code_bank"]["images_per_second"]
+    return {
+        "case": "SAAT step vs bank size", "sizes": sizes, "rows": rows,
+        "largest_vs_smallest": rows[-1]["code_bank"]["images_per_second"] / base,
+        "max_loss_rel_diff": max(r["loss_rel_diff"] for r in rows),
+        "targets": {"largest_vs_smallest_min": 0.8, "loss_rel_diff_max": 1e-6},
+    }
+
+
 def _in_child(fn, method: str, sizes: dict) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -144,7 +217,7 @@ def run_bench(which: str, out_dir: Path, small: bool = False) -> dict:
     table = SMALL if small else SIZES
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
-    for name, fn in (("map", bench_map), ("mainstay", bench_mainstay)):
+    for name, fn in (("map", bench_map), ("mainstay", bench_mainstay), ("saat-step", bench_saat_step)):
         if which in (name, "all"):
             res = fn(table[name])
             res["machine"] = {"cpu_threads": torch.get_num_threads(), "python": platform.python_version(),

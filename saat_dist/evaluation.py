@@ -1,22 +1,31 @@
-"""Robustness evaluation of one hash model (SAAT.md §6).
+"""Robustness evaluation of one hash model (SAAT.md §6), streamed.
 
-Clean mAP; mAP under the untargeted mainstay attack (and, optionally, under a
-strong version with more iterations and random restarts, to rule out masked
-gradients); t-mAP under the targeted attack; the theory bounds; PR curves,
-precision@N and the perturbation's perceptibility.
+No process holds a split's images. Each rank streams its own shards
+(``DataSource.rank_shards``) of the database and train splits and encodes
+them batch by batch; then it streams its queries and, batch by batch,
+encodes them, attacks them (untargeted mainstay attack, targeted attack,
+and on the first ``attack.strong_queries`` queries the strong check) and
+encodes the adversarial images. Only codes, labels and global indices are
+gathered across ranks; rank 0 computes the metrics: clean mAP, mAP under
+the attacks, t-mAP, the theory bounds, PR curves, precision@N, the
+perturbation's perceptibility and the random-code floor.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from saat_dist.attacks import choose_targets, perceptibility, pgd_attack
+from saat_dist.attacks import choose_targets, pgd_attack
+from saat_dist.attacks.perceptibility import perceptibility_from_sums, perceptibility_sums
 from saat_dist.config import RunConfig
-from saat_dist.data.stream import load_split
-from saat_dist.mainstay import mainstay_codes
+from saat_dist.data.source import DataSource
+from saat_dist.distributed.collectives import all_gather_ragged, all_reduce_sum, barrier
+from saat_dist.mainstay import label_set_table, mainstay_from_table
 from saat_dist.metrics import mean_average_precision, precision_at_n, precision_recall_curve
 from saat_dist.progress import Progress
 from saat_dist.training.encode import encode
@@ -24,117 +33,171 @@ from saat_dist.training.encode import encode
 log = logging.getLogger("saat_dist")
 
 
-class EvalData:
-    """The query, database and train splits in memory (uint8 images)."""
-
-    def __init__(self, cfg: RunConfig) -> None:
-        d = cfg.data
-        q_img, q_lab, _ = load_split(d.shard_dir, "test", d.image_size, d.base_url)
-        n = cfg.eval.num_queries or len(q_img)
-        self.q_img, self.q_lab = q_img[:n], q_lab[:n]
-        self.db_img, self.db_lab, _ = load_split(d.shard_dir, "database", d.image_size, d.base_url)
-        self.tr_img, self.tr_lab, _ = load_split(d.shard_dir, "train", d.image_size, d.base_url)
-
-
-def random_map(data: EvalData, bits: int, top_k: int, seed: int) -> float:
+def random_map(query_labels: torch.Tensor, db_labels: torch.Tensor, bits: int, top_k: int, seed: int) -> float:
     """mAP of random +-1 codes: the floor below which numbers carry no meaning."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randint(0, 2, (len(data.q_lab), bits), generator=g).float() * 2 - 1
-    db = torch.randint(0, 2, (len(data.db_lab), bits), generator=g).float() * 2 - 1
-    return mean_average_precision(q, db, data.q_lab, data.db_lab, top_k)
+    q = torch.randint(0, 2, (len(query_labels), bits), generator=g).float() * 2 - 1
+    db = torch.randint(0, 2, (len(db_labels), bits), generator=g).float() * 2 - 1
+    return mean_average_precision(q, db, query_labels, db_labels, top_k)
 
 
-def local_rows(fn, *tensors):
-    """The single-process row map: ``fn`` over all rows (see ``evaluate_model``)."""
-    return fn(*tensors)
+def _gather_sorted(index: torch.Tensor, *rows: torch.Tensor) -> list[torch.Tensor]:
+    """Gather (index, rows...) from every rank and order them by global index."""
+    index = all_gather_ragged(index)
+    order = torch.argsort(index)
+    return [index[order], *(all_gather_ragged(r)[order] for r in rows)]
 
 
-def _attack_all(model, images_u8, guides, device, cfg: RunConfig, what: str, *, targeted: bool,
-                iters: int, restarts: int, seed: int, row_map=local_rows) -> torch.Tensor:
-    return row_map(lambda x, g: _attack_rows(model, x, g, device, cfg, what, targeted=targeted, iters=iters,
-                                             restarts=restarts, seed=seed), images_u8, guides)
+def _cat(parts: list[torch.Tensor], width: int, dtype=torch.float32) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.zeros(0, width, dtype=dtype)
 
 
-def _attack_rows(model, images_u8, guides, device, cfg: RunConfig, what: str, *, targeted: bool,
-                 iters: int, restarts: int, seed: int) -> torch.Tensor:
-    a = cfg.attack
-    gen = torch.Generator(device=device).manual_seed(seed)
-    progress = Progress(what, len(images_u8), unit="image", every_s=cfg.log_every_s)
-    out = []
-    for s in range(0, len(images_u8), a.batch_size):
-        x = images_u8[s : s + a.batch_size].to(device).float().div_(255)
-        x_adv = pgd_attack(model, x, guides[s : s + a.batch_size].to(device), eps=a.eps, step_size=a.step_size,
-                           iters=iters, targeted=targeted, loss=a.loss, restarts=restarts, generator=gen)
-        out.append(x_adv.cpu())
+def encode_split(model: nn.Module, source: DataSource, split: str, cfg: RunConfig, device, rank: int,
+                 world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes N x K, labels N x C) of a whole split ordered by global index, on
+    every rank; each rank encodes its own shards, one batch at a time."""
+    index, codes, labels = [], [], []
+    for images, lab, idx in source.batches(split, cfg.data.image_size, cfg.eval.batch_size,
+                                           source.rank_shards(split, rank, world)):
+        codes.append(encode(model, images, device, len(images)))
+        labels.append(lab)
+        index.append(idx)
+    index = torch.cat(index) if index else torch.zeros(0, dtype=torch.int64)
+    _, codes_NK, labels_NC = _gather_sorted(index, _cat(codes, cfg.model.bits), _cat(labels, source.num_classes))
+    return codes_NK, labels_NC
+
+
+def evaluate_model(cfg: RunConfig, model: nn.Module, source: DataSource, device, stage: str,
+                   strong: bool = False, rank: int = 0, world: int = 1) -> dict | None:
+    """Every number of one model's evaluation (on rank 0; None on the others)."""
+    e, a = cfg.eval, cfg.attack
+    db_codes, db_lab = encode_split(model, source, "database", cfg, device, rank, world)
+    tr_codes, tr_lab = encode_split(model, source, "train", cfg, device, rank, world)
+    set_labels, set_sums, set_counts = label_set_table(tr_codes, tr_lab)
+
+    def guide_of(labels):
+        return mainstay_from_table(labels, set_labels, set_sums, set_counts)
+
+    # Targets are drawn once from all query labels (labels only: no images), so
+    # they do not depend on how queries are split over ranks.
+    q_index_all, q_lab_all = source.labels("test")
+    order = torch.argsort(q_index_all)
+    n = min(e.num_queries or len(order), len(order))
+    q_lab_all = q_lab_all[order][:n]
+    targets_all, valid_all = choose_targets(q_lab_all, torch.unique(db_lab, dim=0),
+                                            torch.Generator().manual_seed(cfg.seed + 11))
+    n_strong = min(a.strong_queries or n, n) if strong else 0
+
+    def attack(x, guide, gen, *, targeted=False, iters=a.iters, restarts=1):
+        return pgd_attack(model, x, guide.to(device), eps=a.eps, step_size=a.step_size, iters=iters,
+                          targeted=targeted, loss=a.loss, restarts=restarts, generator=gen)
+
+    def gen(offset):
+        return torch.Generator(device=device).manual_seed(cfg.seed + offset + 1000 * rank)
+
+    g_u, g_t, g_s = gen(10), gen(12), gen(13)
+    mine = source.rank_shards("test", rank, world)
+    progress = Progress(f"{stage} attacks (rank {rank}/{world})" if world > 1 else f"{stage} attacks",
+                        _count_below(source, mine, n), unit="query", every_s=cfg.log_every_s if rank == 0 else 1e9)
+    out = {k: [] for k in ("index", "clean", "adv", "t_index", "t", "s_index", "s")}
+    pert = torch.zeros(5, dtype=torch.float64)
+    for images, lab, idx in source.batches("test", cfg.data.image_size, a.batch_size, mine, keep=lambda i: i < n):
+        x = images.to(device).float().div_(255)
+        guide = guide_of(lab)
+        out["index"].append(idx)
+        out["clean"].append(encode(model, x, device, len(x)))
+        x_adv = attack(x, guide, g_u)
+        out["adv"].append(encode(model, x_adv, device, len(x)))
+        pert += perceptibility_sums(x, x_adv)
+        v = valid_all[idx]
+        if v.any():
+            x_t = attack(x[v.to(device)], guide_of(targets_all[idx[v]]), g_t, targeted=True)
+            out["t_index"].append(idx[v])
+            out["t"].append(encode(model, x_t, device, len(x_t)))
+        s = idx < n_strong
+        if s.any():
+            # the strong check: strong_factor x iters, strong_restarts random starts, worst case per query
+            x_s = attack(x[s.to(device)], guide[s], g_s, iters=a.iters * a.strong_factor, restarts=a.strong_restarts)
+            out["s_index"].append(idx[s])
+            out["s"].append(encode(model, x_s, device, len(x_s)))
         progress.update(len(x))
-    return torch.cat(out)
+
+    k = cfg.model.bits
+    empty = torch.zeros(0, dtype=torch.int64)
+    q_index, q_codes, adv_codes = _gather_sorted(torch.cat(out["index"]) if out["index"] else empty,
+                                                 _cat(out["clean"], k), _cat(out["adv"], k))
+    t_index, t_codes = _gather_sorted(torch.cat(out["t_index"]) if out["t_index"] else empty, _cat(out["t"], k))
+    s_index, s_codes = _gather_sorted(torch.cat(out["s_index"]) if out["s_index"] else empty, _cat(out["s"], k))
+    pert = all_reduce_sum(pert)
+    if rank != 0:
+        return None
+    assert torch.equal(q_index, torch.arange(n)), "every query is evaluated exactly once"
+    targets = targets_all[t_index]
+    return _metrics(cfg, stage, q_codes, adv_codes, q_lab_all, db_codes, db_lab, guide_of(q_lab_all),
+                    t_index, t_codes, targets, guide_of(targets), int(valid_all.sum()), s_codes, n_strong, pert)
 
 
-def evaluate_model(cfg: RunConfig, model: nn.Module, data: EvalData, device, stage: str,
-                   strong: bool = False, row_map=local_rows) -> dict:
-    """Every number of one model's evaluation.
+def _count_below(source: DataSource, shards: list[int], n: int) -> int:
+    """Queries with global index < n in ``shards`` (for progress; labels only)."""
+    index, _ = source.labels("test", shards)
+    return int((index < n).sum())
 
-    ``row_map(fn, *tensors)`` applies ``fn`` to rows of the tensors and returns
-    the results for all rows in order; a distributed caller passes one that
-    gives each process a slice and gathers the results (encoding and attacks
-    are the costly, row-independent parts).
-    """
+
+def _metrics(cfg, stage, q_codes, adv_codes, q_lab, db_codes, db_lab, guide, t_index, t_codes, targets,
+             t_guide, n_targeted, s_codes, n_strong, pert) -> dict:
     e, a = cfg.eval, cfg.attack
 
-    def codes_of(images):
-        return row_map(lambda x: encode(model, x, device, e.batch_size), images)
+    def mAP(codes, labels):
+        return mean_average_precision(codes, db_codes, labels, db_lab, e.top_k)
 
-    db_codes, q_codes, tr_codes = codes_of(data.db_img), codes_of(data.q_img), codes_of(data.tr_img)
-    guide = mainstay_codes(data.q_lab, tr_codes, data.tr_lab)
-
-    res: dict = {"clean_map": mean_average_precision(q_codes, db_codes, data.q_lab, data.db_lab, e.top_k)}
+    res: dict = {"clean_map": mAP(q_codes, q_lab),
+                 "random_map": random_map(q_lab, db_lab, cfg.model.bits, e.top_k, cfg.seed + 20)}
     log.info("%s: clean mAP@%d = %.4f", stage, e.top_k, res["clean_map"])
-
-    x_adv = _attack_all(model, data.q_img, guide, device, cfg, f"{stage} attack", targeted=False,
-                        iters=a.iters, restarts=1, seed=cfg.seed + 10, row_map=row_map)
-    adv_codes = codes_of(x_adv)
-    res["attacked_map"] = mean_average_precision(adv_codes, db_codes, data.q_lab, data.db_lab, e.top_k)
-    res["perceptibility"] = perceptibility(data.q_img.float() / 255, x_adv)
-    res["theory_map"] = mean_average_precision(-guide, db_codes, data.q_lab, data.db_lab, e.top_k)
+    res["attacked_map"] = mAP(adv_codes, q_lab)
+    res["perceptibility"] = perceptibility_from_sums(pert)
+    res["theory_map"] = mAP(-guide, q_lab)
     log.info("%s: attacked mAP = %.4f (theory bound %.4f)", stage, res["attacked_map"], res["theory_map"])
 
-    db_sets = torch.unique(data.db_lab, dim=0)
-    targets, valid = choose_targets(data.q_lab, db_sets, torch.Generator().manual_seed(cfg.seed + 11))
-    t_guide = mainstay_codes(targets[valid], tr_codes, data.tr_lab)
-    x_t = _attack_all(model, data.q_img[valid], t_guide, device, cfg, f"{stage} targeted attack",
-                      targeted=True, iters=a.iters, restarts=1, seed=cfg.seed + 12, row_map=row_map)
-    t_codes = codes_of(x_t)
-    res["targeted_tmap"] = mean_average_precision(t_codes, db_codes, targets[valid], data.db_lab, e.top_k)
-    res["clean_tmap"] = mean_average_precision(q_codes[valid], db_codes, targets[valid], data.db_lab, e.top_k)
-    res["theory_tmap"] = mean_average_precision(t_guide, db_codes, targets[valid], data.db_lab, e.top_k)
-    res["targeted_queries"] = int(valid.sum())
+    res["targeted_tmap"] = mAP(t_codes, targets)
+    res["clean_tmap"] = mAP(q_codes[t_index], targets)
+    res["theory_tmap"] = mAP(t_guide, targets)
+    res["targeted_queries"] = n_targeted
     log.info("%s: targeted t-mAP = %.4f (clean %.4f, theory %.4f)", stage, res["targeted_tmap"],
              res["clean_tmap"], res["theory_tmap"])
 
-    if strong:
+    if n_strong:
         # The strong check costs strong_factor x strong_restarts times the plain
         # attack, so it runs on the first strong_queries queries; the plain
         # attack's mAP on the same queries is reported beside it.
-        n = a.strong_queries or len(data.q_img)
-        x_s = _attack_all(model, data.q_img[:n], guide[:n], device, cfg, f"{stage} strong attack", targeted=False,
-                          iters=a.iters * a.strong_factor, restarts=a.strong_restarts, seed=cfg.seed + 13,
-                          row_map=row_map)
-        s_codes = codes_of(x_s)
-        res["attacked_map_strong"] = mean_average_precision(s_codes, db_codes, data.q_lab[:n], data.db_lab, e.top_k)
-        res["strong_check"] = {
-            "queries": n, "iters": a.iters * a.strong_factor, "restarts": a.strong_restarts,
-            "attacked_map_same_queries": mean_average_precision(adv_codes[:n], db_codes, data.q_lab[:n],
-                                                                data.db_lab, e.top_k),
-        }
+        res["attacked_map_strong"] = mAP(s_codes, q_lab[:n_strong])
+        res["strong_check"] = {"queries": n_strong, "iters": a.iters * a.strong_factor,
+                               "restarts": a.strong_restarts,
+                               "attacked_map_same_queries": mAP(adv_codes[:n_strong], q_lab[:n_strong])}
         log.info("%s: strong attack (%d iters, %d restarts, %d queries) mAP = %.4f (plain attack on them: %.4f)",
-                 stage, a.iters * a.strong_factor, a.strong_restarts, n, res["attacked_map_strong"],
+                 stage, a.iters * a.strong_factor, a.strong_restarts, n_strong, res["attacked_map_strong"],
                  res["strong_check"]["attacked_map_same_queries"])
 
-    recall, prec_clean = precision_recall_curve(q_codes, db_codes, data.q_lab, data.db_lab, e.pr_levels)
-    _, prec_adv = precision_recall_curve(adv_codes, db_codes, data.q_lab, data.db_lab, e.pr_levels)
+    recall, prec_clean = precision_recall_curve(q_codes, db_codes, q_lab, db_lab, e.pr_levels)
+    _, prec_adv = precision_recall_curve(adv_codes, db_codes, q_lab, db_lab, e.pr_levels)
     res["pr_curve"] = {"recall": recall.tolist(), "clean": prec_clean.tolist(), "attacked": prec_adv.tolist()}
     res["precision_at"] = {
-        "clean": {str(k): v for k, v in precision_at_n(q_codes, db_codes, data.q_lab, data.db_lab, e.precision_at).items()},
-        "attacked": {str(k): v for k, v in precision_at_n(adv_codes, db_codes, data.q_lab, data.db_lab, e.precision_at).items()},
+        "clean": {str(k): v for k, v in precision_at_n(q_codes, db_codes, q_lab, db_lab, e.precision_at).items()},
+        "attacked": {str(k): v for k, v in precision_at_n(adv_codes, db_codes, q_lab, db_lab, e.precision_at).items()},
     }
+    return res
+
+
+def evaluate_stage(cfg: RunConfig, which: str, run_dir: Path, rank: int, world: int, device,
+                   source: DataSource) -> dict | None:
+    """Evaluate ``run_dir/<which>/model.pt`` (the SAAT model also gets the
+    strong check); rank 0 writes ``eval.json`` and returns the results."""
+    from saat_dist.training.trainer import load_model
+
+    model = load_model(cfg, run_dir / which / "model.pt", device)
+    if cfg.distributed.precision == "bf16":
+        model = model.to(torch.bfloat16)  # the model casts its inputs; codes come back in fp32
+    res = evaluate_model(cfg, model, source, device, which, strong=(which == "saat"), rank=rank, world=world)
+    if rank == 0:
+        (run_dir / which / "eval.json").write_text(json.dumps(res, indent=1))
+    barrier()
     return res

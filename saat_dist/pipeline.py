@@ -4,13 +4,17 @@ prepare -> train (benign) -> evaluate benign -> saat -> evaluate saat -> report.
 Every stage reads the previous stage's files from the run directory, so each
 also runs alone (``saat-dist train | saat | evaluate | report``). With
 ``distributed.num_workers >= 1`` (the default) each stage is a Ray Train job
-(``saat_dist.distributed.driver``); with 0 it runs in this process.
+(``saat_dist.distributed.driver``); with 0 it runs in this process. Both
+launchers run the same code: ``saat_dist.training.trainer.train_stage`` and
+``saat_dist.evaluation.evaluate_stage``.
 
 Run directory layout:
   config.yaml               the resolved configuration
-  benign/model.pt           benign model (state_dict) and its code bank
+  benign/model.pt           benign model (state_dict)
+  benign/train.json         per-epoch history, log records, parameter digests
   benign/eval.json          its evaluation
-  saat/model.pt, saat/eval.json
+  benign/checkpoints/step-N in-process checkpoints (Ray keeps its own under ray/)
+  saat/...                  the same for the SAAT model
   stages.json               wall time of each stage
   report.json, report.md, plots/*.png
   metrics/<stage>-rank<r>.json  where each worker serves Prometheus metrics
@@ -21,29 +25,24 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
-import torch
-
-from saat_dist.checkpoint import load_state, save_state
 from saat_dist.config import RunConfig, save_config
 from saat_dist.data.demo import DemoSpec, build_demo
-from saat_dist.data.shards import MANIFEST, load_manifest
-from saat_dist.data.stream import load_labels
+from saat_dist.data.shards import MANIFEST
+from saat_dist.data.source import DataSource
 from saat_dist.device import select_device
-from saat_dist.evaluation import EvalData, evaluate_model, random_map
-from saat_dist.mainstay import CodeBank
-from saat_dist.models import build_hash_model
-from saat_dist.training.loop import fill_bank, train_benign, train_saat
+from saat_dist.stages import SAAT, TRAIN, Stage, evaluate_key
 
 log = logging.getLogger("saat_dist")
 
 
-def ensure_data(cfg: RunConfig) -> dict:
-    """The shard manifest; builds the demo data set first when asked and missing."""
+def ensure_data(cfg: RunConfig) -> DataSource:
+    """The data source (manifest read once); builds the demo data set first when asked and missing."""
     if cfg.data.base_url:  # shards and manifest are served elsewhere; nothing to build
-        return load_manifest(cfg.data.shard_dir, cfg.data.base_url)
+        return DataSource.open(cfg.data.shard_dir, cfg.data.base_url)
     shard_dir = Path(cfg.data.shard_dir)
     if not (shard_dir / MANIFEST).is_file() and cfg.data.build_demo:
         if shard_dir.name != "shards":
@@ -54,7 +53,7 @@ def ensure_data(cfg: RunConfig) -> dict:
             train=d.train, query=d.query, database=d.database, min_digits=d.min_digits,
             max_digits=d.max_digits, grid=d.grid, seed=d.seed, shard_size=d.shard_size))
         log.info("demo data: %s, relevance fraction %.3f", summary["counts"], summary["relevance_fraction"])
-    return load_manifest(shard_dir)
+    return DataSource.open(str(shard_dir))
 
 
 def _record_stage(run_dir: Path, stage: str, seconds: float) -> None:
@@ -64,79 +63,66 @@ def _record_stage(run_dir: Path, stage: str, seconds: float) -> None:
     path.write_text(json.dumps(times, indent=1))
 
 
-def _new_bank(cfg: RunConfig, manifest: dict) -> CodeBank:
-    labels = load_labels(cfg.data.shard_dir, "train", cfg.data.base_url)
-    set_labels = torch.tensor(manifest["label_sets"], dtype=torch.int64)
-    return CodeBank(labels, cfg.model.bits, set_labels)
-
-
-def _model(cfg: RunConfig, device):
-    m = cfg.model
-    torch.manual_seed(cfg.seed)
-    return build_hash_model(m.backbone, m.bits, m.pretrained_path, m.hash_bn, m.width).to(device)
-
-
-def _save_model(path: Path, cfg: RunConfig, model, bank: CodeBank, steps: int) -> None:
-    save_state({"format": "saat-dist-model/1", "backbone": cfg.model.backbone, "bits": cfg.model.bits,
-                "model": model.state_dict(), "bank": bank.state_dict(), "steps": steps}, path)
-
-
-def _load_model(path: Path, cfg: RunConfig, device):
-    state = load_state(path)
-    if state.get("backbone") != cfg.model.backbone or state.get("bits") != cfg.model.bits:
-        raise ValueError(f"{path}: saved for {state.get('backbone')}/{state.get('bits')} bits, "
-                         f"the config asks for {cfg.model.backbone}/{cfg.model.bits}")
-    model = _model(cfg, device)
-    model.load_state_dict(state["model"])
-    return model, state
-
-
 def _distributed(cfg: RunConfig) -> bool:
     return cfg.distributed.num_workers > 0
 
 
-def _finish_training(run_dir: Path, which: str, cfg: RunConfig, model, bank: CodeBank, result) -> None:
-    _save_model(run_dir / which / "model.pt", cfg, model, bank, result.steps)
-    (run_dir / which / "train.json").write_text(json.dumps({"history": result.history, "steps": result.steps}))
+def _metrics_sink(cfg: RunConfig, key: str, run_dir: Path):
+    from saat_dist.monitoring.prometheus import WorkerMetrics
+    from saat_dist.training.trainer import NullMetrics
+
+    if not cfg.metrics.enabled:
+        return NullMetrics()
+    metrics = WorkerMetrics(0, key)
+    metrics.serve(cfg.metrics.bind, cfg.metrics.port, run_dir)
+    return metrics
+
+
+def _train_in_process(cfg: RunConfig, stage: Stage, run_dir: Path, source: DataSource, resume: bool) -> None:
+    """The in-process launcher: the same loop as the Ray workers, with a torch
+    optimizer, local ``step-N`` checkpoints and (if enabled) a metrics endpoint."""
+    from saat_dist.training.backend import LocalBackend
+    from saat_dist.training.checkpointing import LocalCheckpointer
+    from saat_dist.training.trainer import Launch, train_stage
+
+    ckpt_root = run_dir / stage.out / "checkpoints"
+    if not resume:
+        shutil.rmtree(ckpt_root, ignore_errors=True)  # a fresh run never picks up an older run's state
+    metrics = _metrics_sink(cfg, stage.name, run_dir)
+    try:
+        launch = Launch(0, 1, select_device(cfg.device),
+                        lambda model, optim, micro_batch, total: LocalBackend(model, optim, total),
+                        LocalCheckpointer(ckpt_root, cfg.distributed.num_to_keep, resume), metrics)
+        train_stage(cfg, stage, run_dir, launch, source)
+    finally:
+        getattr(metrics, "close", lambda: None)()
+
+
+def _train(cfg: RunConfig, stage: Stage, run_dir: Path, resume: bool) -> None:
+    source = ensure_data(cfg)
+    if stage.needs and not (run_dir / stage.needs / "model.pt").is_file():
+        raise FileNotFoundError(f"{run_dir / stage.needs / 'model.pt'}: run the stage that writes it first")
+    t = time.monotonic()
+    if _distributed(cfg):
+        from saat_dist.distributed.driver import run_stage
+
+        run_stage(cfg, stage.name, run_dir, resume)
+    else:
+        _train_in_process(cfg, stage, run_dir, source, resume)
+    _record_stage(run_dir, stage.name, time.monotonic() - t)
 
 
 def stage_train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> None:
-    manifest = ensure_data(cfg)
-    t = time.monotonic()
-    if _distributed(cfg):
-        from saat_dist.distributed.driver import run_stage
-
-        run_stage(cfg, "train", run_dir, resume)
-    else:
-        device = select_device(cfg.device)
-        model, bank = _model(cfg, device), _new_bank(cfg, manifest)
-        result = train_benign(cfg, model, bank, manifest["num_classes"], device)
-        _finish_training(run_dir, "benign", cfg, model, bank, result)
-    _record_stage(run_dir, "train", time.monotonic() - t)
+    _train(cfg, TRAIN, run_dir, resume)
 
 
 def stage_saat(cfg: RunConfig, run_dir: Path, resume: bool = False) -> None:
-    manifest = ensure_data(cfg)
-    if not (run_dir / "benign" / "model.pt").is_file():
-        raise FileNotFoundError(f"{run_dir / 'benign' / 'model.pt'}: run the benign 'train' stage first")
-    t = time.monotonic()
-    if _distributed(cfg):
-        from saat_dist.distributed.driver import run_stage
-
-        run_stage(cfg, "saat", run_dir, resume)
-    else:
-        device = select_device(cfg.device)
-        model, _ = _load_model(run_dir / "benign" / "model.pt", cfg, device)
-        bank = _new_bank(cfg, manifest)
-        fill_bank(cfg, model, bank, device)
-        result = train_saat(cfg, model, bank, manifest["num_classes"], device)
-        _finish_training(run_dir, "saat", cfg, model, bank, result)
-    _record_stage(run_dir, "saat", time.monotonic() - t)
+    _train(cfg, SAAT, run_dir, resume)
 
 
 def stage_evaluate(cfg: RunConfig, run_dir: Path, which: str) -> dict:
     """Evaluate ``which`` ('benign' or 'saat'); the SAAT model also gets the strong attack."""
-    ensure_data(cfg)
+    source = ensure_data(cfg)
     if not (run_dir / which / "model.pt").is_file():
         raise FileNotFoundError(f"{run_dir / which / 'model.pt'}: train the {which} model first")
     t = time.monotonic()
@@ -144,16 +130,12 @@ def stage_evaluate(cfg: RunConfig, run_dir: Path, which: str) -> dict:
         from saat_dist.distributed.driver import run_stage
 
         run_stage(cfg, "evaluate", run_dir, which=which)
-        _record_stage(run_dir, f"evaluate_{which}", time.monotonic() - t)
-        return json.loads((run_dir / which / "eval.json").read_text())
-    device = select_device(cfg.device)
-    model, _ = _load_model(run_dir / which / "model.pt", cfg, device)
-    data = EvalData(cfg)
-    res = evaluate_model(cfg, model, data, device, which, strong=(which == "saat"))
-    res["random_map"] = random_map(data, cfg.model.bits, cfg.eval.top_k, cfg.seed + 20)
-    (run_dir / which / "eval.json").write_text(json.dumps(res, indent=1))
-    _record_stage(run_dir, f"evaluate_{which}", time.monotonic() - t)
-    return res
+    else:
+        from saat_dist.evaluation import evaluate_stage
+
+        evaluate_stage(cfg, which, run_dir, 0, 1, select_device(cfg.device), source)
+    _record_stage(run_dir, evaluate_key(which), time.monotonic() - t)
+    return json.loads((run_dir / which / "eval.json").read_text())
 
 
 def prepare_run_dir(cfg: RunConfig) -> Path:

@@ -106,8 +106,90 @@ def test_table_after_sync_equals_table_from_all_codes():
 
 
 def test_bytes_per_sync_do_not_depend_on_items():
-    """The all-reduced tensor is the L x K table: same size for 400 or 40,000 items."""
+    """The all-reduced tensor is the L x K table plus the K x K Gram matrix:
+    same size for 400 or 40,000 items."""
     for n in (400, 40_000):
         labels = torch.nn.functional.one_hot(torch.arange(n) % 7, 7).float()
         bank = CodeBank(labels, 32)
-        assert bank.take_pending().numel() * 8 == 7 * 32 * 8
+        assert bank.take_pending().numel() * 8 == (7 * 32 + 32 * 32) * 8
+
+
+# ---- a bank of own items, on a process group made as the driver asks Ray for it on GPUs
+
+
+def _own_items_worker(rank, world, port, out):
+    from saat_dist.distributed.collectives import all_gather_ragged, average_buffers
+    from saat_dist.distributed.driver import GPU_BACKEND
+    from saat_dist.hashing import DPHLoss
+    from saat_dist.mainstay import label_set_counts
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # "cpu:gloo,cuda:nccl" as on GPUs; this machine has no CUDA, so the CPU half of it
+    backend = GPU_BACKEND.split(",")[0]
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    try:
+        labels = _labels()
+        mine = torch.arange(rank, 400, world)  # a fixed item -> rank assignment
+        counts = label_set_counts(labels[mine], torch.unique(labels.long(), dim=0))
+        dist.all_reduce(counts)
+        bank = CodeBank(labels[mine], 12, torch.unique(labels.long(), dim=0), index=mine, set_counts=counts)
+        synced = SyncedBank(bank, 1, share_codes=False)
+        g = torch.Generator().manual_seed(7)
+        losses = []
+        for step in range(4):
+            idx = mine[torch.randperm(len(mine), generator=g)[:16]]
+            synced.update(idx, torch.randn(16, 12, generator=torch.Generator().manual_seed(step * 10 + rank)).sign())
+            u = torch.randn(16, 12, generator=torch.Generator().manual_seed(step)).tanh()
+            losses.append(float(DPHLoss().from_stats(u, labels[:16], *synced.dph_stats())[0]))
+        gathered = all_gather_ragged(torch.arange(rank + 1, dtype=torch.float32)[:, None])
+        bn = torch.nn.BatchNorm1d(3)
+        bn.running_mean.fill_(float(rank))
+        average_buffers(bn)
+        out[rank] = {"losses": losses, "codes": bank.codes.shape, "gathered": gathered.flatten().tolist(),
+                     "bn_mean": bn.running_mean.tolist(), "backend": str(dist.get_backend())}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_own_items_bank_on_a_cpu_gloo_group_equals_one_process():
+    """Each rank holds half the codes; after each step's sync its DPH loss
+    equals the loss one process holding all codes computes."""
+    from saat_dist.hashing import DPHLoss
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_own_items_worker, args=(2, port, out), nprocs=2, join=True)
+    labels = _labels()
+    bank = CodeBank(labels, 12)
+    expected = []
+    for step in range(4):
+        for rank in range(2):
+            g = torch.Generator().manual_seed(7)
+            mine = torch.arange(rank, 400, 2)
+            for _ in range(step + 1):
+                idx = mine[torch.randperm(len(mine), generator=g)[:16]]
+            bank.update(idx, torch.randn(16, 12, generator=torch.Generator().manual_seed(step * 10 + rank)).sign())
+        u = torch.randn(16, 12, generator=torch.Generator().manual_seed(step)).tanh()
+        expected.append(float(DPHLoss()(u, labels[:16], bank.codes, labels)[0]))
+    for rank in (0, 1):
+        assert out[rank]["codes"] == (200, 12)
+        assert out[rank]["losses"] == pytest.approx(expected, rel=1e-6)
+        assert out[rank]["gathered"] == [0.0, 0.0, 1.0]
+        assert out[rank]["bn_mean"] == [0.5, 0.5, 0.5]
+
+
+def test_the_driver_asks_ray_for_a_group_that_carries_cpu_tensors_on_gpus(tmp_path):
+    from ray.train.torch import TorchConfig
+
+    from saat_dist.config import load_config
+    from saat_dist.distributed.driver import build_trainer
+
+    for use_gpu, backend in ((True, "cpu:gloo,cuda:nccl"), (False, "gloo")):
+        cfg = load_config("configs/tiny.yaml", [f"output_dir={tmp_path}", f"distributed.use_gpu={str(use_gpu).lower()}",
+                                                "device=auto"])
+        trainer = build_trainer(cfg, "train", tmp_path)
+        assert isinstance(trainer.backend_config, TorchConfig)
+        assert trainer.backend_config.backend == backend
+        assert trainer.scaling_config.use_gpu is use_gpu

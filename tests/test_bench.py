@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from saat_dist.cli import main
 
 
@@ -14,3 +16,9 @@ def test_bench_small_writes_json(tmp_path, capsys):
     s = json.loads((tmp_path / "mainstay.json").read_text())
     assert s["identical_codes"] is True
     assert s["speedup"] > 0 and s["sizes"]["items"] == 50_000
+    step = json.loads((tmp_path / "saat-step.json").read_text())
+    assert [r["items"] for r in step["rows"]] == [2_000, 20_000]
+    assert step["max_loss_rel_diff"] <= 1e-6  # the N-independent DPH loss equals the O(N) formula
+    for r in step["rows"]:
+        # same model, bank and batches: both paths train alike
+        assert r["code_bank"]["first_step_losses"] == pytest.approx(r["o_n_formula"]["first_step_losses"], rel=1e-5)

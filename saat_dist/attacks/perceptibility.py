@@ -13,3 +13,19 @@ def perceptibility(x: torch.Tensor, x_adv: torch.Tensor) -> dict[str, float]:
         "l2": float(d.norm(dim=1).mean()),
         "mse": float(d.pow(2).mean()),
     }
+
+
+def perceptibility_sums(x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+    """Sums behind ``perceptibility`` for one batch, to add over batches and
+    processes: [sum of per-image L-inf, sum of per-image L2, sum of squares,
+    images, pixel values] (float64)."""
+    d = (x_adv - x).flatten(1).double()
+    return torch.stack([d.abs().amax(1).sum(), d.norm(dim=1).sum(), d.pow(2).sum(),
+                        torch.tensor(float(len(d)), dtype=torch.float64, device=d.device),
+                        torch.tensor(float(d.numel()), dtype=torch.float64, device=d.device)]).cpu()
+
+
+def perceptibility_from_sums(sums: torch.Tensor) -> dict[str, float]:
+    linf, l2, sq, images, values = sums.tolist()
+    images, values = max(images, 1.0), max(values, 1.0)
+    return {"linf": linf / images, "l2": l2 / images, "mse": sq / values}

@@ -1,11 +1,12 @@
 """Reading shards: a resumable, rank- and worker-split training stream, and
 whole-split loading for evaluation.
 
-Training stream. Every epoch ``e`` of the data, all shards are shuffled with
-the same seed on every rank and dealt round-robin to the ``world_size x
-num_workers`` (rank, loader worker) slots; each slot reads its shards in
-order, each shard's samples in a seeded permutation, and cuts batches from
-that endless sequence. A slot never runs dry (it simply moves on to its shards
+Training stream. Rank r of W owns the shards j with j % W == r for the
+whole run (``DataSource.rank_shards``), so it knows which items it trains.
+Every epoch ``e`` of the data, a rank shuffles its own shards with a seed of
+(seed, rank, e) and deals them round-robin to its ``num_workers`` loader
+workers; each worker reads its shards in order, each shard's samples in a
+seeded permutation, and cuts batches from that endless sequence. A slot never runs dry (it simply moves on to its shards
 of the next data epoch), so every rank yields exactly ``steps_per_epoch``
 batches per trainer epoch, computed once from the manifest as
 ``(split count // world_size) // batch_size``; collectives can never hang on a
@@ -29,7 +30,8 @@ import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 
-from saat_dist.data.shards import IMAGE_EXTS, load_manifest, shard_urls
+from saat_dist.data.shards import IMAGE_EXTS
+from saat_dist.data.source import DataSource
 
 log = logging.getLogger(__name__)
 
@@ -81,25 +83,27 @@ class StreamSpec:
     shuffle: bool = True
     skip_corrupt: bool = False  # skip (with a warning) the rest of an unreadable shard
     base_url: str | None = None  # read manifest + shards from here instead of shard_dir (see shards.file_url)
+    source: DataSource | None = None  # an opened data source (else opened from shard_dir / base_url)
 
 
 class _SlotStream(torch.utils.data.IterableDataset):
     """The batches of this rank, cut per loader worker (see module docstring)."""
 
-    def __init__(self, spec: StreamSpec, counts: list[int], urls: list[str], start_batch: int) -> None:
-        self.spec, self.counts, self.urls, self.start_batch = spec, counts, urls, start_batch
+    def __init__(self, spec: StreamSpec, counts: list[int], urls: list[str], own: list[int],
+                 start_batch: int) -> None:
+        self.spec, self.counts, self.urls, self.own, self.start_batch = spec, counts, urls, own, start_batch
 
-    def _slot_shards(self, slot: int, slots: int) -> Iterator[tuple[int, int]]:
-        """(data epoch, shard) pairs this slot reads, forever."""
+    def _worker_shards(self, worker: int, workers: int) -> Iterator[tuple[int, int]]:
+        """(data epoch, shard) pairs this loader worker of this rank reads, forever."""
         for epoch in itertools.count():
-            order = np.arange(len(self.urls))
+            order = np.array(self.own)
             if self.spec.shuffle:
-                order = np.random.default_rng([self.spec.seed, epoch]).permutation(order)
-            for j in order[slot::slots]:
+                order = np.random.default_rng([self.spec.seed, self.spec.rank, epoch]).permutation(order)
+            for j in order[worker::workers]:
                 yield epoch, int(j)
 
-    def _samples(self, slot: int, slots: int, skip: int):
-        for epoch, j in self._slot_shards(slot, slots):
+    def _samples(self, worker: int, workers: int, skip: int):
+        for epoch, j in self._worker_shards(worker, workers):
             if skip >= self.counts[j]:  # resume: skip whole shards unread
                 skip -= self.counts[j]
                 continue
@@ -124,9 +128,7 @@ class _SlotStream(torch.utils.data.IterableDataset):
         # rotate roles so that the slot owed the next batch answers first.
         logical = (wid + self.start_batch) % workers
         done = self.start_batch // workers + (1 if logical < self.start_batch % workers else 0)
-        slots = self.spec.world_size * workers
-        slot = self.spec.rank * workers + logical
-        samples = self._samples(slot, slots, done * self.spec.batch_size)
+        samples = self._samples(logical, workers, done * self.spec.batch_size)
         while True:
             chunk = list(itertools.islice(samples, self.spec.batch_size))
             imgs, labels, index = zip(*chunk)
@@ -142,10 +144,11 @@ class ShardStream:
 
     def __init__(self, spec: StreamSpec) -> None:
         self.spec = spec
-        manifest = load_manifest(spec.shard_dir, spec.base_url)
-        self.manifest = manifest
-        self.urls = shard_urls(spec.shard_dir, manifest, spec.split, spec.base_url)
-        self.counts = [s["count"] for s in manifest["splits"][spec.split]["shards"]]
+        self.source = spec.source or DataSource.open(spec.shard_dir, spec.base_url)
+        manifest = self.source.manifest
+        self.urls = self.source.urls(spec.split)
+        self.counts = self.source.counts(spec.split)
+        self.own = self.source.rank_shards(spec.split, spec.rank, spec.world_size)
         slots = spec.world_size * max(1, spec.num_workers)
         if len(self.urls) < slots:
             raise ValueError(
@@ -162,7 +165,7 @@ class ShardStream:
         self._iter: Iterator[Batch] | None = None
 
     def _open(self) -> Iterator[Batch]:
-        ds = _SlotStream(self.spec, self.counts, self.urls, self.batches_taken)
+        ds = _SlotStream(self.spec, self.counts, self.urls, self.own, self.batches_taken)
         if self.spec.num_workers == 0:
             return iter(ds)
         loader = torch.utils.data.DataLoader(
@@ -204,35 +207,18 @@ def load_split(shard_dir: str | Path, split: str, image_size: int, base_url: str
                shards: list[int] | None = None) -> Batch:
     """A whole split (or some of its shards) in memory, ordered by global index:
     uint8 images N x 3 x S x S, float labels N x C, index N."""
-    manifest = load_manifest(shard_dir, base_url)
-    urls = shard_urls(shard_dir, manifest, split, base_url)
-    chosen = range(len(urls)) if shards is None else shards
-    imgs, labels, index = [], [], []
-    for j in chosen:
-        for img, label, i in iter_shard(urls[j], image_size):
-            imgs.append(img)
-            labels.append(label)
-            index.append(i)
-    order = torch.argsort(torch.tensor(index))
-    return torch.stack(imgs)[order], torch.stack(labels)[order], torch.tensor(index)[order]
+    source = DataSource.open(str(shard_dir), base_url)
+    imgs, labels, index = zip(*source.batches(split, image_size, 1 << 30, shards))
+    imgs, labels, index = torch.cat(imgs), torch.cat(labels), torch.cat(index)
+    order = torch.argsort(index)
+    return imgs[order], labels[order], index[order]
 
 
 def load_labels(shard_dir: str | Path, split: str, base_url: str | None = None) -> torch.Tensor:
     """Multi-hot labels N x C of a split by global index, reading only the
     metadata members of the shards (image bytes are skipped, not decoded)."""
-    manifest = load_manifest(shard_dir, base_url)
-    labels = torch.zeros(manifest["splits"][split]["count"], manifest["num_classes"])
-    seen = 0
-    for url in shard_urls(shard_dir, manifest, split, base_url):
-        try:
-            for sample in wds.tariterators.tarfile_samples(
-                [{"url": url}], select_files=lambda name: name.endswith(".json")
-            ):
-                meta = json.loads(sample["json"])
-                labels[meta["index"]] = torch.tensor(meta["label"], dtype=torch.float32)
-                seen += 1
-        except Exception as e:
-            raise ShardError(f"shard {url}: unreadable: {e}") from e
-    if seen != len(labels):
-        raise ShardError(f"{shard_dir}: split {split!r} has {seen} samples, the manifest says {len(labels)}")
-    return labels
+    source = DataSource.open(str(shard_dir), base_url)
+    index, labels = source.labels(split)
+    out = torch.zeros(source.count(split), source.num_classes)
+    out[index] = labels
+    return out

@@ -1,4 +1,9 @@
-"""Thin wrappers over torch.distributed that also work without a process group."""
+"""Thin wrappers over torch.distributed that also work without a process group.
+
+Tensors stay on their own device: with the process group that the driver
+asks Ray for on GPUs (``cpu:gloo,cuda:nccl``) CPU tensors travel over gloo
+and CUDA tensors over NCCL, so callers never move data to suit the backend.
+"""
 
 from __future__ import annotations
 
@@ -39,9 +44,9 @@ def all_gather_ragged(t: torch.Tensor, with_sizes: bool = False):
     process; with ``with_sizes`` also returns each process's row count."""
     if not is_distributed():
         return (t, [t.shape[0]]) if with_sizes else t
-    n = torch.tensor([t.shape[0]], dtype=torch.int64)
+    n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
     sizes = all_gather_cat(n).tolist()
-    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype)
+    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=t.device)
     padded[: t.shape[0]] = t
     gathered = all_gather_cat(padded)
     m = max(sizes)

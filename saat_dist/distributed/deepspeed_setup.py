@@ -40,3 +40,51 @@ def build_engine(model: torch.nn.Module, optim: OptimConfig, d: DistributedConfi
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(d, micro_batch, world_size))
     return engine, scheduler
+
+
+class DeepSpeedBackend:
+    """A DeepSpeed engine behind the training loop's backend surface (see
+    ``saat_dist.training.backend``). The engine is the model wrapper and
+    the stepper; ZeRO-3 specifics (partitioned parameters, consolidated
+    state dicts) stay in this class."""
+
+    TAG = "engine"
+
+    def __init__(self, model: torch.nn.Module, optim: OptimConfig, d: DistributedConfig, micro_batch: int,
+                 world_size: int, total_steps: int) -> None:
+        self.engine, _ = build_engine(model, optim, d, micro_batch, world_size, total_steps)
+        self.model = self.stepper = self.engine
+        self.module = self.engine.module
+        self.zero_stage = d.zero_stage
+
+    def save(self, directory) -> None:
+        from saat_dist.distributed.collectives import average_buffers
+
+        # One BatchNorm state for all ranks: DeepSpeed saves rank 0's only, and
+        # a resumed run must continue exactly as an uninterrupted one.
+        average_buffers(self.module)
+        self.engine.save_checkpoint(str(directory), tag=self.TAG)
+
+    def load(self, directory) -> None:
+        self.engine.load_checkpoint(str(directory), tag=self.TAG, load_module_strict=True)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights in fp32 on the CPU (collective under ZeRO-3:
+        every rank must call it)."""
+        if self.zero_stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict() or {}
+        else:
+            state = self.module.state_dict()
+        return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu() for k, v in state.items()}
+
+    def parameter_digest(self) -> str:
+        from saat_dist.training.backend import parameter_digest
+
+        def gather(p):
+            import contextlib
+
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters([p]) if hasattr(p, "ds_tensor") else contextlib.nullcontext()
+
+        return parameter_digest(self.module.named_parameters(), gather)

@@ -68,22 +68,35 @@ def _absolute_paths(cfg: RunConfig, run_dir: Path) -> dict:
     return tree
 
 
-def run_stage(cfg: RunConfig, stage: str, run_dir: Path, resume: bool = False, which: str | None = None):
-    """Run ``stage`` ('train', 'saat' or 'evaluate' with ``which``) on Ray; returns Ray's Result."""
+# One process group for CPU and CUDA tensors: the code bank's statistics,
+# evaluation gathers and checkpoint collectives run on CPU tensors (gloo)
+# while DeepSpeed's gradient all-reduce runs on CUDA tensors (NCCL). A plain
+# "nccl" group (Ray's default with use_gpu) would fail on the first CPU one.
+GPU_BACKEND = "cpu:gloo,cuda:nccl"
+CPU_BACKEND = "gloo"
+
+
+def process_group_backend(cfg: RunConfig) -> str:
+    return GPU_BACKEND if cfg.distributed.use_gpu else CPU_BACKEND
+
+
+def build_trainer(cfg: RunConfig, stage: str, run_dir: Path, resume: bool = False, which: str | None = None):
+    """The TorchTrainer of one stage (not started): scaling, storage, failure
+    handling and the process-group backend all come from the config here."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from saat_dist.distributed.worker import worker_main
 
-    init_ray(cfg)
     d = cfg.distributed
     resources = {"CPU": d.cpus_per_worker}
     if d.use_gpu:
         resources["GPU"] = d.gpus_per_worker
     key = stage if which is None else f"evaluate_{which}"
-    trainer = TorchTrainer(
+    return TorchTrainer(
         worker_main,
         train_loop_config={"run": _absolute_paths(cfg, run_dir), "stage": stage, "which": which},
+        torch_config=TorchConfig(backend=process_group_backend(cfg)),
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu, resources_per_worker=resources),
         run_config=RayRunConfig(
             name=_run_name(cfg, key, run_dir, resume),
@@ -94,7 +107,13 @@ def run_stage(cfg: RunConfig, stage: str, run_dir: Path, resume: bool = False, w
                                              "PYTHONUNBUFFERED": "1"}},
         ),
     )
-    result = trainer.fit()
+
+
+def run_stage(cfg: RunConfig, stage: str, run_dir: Path, resume: bool = False, which: str | None = None):
+    """Run ``stage`` ('train', 'saat' or 'evaluate' with ``which``) on Ray; returns Ray's Result."""
+    init_ray(cfg)
+    key = stage if which is None else f"evaluate_{which}"
+    result = build_trainer(cfg, stage, run_dir, resume, which).fit()
     if result.error is not None:
         raise RuntimeError(f"{key} failed on the Ray workers: {result.error}") from result.error
     return result

@@ -22,12 +22,36 @@ def similarity(y_BC: torch.Tensor, labels_NC: torch.Tensor) -> torch.Tensor:
 
 
 class DPHLoss:
+    """sum_ij (u_i . U_j / K - s_ij)^2 / (N B) with s = +-1.
+
+    ``__call__`` is the O(B N K) formula over the bank's codes. ``from_stats``
+    is the same loss (and gradient) from N-independent statistics: with
+    G = sum_j U_j U_j^T (K x K) and S_l the code sums of label set l (L x K),
+    sum_j (u . U_j / K - s_ij)^2 = u^T G u / K^2 - (2/K) u . sum_l s_il S_l + N,
+    where s_il = +1 if label set l shares a label with y_i, else -1. The
+    steps use it whenever the bank offers ``dph_stats()`` (``use_stats``).
+    """
+
     uses_bank = True
+    needs_all_codes = False  # from_stats reads only the Gram matrix and the table
+    use_stats = True
 
     def __call__(self, u, y, bank_codes, bank_labels):
         n, k = bank_codes.shape
         s = 2 * similarity(y, bank_labels) - 1
         hash_term = ((u @ bank_codes.T) / k - s).pow(2).sum() / (n * len(u))
+        return hash_term, {"hash": hash_term}
+
+    def from_stats(self, u, y, gram, set_sums, set_labels, num_items: int):
+        k = u.shape[1]
+        u64 = u.to(torch.float64)  # the expansion cancels large terms: float64 keeps it exact
+        sums = set_sums.to(u.device, torch.float64)
+        relevant_BL = (y.to(torch.float64) @ set_labels.to(u.device, torch.float64).T > 0).to(torch.float64)
+        pull_BK = 2 * (relevant_BL @ sums) - sums.sum(0)  # sum_j s_ij U_j
+        quad = ((u64 @ gram.to(u.device, torch.float64)) * u64).sum() / k**2
+        lin = (2.0 / k) * (u64 * pull_BK).sum()
+        total = num_items * len(u)
+        hash_term = ((quad - lin + total) / total).to(u.dtype)
         return hash_term, {"hash": hash_term}
 
     def tanh_scale(self, step: int) -> float:
@@ -36,6 +60,7 @@ class DPHLoss:
 
 class DPSHLoss:
     uses_bank = True
+    needs_all_codes = True  # non-linear in u . U_j: no N-independent form
 
     def __init__(self, eta: float = 50.0) -> None:
         self.eta = eta
@@ -56,6 +81,7 @@ class HashNetLoss:
     """Weighted logistic loss; positive and negative pairs re-balanced by count."""
 
     uses_bank = True
+    needs_all_codes = True  # non-linear in u . U_j: no N-independent form
 
     def __init__(self, scale_every: int = 200, scale_rate: float = 0.005) -> None:
         self.scale_every = scale_every
@@ -99,6 +125,7 @@ def csq_centres(num_classes: int, bits: int, seed: int = 0) -> torch.Tensor:
 
 class CSQLoss:
     uses_bank = False
+    needs_all_codes = False
 
     def __init__(self, num_classes: int, bits: int, quant_weight: float = 0.05, seed: int = 0) -> None:
         self.centres = csq_centres(num_classes, bits, seed)

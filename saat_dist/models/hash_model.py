@@ -31,13 +31,17 @@ class HashModel(nn.Module):
         self.alpha = 1.0  # default temperature; forward(alpha=...) overrides per call
 
     def logits(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        """h(norm(x)) before tanh; x in [0, 1]."""
-        feats = self.backbone((x_BCHW - self.mean) / self.std)
-        return self.hash_bn(self.hash_layer(feats))
+        """h(norm(x)) before tanh; x in [0, 1]. The input is cast to the
+        weights' dtype (a bf16 model takes fp32 images, and input gradients
+        flow back to them in fp32)."""
+        x = ((x_BCHW - self.mean) / self.std).to(self.hash_layer.weight.dtype)
+        return self.hash_bn(self.hash_layer(self.backbone(x)))
 
     def forward(self, x_BCHW: torch.Tensor, alpha: float | None = None) -> torch.Tensor:
+        """Codes in (-1, 1), fp32 whatever the weights' dtype (losses and
+        attacks compute in fp32)."""
         a = self.alpha if alpha is None else alpha
-        return torch.tanh(a * self.logits(x_BCHW))
+        return torch.tanh(a * self.logits(x_BCHW).float())
 
 
 def build_hash_model(

@@ -80,9 +80,11 @@ class WorkerMetrics:
             self.server.server_close()
             self.server = None
 
-    def record_step(self, out: dict, samples: int, seconds: float, epoch: int) -> None:
+    def record_step(self, out: dict, samples: int, seconds: float, epoch: int, steps: int = 1) -> None:
+        """``steps`` steps of ``samples`` samples in all took ``seconds``;
+        ``out``: their mean loss parts (host floats; the trainer records on log steps)."""
         lab = self.labels
-        self.steps.labels(**lab).inc()
+        self.steps.labels(**lab).inc(steps)
         self.samples.labels(**lab).inc(samples)
         self.samples_per_second.labels(**lab).set(samples / max(seconds, 1e-9))
         self.epoch.labels(**lab).set(epoch)

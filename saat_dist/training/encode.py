@@ -21,3 +21,16 @@ def encode(model: nn.Module, images: torch.Tensor, device, batch_size: int = 256
             x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
             out.append(torch.where(model(x, alpha=1.0) >= 0, 1.0, -1.0).cpu())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_batches(model: nn.Module, batches, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, +-1 codes on ``device``) of streamed (uint8 images, labels, index)
+    batches: only one batch of images is in memory at a time."""
+    index, codes = [], []
+    for images, _, idx in batches:
+        codes.append(encode(model, images, device, len(images)).to(device))
+        index.append(idx.to(device))
+    if not index:
+        return torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, 0, device=device)
+    return torch.cat(index), torch.cat(codes)

@@ -39,27 +39,37 @@ def hash_module(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def _hash_loss(loss_fn, u, y, bank: CodeBank | None):
-    if loss_fn.uses_bank:
-        return loss_fn(u, y, bank.codes.to(u.device), bank.labels.to(u.device, u.dtype))
-    return loss_fn(u, y)
+def hash_loss(loss_fn, u, y, bank: CodeBank | None):
+    """The benign hash loss of codes ``u``: from the bank's N-independent
+    statistics when the loss has that form (DPH) and the bank keeps them,
+    else from the bank's codes (DPSH, HashNet) or from nothing (CSQ)."""
+    if not loss_fn.uses_bank:
+        return loss_fn(u, y)
+    if getattr(loss_fn, "use_stats", False) and hasattr(bank, "dph_stats"):
+        return loss_fn.from_stats(u, y, *bank.dph_stats())
+    return loss_fn(u, y, bank.codes.to(u.device), bank.labels.to(u.device, u.dtype))
 
 
-def _check_finite(loss: torch.Tensor, what: str, step: int) -> None:
-    if not torch.isfinite(loss):
+def check_finite(loss: torch.Tensor, what: str, step: int) -> None:
+    """Stop loudly on a non-finite loss (a host sync: the trainer calls it on log steps only)."""
+    if not torch.isfinite(loss).all():
         raise FloatingPointError(f"{what} loss is not finite at step {step}: stopping the run")
 
 
-def benign_step(model, stepper, batch, bank: CodeBank | None, loss_fn, step: int) -> dict[str, torch.Tensor]:
+def benign_step(model, stepper, batch, bank: CodeBank | None, loss_fn, step: int, *,
+                check: bool = True) -> dict[str, torch.Tensor]:
     """One step of benign deep hashing. The batch's own codes enter the bank
-    before the loss (as the reference does), so bank losses see them."""
+    before the loss (as the reference does), so bank losses see them.
+    ``check=False`` skips the finiteness check (a host sync), as the trainer
+    does between log steps."""
     x, y, index = batch
     hash_module(model).alpha = loss_fn.tanh_scale(step)
     u = model(x)
     if loss_fn.uses_bank:
         bank.update(index, u.detach())
-    loss, parts = _hash_loss(loss_fn, u, y, bank)
-    _check_finite(loss, "benign", step)
+    loss, parts = hash_loss(loss_fn, u, y, bank)
+    if check:
+        check_finite(loss, "benign", step)
     stepper.backward(loss)
     stepper.step()
     return {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
@@ -75,7 +85,7 @@ class SAATSettings:
 
 
 def saat_step(model, stepper, batch, bank: CodeBank, loss_fn, settings: SAATSettings, step: int,
-              generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+              generator: torch.Generator | None = None, *, check: bool = True) -> dict[str, torch.Tensor]:
     """One SAAT minimax step, in the reference order:
     b*(y) -> inner PGD -> clean/adversarial forward -> bank update and b*
     recompute -> outer loss = L_hash + lam * L_adv + mu * L_quant."""
@@ -91,13 +101,14 @@ def saat_step(model, stepper, batch, bank: CodeBank, loss_fn, settings: SAATSett
     u_adv = model(x_adv)
     bank.update(index, torch.sign(u.detach()))
     guide = bank.mainstay(y).to(x.device)
-    hash_loss, _ = _hash_loss(loss_fn, u, y, bank)
+    clean_loss, _ = hash_loss(loss_fn, u, y, bank)
     adv = -(u_adv * guide).mean()
     quant = (u_adv - torch.sign(u_adv)).pow(2).mean()
-    loss = hash_loss + settings.lam * adv + settings.mu * quant
-    _check_finite(loss, "SAAT", step)
+    loss = clean_loss + settings.lam * adv + settings.mu * quant
+    if check:
+        check_finite(loss, "SAAT", step)
     stepper.backward(loss)
     stepper.step()
     flipped = (torch.sign(u_adv.detach()) != torch.sign(u.detach())).float().mean()
-    return {"loss": loss.detach(), "hash": hash_loss.detach(), "adv": adv.detach(), "quant": quant.detach(),
+    return {"loss": loss.detach(), "hash": clean_loss.detach(), "adv": adv.detach(), "quant": quant.detach(),
             "bits_flipped": flipped}

@@ -1,0 +1,105 @@
+"""A data set's shards as one object: the manifest, read once per process,
+and where the shards live (a local directory or ``data.base_url``).
+
+Everything that reads shards (the training stream, the bank set-up, the
+streaming evaluation) takes a ``DataSource`` instead of re-reading the
+manifest. The shard -> rank assignment is fixed here for a whole run:
+rank r of W reads the shards j with j % W == r of every split, so each
+process knows from the start which items it will train (and can keep only
+their codes) and which queries and database items it will encode.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import webdataset as wds
+
+from saat_dist.data.shards import load_manifest, shard_urls
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images, labels B x C, global index B
+
+
+@dataclass(frozen=True)
+class DataSource:
+    shard_dir: str
+    base_url: str | None
+    manifest: dict
+
+    @classmethod
+    def open(cls, shard_dir: str, base_url: str | None = None) -> "DataSource":
+        return cls(str(shard_dir), base_url, load_manifest(shard_dir, base_url))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+    @property
+    def label_sets(self) -> torch.Tensor:
+        """The data set's distinct label sets L x C (every process numbers them alike)."""
+        return torch.tensor(self.manifest["label_sets"], dtype=torch.int64)
+
+    def count(self, split: str) -> int:
+        return int(self.manifest["splits"][split]["count"])
+
+    def counts(self, split: str) -> list[int]:
+        return [int(s["count"]) for s in self.manifest["splits"][split]["shards"]]
+
+    def urls(self, split: str) -> list[str]:
+        return shard_urls(self.shard_dir, self.manifest, split, self.base_url)
+
+    def rank_shards(self, split: str, rank: int, world: int) -> list[int]:
+        """The shards of ``split`` that rank ``rank`` of ``world`` reads, for the whole run."""
+        return list(range(rank, len(self.counts(split)), world))
+
+    def labels(self, split: str, shards: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(global index N', labels N' x C) of the chosen shards (all: every
+        item), read from the metadata members only (images are not decoded)."""
+        from saat_dist.data.stream import ShardError
+
+        urls = self.urls(split)
+        chosen = range(len(urls)) if shards is None else shards
+        index, labels = [], []
+        for j in chosen:
+            try:
+                for sample in wds.tariterators.tarfile_samples(
+                        [{"url": urls[j]}], select_files=lambda name: name.endswith(".json")):
+                    meta = json.loads(sample["json"])
+                    index.append(int(meta["index"]))
+                    labels.append(meta["label"])
+            except Exception as e:
+                raise ShardError(f"shard {urls[j]}: unreadable: {e}") from e
+        expected = sum(self.counts(split)[j] for j in chosen)
+        if len(index) != expected:
+            raise ShardError(f"{self.base_url or self.shard_dir}: split {split!r} shards {list(chosen)[:5]}... "
+                             f"hold {len(index)} samples, the manifest says {expected}")
+        lab = torch.tensor(labels, dtype=torch.float32).reshape(len(index), self.num_classes)
+        return torch.tensor(index, dtype=torch.int64), lab
+
+    def batches(self, split: str, image_size: int, batch_size: int, shards: list[int] | None = None,
+                keep=None) -> Iterator[Batch]:
+        """uint8 images B x 3 x S x S, labels and index of the chosen shards, in
+        stored order, ``batch_size`` at a time: at most one batch of images is
+        in memory. ``keep(index) -> bool`` filters samples by global index."""
+        from saat_dist.data.stream import iter_shard
+
+        urls = self.urls(split)
+        buf: list = []
+        for j in (range(len(urls)) if shards is None else shards):
+            for img, label, i in iter_shard(urls[j], image_size):
+                if keep is not None and not keep(i):
+                    continue
+                buf.append((img, label, i))
+                if len(buf) == batch_size:
+                    yield _stack(buf)
+                    buf = []
+        if buf:
+            yield _stack(buf)
+
+
+def _stack(items) -> Batch:
+    imgs, labels, index = zip(*items)
+    return torch.stack(imgs), torch.stack(labels), torch.tensor(index, dtype=torch.int64)
