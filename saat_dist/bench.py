@@ -11,6 +11,9 @@ memory is its own, and the compared methods run side by side in one call.
             N = 1e4, 1e5, 1e6 items in 500 label sets of 21 classes: the
             N-independent path (Gram matrix + label-set table) beside the
             O(N) formula over all bank codes, with their losses compared.
+  eval:     the streaming evaluation on 2 Ray workers of databases of
+            50,000 and 200,000 images at 32 px (real MNIST-mosaic images,
+            repeated): wall time and peak RSS of every rank.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ SIZES = {
 }
 SIZES["saat-step"] = {"items": [10_000, 100_000, 1_000_000], "label_sets": 500, "classes": 21, "batch": 32,
                       "bits": 32, "image_size": 32, "steps": 20, "warmup": 3}
+SIZES["eval"] = {"database": [50_000, 200_000], "queries": 100, "workers": 2, "attack_iters": 5}
 SMALL = {
     "map": {"queries": 100, "database": 20_000, "bits": 64, "classes": 21, "top_k": 500},
     "mainstay": {"batch": 32, "items": 50_000, "label_sets": 100, "classes": 80, "bits": 64},
+    "eval": {"database": [600, 2_400], "queries": 16, "workers": 2, "attack_iters": 2},
     "saat-step": {"items": [2_000, 20_000], "label_sets": 50, "classes": 21, "batch": 8, "bits": 16,
                   "image_size": 32, "steps": 2, "warmup": 1},
 }
@@ -177,6 +182,82 @@ def bench_saat_step(sizes: dict) -> dict:
     }
 
 
+def _big_database(base: Path, out: Path, count: int) -> None:
+    """``base``'s shards with the database split replaced by ``count`` samples
+    that repeat ``base``'s database images and labels (real images, any size)."""
+    import shutil
+    import tarfile
+
+    import webdataset as wds
+
+    from saat_dist.data.shards import MANIFEST, shard_name
+    from saat_dist.data.source import DataSource
+
+    src = DataSource.open(str(base))
+    shutil.copytree(base, out)
+    samples = []
+    for url in src.urls("database"):
+        with tarfile.open(url) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        keys = sorted({n.rsplit(".", 1)[0] for n in members})
+        samples += [(members[k + ".png"], json.loads(members[k + ".json"])) for k in keys]
+    for old in out.glob("database-*.tar"):
+        old.unlink()
+    per_shard, shards = 5000, []
+    for s in range(0, count, per_shard):
+        name = shard_name("database", len(shards))
+        with open(out / name, "wb") as f, wds.TarWriter(f) as sink:
+            for i in range(s, min(count, s + per_shard)):
+                png, meta = samples[i % len(samples)]
+                sink.write({"__key__": f"{i:08d}", "png": png,
+                            "json": json.dumps({**meta, "index": i}).encode()})
+        shards.append({"name": name, "count": min(count, s + per_shard) - s, "first_index": s})
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["splits"]["database"] = {**manifest["splits"]["database"], "count": count, "shards": shards}
+    (out / MANIFEST).write_text(json.dumps(manifest))
+
+
+def bench_eval(sizes: dict) -> dict:
+    """Each size runs `saat-dist evaluate` in a fresh process (its own local Ray)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from saat_dist.config import load_config
+    from saat_dist.data.demo import DemoSpec, build_demo
+    from saat_dist.training.trainer import build_model, save_model
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="saat-bench-eval-") as tmp:
+        tmp = Path(tmp)
+        build_demo(tmp / "base", DemoSpec(train=480, query=max(48, sizes["queries"]), database=1000, seed=5,
+                                          shard_size=40))
+        for n in sizes["database"]:
+            shards = tmp / f"db{n}"
+            _big_database(tmp / "base" / "shards", shards, n)
+            run = tmp / f"run{n}"
+            overrides = [f"output_dir={run}", f"data.shard_dir={shards}", "data.build_demo=false",
+                         f"distributed.num_workers={sizes['workers']}", f"eval.num_queries={sizes['queries']}",
+                         f"attack.iters={sizes['attack_iters']}", "eval.top_k=5000", "model.bits=32"]
+            cfg = load_config(None, overrides)
+            save_model(cfg, run / "benign" / "model.pt",
+                       {k: v.cpu() for k, v in build_model(cfg, torch.device("cpu")).state_dict().items()}, 0)
+            t = time.perf_counter()
+            args = [sys.executable, "-m", "saat_dist.cli", "evaluate", "--which", "benign"]
+            proc = subprocess.run([*args, *sum((["--set", o] for o in overrides), [])],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"evaluate failed for database {n}: {proc.stderr[-3000:]}")
+            res = json.loads((run / "benign" / "eval.json").read_text())
+            rows.append({"database": n, "command_seconds": time.perf_counter() - t, **res["resources"],
+                         "codes_mib": n * cfg.model.bits * 4 / 2**20, "clean_map": res["clean_map"]})
+    growth = [b - a for a, b in zip(rows[0]["peak_rss_mib_per_rank"], rows[-1]["peak_rss_mib_per_rank"])]
+    return {"case": "streaming evaluation", "sizes": sizes, "rows": rows,
+            "peak_rss_growth_mib_per_rank": growth,
+            "codes_growth_mib": rows[-1]["codes_mib"] - rows[0]["codes_mib"],
+            "images_growth_mib_if_held": (rows[-1]["database"] - rows[0]["database"]) * 3 * 32 * 32 / 2**20}
+
+
 def _in_child(fn, method: str, sizes: dict) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -217,7 +298,8 @@ def run_bench(which: str, out_dir: Path, small: bool = False) -> dict:
     table = SMALL if small else SIZES
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
-    for name, fn in (("map", bench_map), ("mainstay", bench_mainstay), ("saat-step", bench_saat_step)):
+    for name, fn in (("map", bench_map), ("mainstay", bench_mainstay), ("saat-step", bench_saat_step),
+                     ("eval", bench_eval)):
         if which in (name, "all"):
             res = fn(table[name])
             res["machine"] = {"cpu_threads": torch.get_num_threads(), "python": platform.python_version(),

@@ -115,7 +115,7 @@ class DistributedConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO stage: 0, 1, 2 or 3
     precision: Literal["fp32", "bf16"] = "fp32"  # DeepSpeed training precision
     grad_accum: int = 1  # gradient accumulation steps (global batch = batch_size x grad_accum x workers)
-    gradient_clipping: float = 0.0  # DeepSpeed gradient clipping (0: off)
+    gradient_clipping: float = 0.0  # clip gradients to this global norm, both launchers (0: off, as the reference; DeepSpeed's own default would be 1.0)
     bank_sync_every: int = 1  # all-reduce the code bank's label-set table every N steps (and at epoch ends)
     checkpoint_every: int = 0  # also checkpoint every N steps (0: only at epoch ends)
     storage_path: str | None = None  # Ray Train storage for checkpoints (None: <output_dir>/ray); shared or s3:// on clusters

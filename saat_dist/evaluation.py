@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
+import time
 from pathlib import Path
 
 import torch
@@ -196,8 +198,13 @@ def evaluate_stage(cfg: RunConfig, which: str, run_dir: Path, rank: int, world: 
     model = load_model(cfg, run_dir / which / "model.pt", device)
     if cfg.distributed.precision == "bf16":
         model = model.to(torch.bfloat16)  # the model casts its inputs; codes come back in fp32
+    t = time.monotonic()
     res = evaluate_model(cfg, model, source, device, which, strong=(which == "saat"), rank=rank, world=world)
+    # peak resident memory of every rank: streaming keeps it flat in the split sizes
+    peak = all_gather_ragged(torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss], dtype=torch.int64))
     if rank == 0:
+        res["resources"] = {"seconds": round(time.monotonic() - t, 2), "ranks": world,
+                            "peak_rss_mib_per_rank": [round(int(v) / 1024, 1) for v in peak]}
         (run_dir / which / "eval.json").write_text(json.dumps(res, indent=1))
     barrier()
     return res

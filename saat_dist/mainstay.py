@@ -28,9 +28,8 @@ TIE_TOL = 1e-9
 
 
 def _sign_with_ties(v: torch.Tensor) -> torch.Tensor:
-    out = torch.sign(v)
-    out[v.abs() <= TIE_TOL] = 0
-    return out
+    # torch.where, not a masked assignment: no host sync on a GPU
+    return torch.where(v.abs() <= TIE_TOL, torch.zeros_like(v), torch.sign(v))
 
 
 def mainstay_from_table(
@@ -55,12 +54,12 @@ def mainstay_from_table(
     cos_BL = torch.where(norms > 0, overlap_BL / norms.clamp_min(1e-30), torch.zeros_like(overlap_BL))
     pos_mass = cos_BL @ counts
     pos_BK = (cos_BL @ sums) / pos_mass.clamp_min(1e-30).unsqueeze(1)
-    pos_BK[pos_mass <= 0] = 0
+    pos_BK = torch.where((pos_mass > 0).unsqueeze(1), pos_BK, torch.zeros_like(pos_BK))
 
     irrelevant_BL = (overlap_BL == 0).to(torch.float64)
     neg_mass = irrelevant_BL @ counts
     neg_BK = (irrelevant_BL @ sums) / neg_mass.clamp_min(1e-30).unsqueeze(1)
-    neg_BK[neg_mass <= 0] = 0
+    neg_BK = torch.where((neg_mass > 0).unsqueeze(1), neg_BK, torch.zeros_like(neg_BK))
 
     return _sign_with_ties(pos_BK - neg_BK).to(torch.float32)
 

@@ -91,7 +91,8 @@ def _train_in_process(cfg: RunConfig, stage: Stage, run_dir: Path, source: DataS
     metrics = _metrics_sink(cfg, stage.name, run_dir)
     try:
         launch = Launch(0, 1, select_device(cfg.device),
-                        lambda model, optim, micro_batch, total: LocalBackend(model, optim, total),
+                        lambda model, optim, micro_batch, total: LocalBackend(
+                            model, optim, total, cfg.distributed.gradient_clipping),
                         LocalCheckpointer(ckpt_root, cfg.distributed.num_to_keep, resume), metrics)
         train_stage(cfg, stage, run_dir, launch, source)
     finally:

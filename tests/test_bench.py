@@ -6,8 +6,10 @@ import pytest
 
 from saat_dist.cli import main
 
+pytestmark = pytest.mark.slow
 
-def test_bench_small_writes_json(tmp_path, capsys):
+
+def test_bench_small_writes_json(tmp_path):
     assert main(["bench", "all", "--small", "--out", str(tmp_path)]) == 0
     m = json.loads((tmp_path / "map.json").read_text())
     assert m["abs_diff"] < 1e-6  # both methods computed the same mAP
@@ -22,3 +24,7 @@ def test_bench_small_writes_json(tmp_path, capsys):
     for r in step["rows"]:
         # same model, bank and batches: both paths train alike
         assert r["code_bank"]["first_step_losses"] == pytest.approx(r["o_n_formula"]["first_step_losses"], rel=1e-5)
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert [r["database"] for r in ev["rows"]] == [600, 2_400]
+    for r in ev["rows"]:  # a 2-worker streaming evaluation ran for each size
+        assert len(r["peak_rss_mib_per_rank"]) == 2 and 0 < r["clean_map"] <= 1

@@ -21,6 +21,7 @@ def tiny_run(tmp_path_factory):
     return tmp, args
 
 
+@pytest.mark.slow
 def test_run_writes_a_complete_report(tiny_run):
     tmp, _ = tiny_run
     run = tmp / "run"
@@ -44,6 +45,7 @@ def test_run_writes_a_complete_report(tiny_run):
     assert (tmp / "data" / "shards" / "manifest.json").is_file()
 
 
+@pytest.mark.slow
 def test_checkpoints_are_state_dicts(tiny_run):
     import torch
 
@@ -51,9 +53,16 @@ def test_checkpoints_are_state_dicts(tiny_run):
     state = torch.load(tmp / "run" / "saat" / "model.pt", weights_only=True)
     assert state["format"] == "saat-dist-model/1" and state["bits"] == 16
     assert all(isinstance(v, torch.Tensor) for v in state["model"].values())
-    assert set(state["bank"]["codes"].unique().tolist()) <= {-1.0, 1.0}
+    assert set(state) == {"format", "backbone", "bits", "model", "steps"}  # a model file holds the model only
+    # Ray Train checkpoints: DeepSpeed state + each rank's train state (bank codes are +-1 after SAAT)
+    (ckpt,) = sorted(p for p in (tmp / "run" / "ray").glob("*-saat-*/checkpoint_*") if p.is_dir())[-1:]
+    for rank in (0, 1):
+        train_state = torch.load(ckpt / f"rank-{rank}.pt", weights_only=True)
+        assert set(train_state["bank"]["bank"]["codes"].unique().tolist()) <= {-1.0, 1.0}
+        assert train_state["step"] == state["steps"]
 
 
+@pytest.mark.slow
 def test_stages_run_alone_from_the_run_directory(tiny_run):
     tmp, args = tiny_run
     run = tmp / "run"

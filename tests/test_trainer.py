@@ -136,3 +136,73 @@ def test_a_bank_of_some_items_keeps_only_their_codes():
     assert torch.equal(part.mainstay(labels[:20]), full.mainstay(labels[:20]))
     with pytest.raises(ValueError, match="outside this bank"):
         part.check_holds(torch.tensor([2]))
+
+
+def test_documented_entry_points_keep_their_signatures():
+    import inspect
+
+    from saat_dist.hashing import build_hash_loss
+    from saat_dist.mainstay import mainstay_codes
+    from saat_dist.metrics import mean_average_precision
+    from saat_dist.models import build_hash_model
+    from saat_dist.training import SAATSettings, TorchStepper
+    from saat_dist.training.steps import saat_step
+
+    def positional(fn):
+        return [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+
+    assert positional(saat_step)[:7] == ["model", "stepper", "batch", "bank", "loss_fn", "settings", "step"]
+    assert positional(CodeBank.__init__)[1:4] == ["train_labels", "bits", "set_labels"]
+    assert positional(mainstay_codes) == ["query_labels", "train_codes", "train_labels"]
+    assert positional(mean_average_precision)[:5] == ["query_codes", "db_codes", "query_labels", "db_labels", "top_k"]
+    assert callable(build_hash_loss) and callable(build_hash_model) and TorchStepper and SAATSettings()
+
+
+class CountingDPH(DPHLoss):
+    def __init__(self):
+        self.calls = {"formula": 0, "stats": 0}
+
+    def __call__(self, *args):
+        self.calls["formula"] += 1
+        return super().__call__(*args)
+
+    def from_stats(self, *args):
+        self.calls["stats"] += 1
+        return super().from_stats(*args)
+
+
+def test_a_code_bank_passed_to_saat_step_gets_the_n_independent_path():
+    from saat_dist.models import build_hash_model
+    from saat_dist.training import SAATSettings, TorchStepper, benign_step, saat_step
+
+    bank, labels, _, _ = _bank_and_batch(k=16)
+    model = build_hash_model("small_cnn", 16, width=8)
+    stepper = TorchStepper(torch.optim.SGD(model.parameters(), lr=0.01))
+    loss = CountingDPH()
+    batch = (torch.rand(8, 3, 32, 32), labels[:8], torch.arange(8))
+    saat_step(model, stepper, batch, bank, loss, SAATSettings(iters=1), 0)
+    benign_step(model, stepper, batch, bank, loss, 1)
+    assert loss.calls == {"formula": 0, "stats": 2}
+
+
+def test_deepspeed_config_states_clipping_and_bf16_buffers():
+    from saat_dist.config import DistributedConfig
+    from saat_dist.distributed.deepspeed_setup import deepspeed_config
+
+    ds = deepspeed_config(DistributedConfig(grad_accum=2), micro_batch=32, world_size=4)
+    assert ds["train_batch_size"] == 32 * 2 * 4
+    # DeepSpeed would clip at norm 1.0 when the key is absent; 0 (off) must be explicit
+    assert ds["gradient_clipping"] == 0.0
+    assert ds["data_types"] == {} and ds["bf16"] == {"enabled": False}
+    bf16 = deepspeed_config(DistributedConfig(precision="bf16", gradient_clipping=1.0), 8, 2)
+    assert bf16["data_types"] == {"buffer_dtype": "bf16"} and bf16["gradient_clipping"] == 1.0
+
+
+def test_torch_stepper_clips_like_deepspeed():
+    from saat_dist.training import TorchStepper
+
+    w = torch.nn.Parameter(torch.zeros(4))
+    stepper = TorchStepper(torch.optim.SGD([w], lr=1.0), clip=1.0)
+    stepper.backward((w * torch.tensor([3.0, 4.0, 0.0, 0.0])).sum())  # gradient norm 5
+    stepper.step()
+    assert torch.allclose(w.detach(), -torch.tensor([0.6, 0.8, 0.0, 0.0]))

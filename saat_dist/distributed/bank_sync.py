@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from saat_dist.distributed.collectives import all_gather_ragged, all_reduce_sum, is_distributed, rank
+from saat_dist.distributed.collectives import all_gather_ragged, all_reduce_sum, is_distributed, rank, world_size
 from saat_dist.mainstay import CodeBank
 
 
@@ -36,7 +36,7 @@ class SyncedBank:
     def __init__(self, bank: CodeBank, sync_every: int, on_sync=None, share_codes: bool = True) -> None:
         if sync_every < 1:
             raise ValueError("bank_sync_every must be >= 1")
-        if not share_codes and bank.index is None and is_distributed():
+        if not share_codes and bank.index is None and world_size() > 1:
             raise ValueError("SyncedBank(share_codes=False) needs a bank of this process's items (CodeBank(index=...))")
         self.bank, self.sync_every, self.share_codes = bank, sync_every, share_codes
         self.on_sync = on_sync  # callback(seconds, bytes), e.g. metrics

@@ -18,14 +18,18 @@ def deepspeed_config(d: DistributedConfig, micro_batch: int, world_size: int) ->
         "zero_optimization": {"stage": d.zero_stage},
         "fp16": {"enabled": False},
         "bf16": {"enabled": d.precision == "bf16"},
+        # Under bf16, buffers (BatchNorm running statistics) follow the weights'
+        # dtype: DeepSpeed otherwise keeps them fp32 and BatchNorm refuses the mix.
+        "data_types": {"buffer_dtype": "bf16"} if d.precision == "bf16" else {},
         # Our optimizers (torch Adam/SGD) are passed in; ZeRO needs this to accept them.
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        # Always explicit: DeepSpeed's own default clips at norm 1.0, which the
+        # in-process launcher would not do (0 = off, as the reference code).
+        "gradient_clipping": d.gradient_clipping,
     }
-    if d.gradient_clipping > 0:
-        cfg["gradient_clipping"] = d.gradient_clipping
     return cfg
 
 

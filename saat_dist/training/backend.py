@@ -26,10 +26,10 @@ STATE_FILE = "model-optimizer.pt"
 
 
 class LocalBackend:
-    def __init__(self, model: nn.Module, optim: OptimConfig, total_steps: int) -> None:
+    def __init__(self, model: nn.Module, optim: OptimConfig, total_steps: int, gradient_clipping: float = 0.0) -> None:
         self.model = self.module = model
         optimizer = build_optimizer(model.parameters(), optim)
-        self.stepper = TorchStepper(optimizer, build_scheduler(optimizer, optim, total_steps))
+        self.stepper = TorchStepper(optimizer, build_scheduler(optimizer, optim, total_steps), clip=gradient_clipping)
 
     def save(self, directory: Path) -> None:
         s = self.stepper

@@ -19,15 +19,20 @@ from saat_dist.mainstay import CodeBank
 
 
 class TorchStepper:
-    """backward/step over a plain torch optimizer and an optional LR scheduler."""
+    """backward/step over a plain torch optimizer, an optional LR scheduler and
+    optional gradient clipping by global norm (``clip`` > 0; as DeepSpeed's
+    ``gradient_clipping``)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, scheduler=None) -> None:
-        self.optimizer, self.scheduler = optimizer, scheduler
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler=None, *, clip: float = 0.0) -> None:
+        self.optimizer, self.scheduler, self.clip = optimizer, scheduler, clip
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
     def step(self) -> None:
+        if self.clip > 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
