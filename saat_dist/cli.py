@@ -25,6 +25,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saat-dist", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in [("run", "run every stage"), ("train", "benign hashing training"),
                         ("saat", "SAAT adversarial training from the benign model"),
@@ -65,25 +66,52 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every failure is one line on stderr (``saat-dist: error: ...``): exit 2
+    for bad input (config, data, shards, manifests, checkpoints), 1 for a run
+    that failed otherwise. ``--debug`` shows the traceback instead."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
-    from saat_dist.config import ConfigError, load_config
-    from saat_dist.data.listformat import DataFormatError
-
     try:
-        if args.command == "data":
-            return _data(args)
-        if args.command == "bench":
-            from saat_dist.bench import run_bench
+        return _main(args)
+    except SystemExit:
+        raise
+    except BaseException as e:
+        if args.debug or isinstance(e, KeyboardInterrupt):
+            raise
+        print(f"saat-dist: error: {_one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, _bad_input_errors()) or getattr(e, "bad_input", False) else 1
 
-            print(json.dumps(run_bench(args.which, Path(args.out), small=args.small), indent=1))
-            return 0
-        overrides = list(args.overrides) + ([f"distributed.address={args.address}"] if args.address else [])
-        cfg = load_config(args.config, overrides)  # bad configs fail here, before any work
-        return _stage(args, cfg)
-    except (ConfigError, DataFormatError, FileNotFoundError) as e:
-        print(f"saat-dist: error: {e}", file=sys.stderr)
-        return 2
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 2000 else text[:2000] + " ..."
+
+
+def _bad_input_errors() -> tuple[type, ...]:
+    from saat_dist.checkpoint import CheckpointError
+    from saat_dist.config import ConfigError
+    from saat_dist.data.listformat import DataFormatError
+    from saat_dist.data.shards import ManifestError
+    from saat_dist.data.stream import ShardError
+
+    return ConfigError, DataFormatError, ManifestError, ShardError, CheckpointError, FileNotFoundError
+
+
+def _main(args) -> int:
+    from saat_dist.config import load_config
+
+    if args.command == "data":
+        return _data(args)
+    if args.command == "bench":
+        from saat_dist.bench import run_bench
+
+        print(json.dumps(run_bench(args.which, Path(args.out), small=args.small), indent=1))
+        return 0
+    overrides = list(args.overrides) + ([f"distributed.address={args.address}"] if args.address else [])
+    cfg = load_config(args.config, overrides)  # bad configs fail here, before any work
+    for warning in cfg.warnings():
+        logging.getLogger("saat_dist").warning("config: %s", warning)
+    return _stage(args, cfg)
 
 
 def _data(args) -> int:
@@ -110,6 +138,8 @@ def _stage(args, cfg) -> int:
         report = pipeline.run_all(cfg, resume=args.resume)
         print(json.dumps({k: report[k] for k in ("random_map", "benign", "saat", "stage_seconds")}, indent=1, default=str)[:4000])
         return 0
+    if args.command != "report":
+        pipeline.ensure_data(cfg)  # untrusted manifests are checked before anything is written
     run_dir = pipeline.prepare_run_dir(cfg)
     if args.command == "train":
         pipeline.stage_train(cfg, run_dir, resume=args.resume)

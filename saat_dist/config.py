@@ -40,7 +40,7 @@ class DataConfig:
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)  # demo data parameters
     image_size: int = 32  # images are resized to image_size x image_size
     loader_workers: int = 0  # DataLoader worker processes per rank (0: read in the training process)
-    skip_corrupt: bool = False  # skip unreadable shards with a warning instead of failing
+    skip_corrupt: bool = False  # skip corrupt samples (and the unreadable rest of a broken shard) with a warning, counted in saat_skipped_samples_total and the report; off: stop with one line naming shard and sample
     base_url: str | None = None  # read manifest + shards from here instead of shard_dir: a prefix (http://host/shards) or a template with {name} (pipe:aws s3 cp s3://b/shards/{name} -)
 
 
@@ -148,42 +148,83 @@ class RunConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # Prometheus
 
     def __post_init__(self) -> None:
+        """Range checks at load time, before any worker or Ray starts; each
+        failure names the key. Options that do nothing in the chosen mode are
+        warned about (``warnings()``)."""
+        d, a, e = self.distributed, self.attack, self.eval
         checks = [
-            ("model.bits", self.model.bits >= 8, "must be >= 8"),
-            ("data.image_size", self.data.image_size >= 16, "must be >= 16"),
+            ("model.bits", 8 <= self.model.bits <= 1024, "must be in [8, 1024]"),
+            ("model.width", self.model.width >= 1, "must be >= 1"),
+            ("data.image_size", 16 <= self.data.image_size <= 1024, "must be in [16, 1024]"),
             ("data.loader_workers", self.data.loader_workers >= 0, "must be >= 0"),
-            ("train.epochs", self.train.epochs >= 0, "must be >= 0"),
-            ("train.batch_size", self.train.batch_size >= 2, "must be >= 2"),
-            ("saat.epochs", self.saat.epochs >= 0, "must be >= 0"),
-            ("saat.batch_size", self.saat.batch_size >= 2, "must be >= 2"),
-            ("saat.eps", 0 <= self.saat.eps <= 1, "must be in [0, 1]"),
-            ("saat.iters", self.saat.iters >= 1, "must be >= 1"),
-            ("attack.eps", 0 <= self.attack.eps <= 1, "must be in [0, 1]"),
-            ("attack.iters", self.attack.iters >= 1, "must be >= 1"),
-            ("attack.strong_factor", self.attack.strong_factor >= 1, "must be >= 1"),
-            ("attack.strong_restarts", self.attack.strong_restarts >= 1, "must be >= 1"),
-            ("eval.top_k", self.eval.top_k >= 1, "must be >= 1"),
-            ("eval.pr_levels", self.eval.pr_levels >= 2, "must be >= 2"),
-            ("train.optim.lr", self.train.optim.lr > 0, "must be > 0"),
-            ("saat.optim.lr", self.saat.optim.lr > 0, "must be > 0"),
-            ("distributed.num_workers", self.distributed.num_workers >= 0, "must be >= 0"),
-            ("distributed.zero_stage", self.distributed.zero_stage in (0, 1, 2, 3), "must be one of [0, 1, 2, 3]"),
-            ("distributed.grad_accum", self.distributed.grad_accum >= 1, "must be >= 1"),
-            ("distributed.bank_sync_every", self.distributed.bank_sync_every >= 1, "must be >= 1"),
-            ("distributed.checkpoint_every", self.distributed.checkpoint_every >= 0, "must be >= 0"),
-            ("distributed.max_failures", self.distributed.max_failures >= -1, "must be >= -1 (-1: no limit)"),
-            ("distributed.num_to_keep", self.distributed.num_to_keep >= 1, "must be >= 1"),
+            ("log_every_s", self.log_every_s >= 0, "must be >= 0"),
+            ("attack.eps", 0 <= a.eps <= 1, "must be in [0, 1]"),
+            ("attack.step_size", 0 < a.step_size <= 1, "must be in (0, 1]"),
+            ("attack.iters", a.iters >= 1, "must be >= 1"),
+            ("attack.batch_size", a.batch_size >= 1, "must be >= 1"),
+            ("attack.strong_factor", a.strong_factor >= 1, "must be >= 1"),
+            ("attack.strong_restarts", a.strong_restarts >= 1, "must be >= 1"),
+            ("attack.strong_queries", a.strong_queries >= 0, "must be >= 0 (0: all)"),
+            ("eval.top_k", e.top_k >= 1, "must be >= 1"),
+            ("eval.num_queries", e.num_queries >= 0, "must be >= 0 (0: all)"),
+            ("eval.pr_levels", e.pr_levels >= 2, "must be >= 2"),
+            ("eval.batch_size", e.batch_size >= 1, "must be >= 1"),
+            ("eval.precision_at", all(n >= 1 for n in e.precision_at), "every N must be >= 1"),
+            ("distributed.num_workers", d.num_workers >= 0, "must be >= 0"),
+            ("distributed.cpus_per_worker", d.cpus_per_worker >= 0, "must be >= 0"),
+            ("distributed.gpus_per_worker", d.gpus_per_worker > 0 if d.use_gpu else d.gpus_per_worker >= 0,
+             "must be > 0 when use_gpu" if d.use_gpu else "must be >= 0"),
+            ("distributed.local_cpus", d.local_cpus is None or d.local_cpus >= 1, "must be >= 1 (or null: all)"),
+            ("distributed.zero_stage", d.zero_stage in (0, 1, 2, 3), "must be one of [0, 1, 2, 3]"),
+            ("distributed.grad_accum", d.grad_accum >= 1, "must be >= 1"),
+            ("distributed.gradient_clipping", d.gradient_clipping >= 0, "must be >= 0 (0: off)"),
+            ("distributed.bank_sync_every", d.bank_sync_every >= 1, "must be >= 1"),
+            ("distributed.checkpoint_every", d.checkpoint_every >= 0, "must be >= 0"),
+            ("distributed.max_failures", d.max_failures >= -1, "must be >= -1 (-1: no limit)"),
+            ("distributed.num_to_keep", d.num_to_keep >= 1, "must be >= 1"),
             ("metrics.port", 0 <= self.metrics.port <= 65535, "must be in [0, 65535]"),
-            ("device", not (self.distributed.use_gpu and self.device == "cpu"),
-             "is 'cpu' but distributed.use_gpu is true"),
+            ("device", not (d.use_gpu and self.device == "cpu"), "is 'cpu' but distributed.use_gpu is true"),
+        ]
+        for section in ("train", "saat"):
+            tc = getattr(self, section)
+            o = tc.optim
+            checks += [
+                (f"{section}.epochs", tc.epochs >= 0, "must be >= 0"),
+                (f"{section}.batch_size", tc.batch_size >= 2, "must be >= 2 (BatchNorm needs two samples)"),
+                (f"{section}.optim.lr", o.lr > 0, "must be > 0"),
+                (f"{section}.optim.momentum", 0 <= o.momentum < 1, "must be in [0, 1)"),
+                (f"{section}.optim.weight_decay", o.weight_decay >= 0, "must be >= 0"),
+                (f"{section}.optim.gamma", o.gamma > 0, "must be > 0"),
+                (f"{section}.optim.milestones", all(0 < m < 1 for m in o.milestones),
+                 f"milestones are fractions of the run in (0, 1), got {o.milestones}"),
+            ]
+        s = self.saat
+        checks += [
+            ("saat.eps", 0 <= s.eps <= 1, "must be in [0, 1]"),
+            ("saat.step_size", 0 < s.step_size <= 1, "must be in (0, 1]"),
+            ("saat.iters", s.iters >= 1, "must be >= 1"),
+            ("saat.lam", s.lam >= 0, "must be >= 0"),
+            ("saat.mu", s.mu >= 0, "must be >= 0"),
         ]
         for key, ok, msg in checks:
             if not ok:
                 raise ConfigError(f"{key}: {msg}")
-        for key, ms in (("train.optim.milestones", self.train.optim.milestones),
-                        ("saat.optim.milestones", self.saat.optim.milestones)):
-            if any(not 0 < m < 1 for m in ms):
-                raise ConfigError(f"{key}: milestones are fractions of the run in (0, 1), got {ms}")
+
+    def warnings(self) -> list[str]:
+        """Options set away from their defaults that have no effect in this mode."""
+        d, default = self.distributed, DistributedConfig()
+        out = []
+        if d.num_workers == 0:
+            for key in ("bank_sync_every", "zero_stage", "grad_accum", "use_gpu", "max_failures",
+                        "storage_path", "address"):
+                if getattr(d, key) != getattr(default, key):
+                    out.append(f"distributed.{key}={getattr(d, key)!r} has no effect with distributed.num_workers=0 "
+                               "(everything runs in this process)")
+        if d.address is not None and d.local_cpus is not None:
+            out.append("distributed.local_cpus has no effect when joining a cluster (distributed.address is set)")
+        if self.train.loss == "csq" and d.bank_sync_every != 1 and self.saat.epochs == 0:
+            out.append("distributed.bank_sync_every has no effect: CSQ reads no code bank and no SAAT stage runs")
+        return out
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -284,4 +325,6 @@ def config_from_dict(tree: dict) -> RunConfig:
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from saat_dist.checkpoint import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from saat_dist.attacks import choose_targets, pgd_attack
+from saat_dist.checkpoint import write_text_atomic
 from saat_dist.attacks.perceptibility import perceptibility_from_sums, perceptibility_sums
 from saat_dist.config import RunConfig
 from saat_dist.data.source import DataSource
@@ -205,6 +206,6 @@ def evaluate_stage(cfg: RunConfig, which: str, run_dir: Path, rank: int, world: 
     if rank == 0:
         res["resources"] = {"seconds": round(time.monotonic() - t, 2), "ranks": world,
                             "peak_rss_mib_per_rank": [round(int(v) / 1024, 1) for v in peak]}
-        (run_dir / which / "eval.json").write_text(json.dumps(res, indent=1))
+        write_text_atomic(run_dir / which / "eval.json", json.dumps(res, indent=1))
     barrier()
     return res

@@ -29,6 +29,7 @@ import shutil
 import time
 from pathlib import Path
 
+from saat_dist.checkpoint import write_text_atomic
 from saat_dist.config import RunConfig, save_config
 from saat_dist.data.demo import DemoSpec, build_demo
 from saat_dist.data.shards import MANIFEST
@@ -60,7 +61,7 @@ def _record_stage(run_dir: Path, stage: str, seconds: float) -> None:
     path = run_dir / "stages.json"
     times = json.loads(path.read_text()) if path.is_file() else {}
     times[stage] = round(seconds, 2)
-    path.write_text(json.dumps(times, indent=1))
+    write_text_atomic(path, json.dumps(times, indent=1))
 
 
 def _distributed(cfg: RunConfig) -> bool:
@@ -149,11 +150,10 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
 def run_all(cfg: RunConfig, resume: bool = False) -> dict:
     from saat_dist.report import write_report
 
-    run_dir = prepare_run_dir(cfg)
     t0 = time.monotonic()
-    t = time.monotonic()
-    ensure_data(cfg)
-    _record_stage(run_dir, "data", time.monotonic() - t)
+    ensure_data(cfg)  # untrusted manifests are checked before anything is written
+    run_dir = prepare_run_dir(cfg)
+    _record_stage(run_dir, "data", time.monotonic() - t0)
     # --resume skips stages whose outputs exist and resumes an interrupted one
     if not (resume and (run_dir / "benign" / "model.pt").is_file()):
         stage_train(cfg, run_dir, resume)

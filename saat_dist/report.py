@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from saat_dist.checkpoint import write_text_atomic
 from saat_dist.config import RunConfig
 
 KEYS = ("clean_map", "attacked_map", "targeted_tmap", "clean_tmap", "theory_map", "theory_tmap")
@@ -58,6 +59,11 @@ def write_report(cfg: RunConfig, run_dir: str | Path) -> dict:
         evals[stage] = json.loads(path.read_text())
     stages_path = run_dir / "stages.json"
     stage_seconds = json.loads(stages_path.read_text()) if stages_path.is_file() else {}
+    skipped = {}  # corrupt samples skipped in training (data.skip_corrupt), all ranks
+    for stage in ("benign", "saat"):
+        train_json = run_dir / stage / "train.json"
+        if train_json.is_file():
+            skipped[stage] = sum(json.loads(train_json.read_text()).get("skipped_samples_per_rank", []))
     report = {
         "name": cfg.name,
         "random_map": evals["benign"]["random_map"],
@@ -71,10 +77,11 @@ def write_report(cfg: RunConfig, run_dir: str | Path) -> dict:
         "saat_eps": cfg.saat.eps,
         **{stage: {k: v for k, v in res.items() if k != "random_map"} for stage, res in evals.items()},
         "stage_seconds": stage_seconds,
+        "skipped_samples": skipped,
     }
     report["plots"] = _plots(run_dir, evals)
-    (run_dir / "report.json").write_text(json.dumps(report, indent=1))
-    (run_dir / "report.md").write_text(_markdown(report))
+    write_text_atomic(run_dir / "report.json", json.dumps(report, indent=1))
+    write_text_atomic(run_dir / "report.md", _markdown(report))
     return report
 
 
@@ -94,6 +101,9 @@ def _markdown(r: dict) -> str:
         lines.append(f"| {label} | {'' if b is None else f'{b:.4f}'} | {'' if s is None else f'{s:.4f}'} |")
     p = r["benign"]["perceptibility"]
     lines += ["", f"Perturbation (benign attack): L-inf {p['linf']:.4f}, L2 {p['l2']:.3f}, MSE {p['mse']:.2e}", "",
-              "Stage wall times (s): " + ", ".join(f"{k} {v}" for k, v in r["stage_seconds"].items()), "",
-              "![PR curves](plots/pr_curves.png)", "", "![mAP per stage](plots/map_per_stage.png)", ""]
+              "Stage wall times (s): " + ", ".join(f"{k} {v}" for k, v in r["stage_seconds"].items()), ""]
+    if any(r["skipped_samples"].values()):
+        lines += ["**Corrupt training samples skipped** (data.skip_corrupt): " + ", ".join(
+            f"{k} {v}" for k, v in r["skipped_samples"].items()), ""]
+    lines += ["![PR curves](plots/pr_curves.png)", "", "![mAP per stage](plots/map_per_stage.png)", ""]
     return "\n".join(lines)

@@ -455,6 +455,7 @@ def exported_metric_names() -> set[str]:
     m.record_step({"loss": 1.0, "hash": 1.0, "adv": 0.1, "quant": 0.0, "bits_flipped": 0.5}, 8, 0.1, 0)
     m.record_bank_sync(0.01, 128)
     m.record_checkpoint(0.1)
+    m.record_skipped(1)
     return {s.name for fam in m.registry.collect() for s in fam.samples}
 
 

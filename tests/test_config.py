@@ -38,6 +38,17 @@ def test_overrides_are_typed():
     ("saat.optim.milestones=[0.5, 2]", r"saat.optim.milestones: milestones are fractions"),
     ("data.build_demo=maybe", r"data.build_demo: expected true or false"),
     ("train.epochs", r"expected key=value"),
+    ("attack.step_size=0", r"attack.step_size: must be in \(0, 1\]"),
+    ("saat.step_size=-0.1", r"saat.step_size: must be in \(0, 1\]"),
+    ("attack.eps=-1", r"attack.eps: must be in \[0, 1\]"),
+    ("attack.iters=0", r"attack.iters: must be >= 1"),
+    ("eval.top_k=0", r"eval.top_k: must be >= 1"),
+    ("attack.batch_size=0", r"attack.batch_size: must be >= 1"),
+    ("model.bits=4", r"model.bits: must be in \[8, 1024\]"),
+    ("train.optim.milestones=[0]", r"train.optim.milestones: milestones are fractions"),
+    ("distributed.cpus_per_worker=-1", r"distributed.cpus_per_worker: must be >= 0"),
+    ("metrics.port=70000", r"metrics.port: must be in \[0, 65535\]"),
+    ("saat.optim.momentum=1.5", r"saat.optim.momentum: must be in \[0, 1\)"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -53,9 +64,21 @@ def test_bad_yaml_file(tmp_path):
         load_config(tmp_path / "none.yaml")
 
 
-def test_cli_rejects_bad_config_before_any_work(tmp_path, capsys):
+@pytest.mark.parametrize("override, message", [("saat.iters=0", "saat.iters: must be >= 1"),
+                                               ("attack.step_size=0", "attack.step_size: must be in (0, 1]")])
+def test_cli_rejects_bad_config_before_any_work(tmp_path, capsys, override, message):
+    import ray
+
     out = tmp_path / "run"
-    code = main(["run", "--config", "configs/tiny.yaml", "--set", f"output_dir={out}", "--set", "saat.iters=0"])
+    ray_before = ray.is_initialized()
+    code = main(["run", "--config", "configs/tiny.yaml", "--set", f"output_dir={out}", "--set", override])
     assert code == 2
-    assert "saat.iters: must be >= 1" in capsys.readouterr().err
-    assert not out.exists()  # nothing started, nothing written
+    assert capsys.readouterr().err.strip() == f"saat-dist: error: configs/tiny.yaml: {message}"
+    assert not out.exists() and ray.is_initialized() == ray_before  # nothing started, nothing written
+
+
+def test_options_without_effect_are_warned_about():
+    cfg = load_config(None, ["distributed.num_workers=0", "distributed.bank_sync_every=4"])
+    (warning,) = cfg.warnings()
+    assert warning.startswith("distributed.bank_sync_every=4 has no effect with distributed.num_workers=0")
+    assert load_config("configs/demo.yaml").warnings() == []

@@ -133,19 +133,19 @@ def test_saat_under_zero_2_and_3_matches_zero_0(tmp_path, odd_shards, benign_2_w
 def test_bf16_trains_attacks_and_evaluates_close_to_fp32(tmp_path, odd_shards, benign_2_workers):
     """precision=bf16 with ZeRO-2 on 2 CPU workers: benign training, SAAT
     (inner attack included) and evaluation run; epoch-mean losses stay within
-    0.05 of the fp32 run's (bf16 keeps ~3 significant digits)."""
+    0.01 of the fp32 run's (measured: <= 0.003; bf16 keeps ~3 significant digits)."""
     bf16 = ("distributed.precision=bf16", "distributed.zero_stage=2")
     benign = tmp_path / "benign_bf16"
     assert main(["train", *base_args(benign, odd_shards, "train.epochs=2", *bf16)]) == 0
     for a, b in zip(_history(benign, "benign"), _history(benign_2_workers, "benign"), strict=True):
-        assert abs(a["loss"] - b["loss"]) <= 0.05, (a, b)
+        assert abs(a["loss"] - b["loss"]) <= 0.01, (a, b)
     saat = tmp_path / "saat_bf16"
     _saat_from(benign_2_workers, saat, odd_shards, *bf16)
     fp32 = tmp_path / "saat_fp32"
     _saat_from(benign_2_workers, fp32, odd_shards, "distributed.zero_stage=2")
     for a, b in zip(_history(saat, "saat"), _history(fp32, "saat"), strict=True):
         for part in ("loss", "hash", "adv"):
-            assert abs(a[part] - b[part]) <= 0.05, (part, a, b)
+            assert abs(a[part] - b[part]) <= 0.01, (part, a, b)
     assert main(["evaluate", "--which", "saat", *base_args(saat, odd_shards, *bf16)]) == 0
     res = json.loads((saat / "saat" / "eval.json").read_text())
     assert 0 < res["clean_map"] <= 1 and 0 <= res["attacked_map"] <= 1

@@ -1,7 +1,6 @@
 """The whole protocol through the CLI on the tiny config, and the stages alone."""
 
 import json
-from pathlib import Path
 
 import pytest
 

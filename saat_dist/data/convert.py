@@ -8,7 +8,6 @@ directory without a manifest is never mistaken for a complete data set.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os

@@ -9,6 +9,7 @@ the sample within its split, the multi-hot label and the source path.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from webdataset.gopen import gopen
@@ -34,6 +35,8 @@ def file_url(base_url: str, name: str) -> str:
     when the name must sit inside a command, a template with ``{name}``
     (``pipe:aws s3 cp s3://bucket/shards/{name} -``).
     """
+    if name != MANIFEST and not _SHARD_NAME.fullmatch(name):  # only validated names reach a URL or command
+        raise ManifestError(f"{name!r} is not a shard name; refusing to build a URL from it")
     if "{name}" in base_url:
         return base_url.replace("{name}", name)
     return f"{base_url.rstrip('/')}/{name}"
@@ -63,9 +66,81 @@ def load_manifest(shard_dir: str | Path, base_url: str | None = None) -> dict:
         manifest = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not JSON: {e}") from e
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise ValueError(f"{where}: not a {FORMAT} v{VERSION} manifest")
+    validate_manifest(manifest, where)
     return manifest
+
+
+class ManifestError(ValueError):
+    """A manifest that is not a well-formed saat-dist manifest; names the file and field."""
+
+
+SPLITS = ("train", "test", "database")
+_SHARD_NAME = re.compile(r"(train|test|database)-[0-9]{6}\.tar")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def validate_manifest(manifest, where: str) -> None:
+    """Check a manifest before any of it is used: manifests come from shared
+    buckets others can write to, and shard names end up in paths and in
+    ``pipe:`` shell commands. Raises ``ManifestError`` naming the field."""
+
+    def fail(field: str, msg: str):
+        raise ManifestError(f"{where}: {field}: {msg}")
+
+    def count(value, field: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            fail(field, f"expected a count (an integer >= 0), got {value!r}")
+        return value
+
+    if not isinstance(manifest, dict):
+        fail("(top level)", "expected a JSON object")
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        fail("format/version", f"not a {FORMAT} v{VERSION} manifest")
+    classes = manifest.get("num_classes")
+    if isinstance(classes, bool) or not isinstance(classes, int) or not 1 <= classes <= 100_000:
+        fail("num_classes", f"expected an integer in [1, 100000], got {classes!r}")
+    sets = manifest.get("label_sets")
+    if not isinstance(sets, list) or not sets:
+        fail("label_sets", "expected a non-empty list of label rows")
+    for i, row in enumerate(sets):
+        if not isinstance(row, list) or len(row) != classes or any(v not in (0, 1) or isinstance(v, bool)
+                                                                   for v in row):
+            fail(f"label_sets[{i}]", f"expected {classes} values of 0 or 1")
+    if len({tuple(r) for r in sets}) != len(sets):
+        fail("label_sets", "repeats a label set")
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or sorted(splits) != sorted(SPLITS):
+        fail("splits", f"expected exactly the splits {list(SPLITS)}, got "
+                       f"{sorted(splits) if isinstance(splits, dict) else splits!r}")
+    for split in SPLITS:
+        meta = splits[split]
+        if not isinstance(meta, dict):
+            fail(f"splits.{split}", "expected an object")
+        total = count(meta.get("count"), f"splits.{split}.count")
+        shards = meta.get("shards")
+        if not isinstance(shards, list) or not shards:
+            fail(f"splits.{split}.shards", "expected a non-empty list")
+        seen, summed = set(), 0
+        for j, shard in enumerate(shards):
+            field = f"splits.{split}.shards[{j}]"
+            if not isinstance(shard, dict):
+                fail(field, "expected an object")
+            name = shard.get("name")
+            # a fixed pattern with the split's own prefix: no path separators,
+            # no '..', no shell metacharacters can pass
+            if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name) or not name.startswith(split + "-"):
+                fail(f"{field}.name", f"{name!r} is not a shard name of split {split!r} "
+                                      f"(expected {split}-NNNNNN.tar)")
+            if name in seen:
+                fail(f"{field}.name", f"{name!r} is listed twice")
+            seen.add(name)
+            summed += count(shard.get("count"), f"{field}.count")
+            if "sha256" in shard and not (isinstance(shard["sha256"], str) and _SHA256.fullmatch(shard["sha256"])):
+                fail(f"{field}.sha256", "expected 64 hex digits")
+            if "first_index" in shard:
+                count(shard["first_index"], f"{field}.first_index")
+        if summed != total:
+            fail(f"splits.{split}", f"shard counts add up to {summed}, but count says {total}")
 
 
 def shard_urls(shard_dir: str | Path, manifest: dict, split: str, base_url: str | None = None) -> list[str]:

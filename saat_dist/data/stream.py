@@ -42,32 +42,71 @@ class ShardError(RuntimeError):
     """A shard could not be read; the message names the shard and the sample."""
 
 
-def decode_sample(sample: dict, image_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(uint8 image 3 x S x S, float multi-hot label, global index) of one raw sample."""
-    meta = json.loads(sample["json"])
+class SampleError(ValueError):
+    """One sample is unusable (missing field, undecodable image, bad label)."""
+
+
+def decode_sample(sample: dict, image_size: int, num_classes: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(uint8 image 3 x S x S, float multi-hot label, global index) of one raw
+    sample; ``SampleError`` says what is wrong with it."""
+    if "json" not in sample:
+        raise SampleError("no .json member (label and index)")
+    try:
+        meta = json.loads(sample["json"])
+        index, label = meta["index"], meta["label"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SampleError(f"unreadable .json metadata ({type(e).__name__}: {e})") from e
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise SampleError(f"index {index!r} is not an integer >= 0")
+    if not isinstance(label, list) or any(v not in (0, 1) or isinstance(v, bool) for v in label):
+        raise SampleError("label is not a list of 0/1 values")
+    if num_classes is not None and len(label) != num_classes:
+        raise SampleError(f"label has {len(label)} values, the data set has {num_classes} classes")
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
-        raise ValueError(f"sample {sample.get('__key__')}: no image (looked for {IMAGE_EXTS})")
-    with Image.open(io.BytesIO(sample[ext])) as im:
-        img = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+        raise SampleError(f"no image (looked for {IMAGE_EXTS})")
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as im:
+            img = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+    except Exception as e:
+        raise SampleError(f"undecodable .{ext} image ({type(e).__name__}: {e})") from e
     if img.shape[1:] != (image_size, image_size):
         img = F.interpolate(img[None].float(), size=(image_size, image_size), mode="bilinear",
                             antialias=True, align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
-    return img, torch.tensor(meta["label"], dtype=torch.float32), int(meta["index"])
+    return img, torch.tensor(label, dtype=torch.float32), index
 
 
-def iter_shard(url: str, image_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-    """Decoded samples of one shard, in stored order; errors name the shard and key."""
-    key = None
+def iter_shard(url: str, image_size: int, num_classes: int | None = None, *, expected: int | None = None,
+               on_skip=None) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Decoded samples of one shard, in stored order. A bad sample or an
+    unreadable shard raises ``ShardError`` naming the shard and the sample
+    key, unless ``on_skip(count, message)`` is given: then a bad sample is
+    skipped, and so is the rest of a shard that cannot be read on (counted
+    against ``expected``, the manifest's count)."""
+    key, good, bad = None, 0, 0
     try:
         for sample in wds.tariterators.tarfile_samples([{"url": url}]):
             key = sample.get("__key__")
-            yield decode_sample(sample, image_size)
+            try:
+                item = decode_sample(sample, image_size, num_classes)
+            except SampleError as e:
+                message = f"shard {url}: sample {key}: {e}"
+                if on_skip is None:
+                    raise ShardError(message) from e
+                bad += 1
+                on_skip(1, message)
+                continue
+            good += 1
+            yield item
     except ShardError:
         raise
     except Exception as e:
         where = f"after sample {key}" if key else "at its start"
-        raise ShardError(f"shard {url}: unreadable {where}: {e}") from e
+        message = f"shard {url}: unreadable {where}: {type(e).__name__}: {e}"
+        if on_skip is None:
+            raise ShardError(message) from e
+        on_skip(max(0, (expected or 0) - good - bad), message)
 
 
 @dataclass
@@ -81,7 +120,7 @@ class StreamSpec:
     num_workers: int = 0  # DataLoader worker processes (0: read in the main process)
     seed: int = 0
     shuffle: bool = True
-    skip_corrupt: bool = False  # skip (with a warning) the rest of an unreadable shard
+    skip_corrupt: bool = False  # skip (warn, count) bad samples and the unreadable rest of a broken shard
     base_url: str | None = None  # read manifest + shards from here instead of shard_dir (see shards.file_url)
     source: DataSource | None = None  # an opened data source (else opened from shard_dir / base_url)
 
@@ -90,8 +129,10 @@ class _SlotStream(torch.utils.data.IterableDataset):
     """The batches of this rank, cut per loader worker (see module docstring)."""
 
     def __init__(self, spec: StreamSpec, counts: list[int], urls: list[str], own: list[int],
-                 start_batch: int) -> None:
+                 start_batch: int, num_classes: int) -> None:
         self.spec, self.counts, self.urls, self.own, self.start_batch = spec, counts, urls, own, start_batch
+        self.num_classes = num_classes
+        self.skipped = 0  # samples skipped (data.skip_corrupt) and not yet reported with a batch
 
     def _worker_shards(self, worker: int, workers: int) -> Iterator[tuple[int, int]]:
         """(data epoch, shard) pairs this loader worker of this rank reads, forever."""
@@ -102,18 +143,25 @@ class _SlotStream(torch.utils.data.IterableDataset):
             for j in order[worker::workers]:
                 yield epoch, int(j)
 
+    def _skip(self, count: int, message: str) -> None:
+        self.skipped += count
+        log.warning("data.skip_corrupt: skipped %d sample(s): %s", count, message)
+
     def _samples(self, worker: int, workers: int, skip: int):
+        pass_epoch, read_in_pass = 0, 0
         for epoch, j in self._worker_shards(worker, workers):
+            if epoch != pass_epoch:
+                if read_in_pass == 0:  # a whole pass over this worker's shards gave nothing: stop, do not spin
+                    raise ShardError(f"rank {self.spec.rank}: none of its shards of split {self.spec.split!r} "
+                                     "holds a readable sample")
+                pass_epoch, read_in_pass = epoch, 0
             if skip >= self.counts[j]:  # resume: skip whole shards unread
                 skip -= self.counts[j]
+                read_in_pass += 1
                 continue
-            try:
-                items = list(iter_shard(self.urls[j], self.spec.image_size))
-            except ShardError as e:
-                if not self.spec.skip_corrupt:
-                    raise
-                log.warning("skipping corrupt shard (skip_corrupt is on): %s", e)
-                continue
+            items = list(iter_shard(self.urls[j], self.spec.image_size, self.num_classes, expected=self.counts[j],
+                                    on_skip=self._skip if self.spec.skip_corrupt else None))
+            read_in_pass += len(items)
             if self.spec.shuffle:
                 perm = np.random.default_rng([self.spec.seed, epoch, j]).permutation(len(items))
                 items = [items[p] for p in perm]
@@ -132,7 +180,9 @@ class _SlotStream(torch.utils.data.IterableDataset):
         while True:
             chunk = list(itertools.islice(samples, self.spec.batch_size))
             imgs, labels, index = zip(*chunk)
-            yield torch.stack(imgs).float().div_(255), torch.stack(labels), torch.tensor(index)
+            skipped, self.skipped = self.skipped, 0
+            # the skip count rides with the batch: it crosses DataLoader worker processes
+            yield torch.stack(imgs).float().div_(255), torch.stack(labels), torch.tensor(index), torch.tensor(skipped)
 
 
 class ShardStream:
@@ -162,10 +212,11 @@ class ShardStream:
                 f"{spec.split}: {per_rank} samples per rank cannot fill one batch of {spec.batch_size}"
             )
         self.batches_taken = 0
+        self.skipped = 0  # corrupt samples skipped so far (data.skip_corrupt)
         self._iter: Iterator[Batch] | None = None
 
     def _open(self) -> Iterator[Batch]:
-        ds = _SlotStream(self.spec, self.counts, self.urls, self.own, self.batches_taken)
+        ds = _SlotStream(self.spec, self.counts, self.urls, self.own, self.batches_taken, self.source.num_classes)
         if self.spec.num_workers == 0:
             return iter(ds)
         loader = torch.utils.data.DataLoader(
@@ -179,16 +230,18 @@ class ShardStream:
     def __next__(self) -> Batch:
         if self._iter is None:
             self._iter = self._open()
-        batch = next(self._iter)
+        *batch, skipped = next(self._iter)
         self.batches_taken += 1
-        return batch
+        self.skipped += int(skipped)
+        return tuple(batch)
 
     def epoch(self) -> Iterator[Batch]:
         return itertools.islice(self, self.steps_per_epoch)
 
     def state_dict(self) -> dict:
         s = self.spec
-        return {"batches_taken": self.batches_taken, "world_size": s.world_size, "num_workers": s.num_workers,
+        return {"batches_taken": self.batches_taken, "skipped": self.skipped, "world_size": s.world_size,
+                "num_workers": s.num_workers,
                 "batch_size": s.batch_size, "seed": s.seed, "split": s.split}
 
     def load_state_dict(self, state: dict) -> None:
@@ -200,6 +253,7 @@ class ShardStream:
                     "the stream cannot resume at a different layout"
                 )
         self.batches_taken = int(state["batches_taken"])
+        self.skipped = int(state.get("skipped", 0))
         self._iter = None
 
 

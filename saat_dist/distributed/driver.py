@@ -16,6 +16,7 @@ import os
 import time
 from pathlib import Path
 
+from saat_dist.checkpoint import write_text_atomic
 from saat_dist.config import RunConfig
 
 log = logging.getLogger("saat_dist")
@@ -50,7 +51,7 @@ def _run_name(cfg: RunConfig, stage: str, run_dir: Path, resume: bool) -> str:
         log.info("--resume: no earlier %s run recorded in %s, starting fresh", stage, path)
     name = f"{cfg.name}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     runs[stage] = name
-    path.write_text(json.dumps(runs, indent=1))
+    write_text_atomic(path, json.dumps(runs, indent=1))
     return name
 
 
@@ -109,11 +110,64 @@ def build_trainer(cfg: RunConfig, stage: str, run_dir: Path, resume: bool = Fals
     )
 
 
+class StageFailed(RuntimeError):
+    """A stage failed on the Ray workers; ``str()`` is one line: the stage,
+    the first failing rank and that worker's own error. ``bad_input`` when
+    that error was one of the project's input errors (shard, manifest,
+    checkpoint, config)."""
+
+    def __init__(self, message: str, bad_input: bool) -> None:
+        super().__init__(message)
+        self.bad_input = bad_input
+
+
+BAD_INPUT_ERRORS = ("ShardError", "ManifestError", "CheckpointError", "ConfigError", "DataFormatError")
+
+
+def _root_error(exc: BaseException) -> BaseException:
+    """The innermost cause of a worker's exception (Ray wraps the user's)."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return exc
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else text.strip()
+
+
+def describe_failure(key: str, error: BaseException) -> StageFailed:
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        rank = min(failures)
+        root = _root_error(failures[rank])
+        name = type(root).__name__
+        text = _last_line(str(root))
+        if name not in text.split(":", 1)[0]:
+            text = f"{name}: {text}"
+        bad = any(b in text.split(":", 1)[0] or b == name for b in BAD_INPUT_ERRORS)
+        return StageFailed(f"{key} failed on the Ray workers (rank {rank} of {len(failures)} failing): {text}", bad)
+    root = _root_error(getattr(error, "controller_failure", error))
+    return StageFailed(f"{key} failed in Ray Train: {type(root).__name__}: {_last_line(str(root))}", False)
+
+
 def run_stage(cfg: RunConfig, stage: str, run_dir: Path, resume: bool = False, which: str | None = None):
-    """Run ``stage`` ('train', 'saat' or 'evaluate' with ``which``) on Ray; returns Ray's Result."""
+    """Run ``stage`` ('train', 'saat' or 'evaluate' with ``which``) on Ray; returns Ray's Result.
+    A failure raises ``StageFailed`` with one line naming the worker's error
+    (Ray has retried ``distributed.max_failures`` times from the newest checkpoint)."""
+    from ray.train import TrainingFailedError
+
     init_ray(cfg)
     key = stage if which is None else f"evaluate_{which}"
-    result = build_trainer(cfg, stage, run_dir, resume, which).fit()
+    try:
+        result = build_trainer(cfg, stage, run_dir, resume, which).fit()
+    except TrainingFailedError as e:
+        raise describe_failure(key, e) from e
     if result.error is not None:
-        raise RuntimeError(f"{key} failed on the Ray workers: {result.error}") from result.error
+        raise describe_failure(key, result.error) from result.error
     return result

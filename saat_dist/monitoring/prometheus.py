@@ -52,6 +52,7 @@ class WorkerMetrics:
         self.checkpoints = counter("saat_checkpoints", "checkpoints written")
         self.checkpoint_seconds = counter("saat_checkpoint_seconds", "seconds spent writing checkpoints")
         self.last_checkpoint = gauge("saat_last_checkpoint_timestamp_seconds", "unix time of the last checkpoint")
+        self.skipped = counter("saat_skipped_samples", "corrupt training samples skipped (data.skip_corrupt)")
         self.server = None
         self.port: int | None = None
         self.target_file: Path | None = None
@@ -93,6 +94,9 @@ class WorkerMetrics:
                 self.loss.labels(**lab, part=part).set(float(out[part]))
         if "bits_flipped" in out:
             self.bits_flipped.labels(**lab).set(float(out["bits_flipped"]))
+
+    def record_skipped(self, samples: int) -> None:
+        self.skipped.labels(**self.labels).inc(samples)
 
     def record_bank_sync(self, seconds: float, nbytes: int) -> None:
         lab = self.labels

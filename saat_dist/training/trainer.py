@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from saat_dist.checkpoint import load_state, save_state
+from saat_dist.checkpoint import CheckpointError, load_state, save_state, write_text_atomic
 from saat_dist.config import RunConfig
 from saat_dist.data.source import DataSource
 from saat_dist.data.stream import ShardStream, StreamSpec
@@ -58,6 +58,9 @@ class NullMetrics:
     def record_checkpoint(self, seconds):
         pass
 
+    def record_skipped(self, samples):
+        pass
+
 
 @dataclass
 class Launch:
@@ -85,13 +88,16 @@ def build_model(cfg: RunConfig, device) -> torch.nn.Module:
 def load_model(cfg: RunConfig, path: Path, device) -> torch.nn.Module:
     """A model file written by ``save_model``, checked against the config."""
     state = load_state(path)
-    if state.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path}: not a {MODEL_FORMAT} file")
+    if state.get("format") != MODEL_FORMAT or not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"{path}: not a {MODEL_FORMAT} file")
     if state.get("backbone") != cfg.model.backbone or state.get("bits") != cfg.model.bits:
-        raise ValueError(f"{path}: saved for {state.get('backbone')}/{state.get('bits')} bits, "
-                         f"the config asks for {cfg.model.backbone}/{cfg.model.bits}")
+        raise CheckpointError(f"{path}: saved for {state.get('backbone')}/{state.get('bits')} bits, "
+                              f"the config asks for {cfg.model.backbone}/{cfg.model.bits}")
     model = build_model(cfg, device)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:  # missing/unexpected keys, wrong shapes
+        raise CheckpointError(f"{path}: weights do not fit the configured model: {str(e)[:300]}") from e
     return model
 
 
@@ -214,11 +220,11 @@ def train_stage(cfg: RunConfig, stage: Stage, run_dir: Path, launch: Launch, sou
 
     who = f"{stage.name} (rank {rank}/{world})" if world > 1 else stage.name
     progress = Progress(who, total - state.step, every_s=cfg.log_every_s if rank == 0 else 1e9)
-    channels_last = next(backend.module.parameters()).is_contiguous(memory_format=torch.channels_last) \
-        and device.type == "cuda"
+    channels_last = device.type == "cuda"  # as build_model laid out the weights
     pending: list[dict[str, torch.Tensor]] = []
     log_records: list[dict[str, float]] = []
     last_log = t_interval = time.monotonic()
+    skipped_reported = stream.skipped
     backend.model.train()
     while state.step < total:
         x, y, index = (t.to(device, non_blocking=True) for t in next(stream))
@@ -229,6 +235,9 @@ def train_stage(cfg: RunConfig, stage: Stage, run_dir: Path, launch: Launch, sou
         epoch_end = state.step % spe == 0
         checkpoint = epoch_end or (d.checkpoint_every and state.step % d.checkpoint_every == 0)
         now = time.monotonic()
+        if stream.skipped != skipped_reported:  # corrupt samples skipped (data.skip_corrupt)
+            metrics.record_skipped(stream.skipped - skipped_reported)
+            skipped_reported = stream.skipped
         if checkpoint or now - last_log >= cfg.log_every_s:
             means = _flush(pending, state, stage.name, tc.batch_size, now - t_interval, metrics, spe)
             log_records.append({"step": state.step, **means})
@@ -250,6 +259,7 @@ def train_stage(cfg: RunConfig, stage: Stage, run_dir: Path, launch: Launch, sou
 
     digests = [bytes(r.tolist()).hex() for r in all_gather_ragged(
         torch.tensor(list(bytes.fromhex(backend.parameter_digest())), dtype=torch.uint8)[None])]
+    skipped = all_gather_ragged(torch.tensor([stream.skipped], dtype=torch.int64)).tolist()
     weights = backend.full_state_dict()  # collective under ZeRO-3
     if rank == 0:
         same = all(x == digests[0] for x in digests)
@@ -257,9 +267,9 @@ def train_stage(cfg: RunConfig, stage: Stage, run_dir: Path, launch: Launch, sou
             log.info("%s: parameters %s across %d ranks", stage.name, "identical" if same else "DIFFER", world)
         out = run_dir / stage.out
         save_model(cfg, out / "model.pt", weights, state.step)
-        (out / "train.json").write_text(json.dumps(
+        write_text_atomic(out / "train.json", json.dumps(
             {"history": state.history, "steps": state.step, "parameter_checksums": digests,
-             "parameters_identical": same, "log": log_records}, indent=1))
+             "parameters_identical": same, "skipped_samples_per_rank": skipped, "log": log_records}, indent=1))
     barrier()
     return TrainResult(state.step, progress.elapsed, state.history, log_records)
 
