@@ -11,6 +11,10 @@ memory is its own, and the compared methods run side by side in one call.
             N = 1e4, 1e5, 1e6 items in 500 label sets of 21 classes: the
             N-independent path (Gram matrix + label-set table) beside the
             O(N) formula over all bank codes, with their losses compared.
+  soak:     the whole demo (`saat-dist run --config configs/demo.yaml`) with a
+            real Prometheus (Debian's `prometheus` on 127.0.0.1) scraping
+            every worker every second: failed scrapes over the run, and every
+            worker's resident memory at each training epoch end.
   eval:     the streaming evaluation on 2 Ray workers of databases of
             50,000 and 200,000 images at 32 px (real MNIST-mosaic images,
             repeated): wall time and peak RSS of every rank.
@@ -33,10 +37,12 @@ SIZES = {
 }
 SIZES["saat-step"] = {"items": [10_000, 100_000, 1_000_000], "label_sets": 500, "classes": 21, "batch": 32,
                       "bits": 32, "image_size": 32, "steps": 20, "warmup": 3}
+SIZES["soak"] = {"config": "configs/demo.yaml", "overrides": []}
 SIZES["eval"] = {"database": [50_000, 200_000], "queries": 100, "workers": 2, "attack_iters": 5}
 SMALL = {
     "map": {"queries": 100, "database": 20_000, "bits": 64, "classes": 21, "top_k": 500},
     "mainstay": {"batch": 32, "items": 50_000, "label_sets": 100, "classes": 80, "bits": 64},
+    "soak": {"config": "configs/tiny.yaml", "overrides": ["data.shard_dir=runs/soak-small-data/shards"]},
     "eval": {"database": [600, 2_400], "queries": 16, "workers": 2, "attack_iters": 2},
     "saat-step": {"items": [2_000, 20_000], "label_sets": 50, "classes": 21, "batch": 8, "bits": 16,
                   "image_size": 32, "steps": 2, "warmup": 1},
@@ -258,6 +264,75 @@ def bench_eval(sizes: dict) -> dict:
             "images_growth_mib_if_held": (rows[-1]["database"] - rows[0]["database"]) * 3 * 32 * 32 / 2**20}
 
 
+def _prometheus_query(api: str, expr: str) -> list:
+    import urllib.parse
+    import urllib.request
+
+    with urllib.request.urlopen(f"{api}/api/v1/query?" + urllib.parse.urlencode({"query": expr}), timeout=30) as r:
+        return json.loads(r.read())["data"]["result"]
+
+
+def bench_soak(sizes: dict) -> dict:
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    import yaml
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise RuntimeError("bench soak needs Prometheus (Debian package `prometheus`; launch/test.sh installs it)")
+    repo = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix="saat-soak-") as tmp:
+        tmp = Path(tmp)
+        run = tmp / "run"
+        config = yaml.safe_load((repo / "cluster/monitoring/prometheus.yml").read_text())
+        config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+        (job,) = config["scrape_configs"]
+        job["file_sd_configs"] = [{"files": [str(run / "metrics" / "*.json")], "refresh_interval": "1s"}]
+        config["rule_files"] = [str(repo / "cluster/monitoring/alerts.yml")]
+        (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        prom = subprocess.Popen([binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+                                 f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            t = time.perf_counter()
+            argv = [sys.executable, "-m", "saat_dist.cli", "run", "--config", str(repo / sizes["config"]),
+                    "--set", f"output_dir={run}", *sum((["--set", o] for o in sizes["overrides"]), [])]
+            proc = subprocess.run(argv, cwd=repo, capture_output=True, text=True)
+            seconds = time.perf_counter() - t
+            if proc.returncode != 0:
+                raise RuntimeError(f"the soak run failed: {proc.stderr[-3000:]}")
+            time.sleep(3)
+            window = f"{int(seconds) + 120}s"
+            api = f"http://127.0.0.1:{port}"
+            scrapes = _prometheus_query(api, f'sum(count_over_time(up{{job="saat-dist"}}[{window}]))')
+            ok = _prometheus_query(api, f'sum(sum_over_time(up{{job="saat-dist"}}[{window}]))')
+            firing = _prometheus_query(api, f'sum(count_over_time(ALERTS{{alertstate="firing"}}[{window}]))')
+        finally:
+            prom.terminate()
+            prom.wait(30)
+        total, good = float(scrapes[0]["value"][1]), float(ok[0]["value"][1])
+        rss = {stage: json.loads((run / stage / "train.json").read_text())["epoch_rss_mib_per_rank"]
+               for stage in ("benign", "saat")}
+        report = json.loads((run / "report.json").read_text())
+    saat = rss["saat"]
+    later = saat[1:]  # SAAT epochs 2..E
+    per_rank = [[epoch[r] for epoch in later] for r in range(len(later[0]))] if later else []
+    return {"case": "soak: the demo under a 1 s Prometheus scrape", "sizes": sizes, "run_seconds": seconds,
+            "scrapes": total, "failed_scrapes": total - good, "alerts_fired": float(firing[0]["value"][1]) if firing else 0.0,
+            "epoch_rss_mib_per_rank": rss,
+            "saat_rss_growth_epochs_2_on_per_rank": [max(r) / min(r) - 1 for r in per_rank],
+            "report": {k: report[k] for k in ("random_map", "stage_seconds")} | {
+                s: {k: report[s][k] for k in ("clean_map", "attacked_map")} for s in ("benign", "saat")},
+            "targets": {"failed_scrapes_max": 0, "saat_rss_growth_max": 0.10}}
+
+
 def _in_child(fn, method: str, sizes: dict) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -299,8 +374,8 @@ def run_bench(which: str, out_dir: Path, small: bool = False) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, fn in (("map", bench_map), ("mainstay", bench_mainstay), ("saat-step", bench_saat_step),
-                     ("eval", bench_eval)):
-        if which in (name, "all"):
+                     ("eval", bench_eval), ("soak", bench_soak)):
+        if which == name or (which == "all" and name != "soak"):  # soak is a whole demo run: only by name
             res = fn(table[name])
             res["machine"] = {"cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
                               "torch": torch.__version__, "small": small}

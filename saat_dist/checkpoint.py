@@ -29,8 +29,10 @@ def _write_atomic(path: Path, write) -> None:
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise WriteError(e.errno, f"{path}: could not be written ({os.strerror(e.errno) if e.errno else e}); "
-                                  "the previous version, if any, is kept") from e
+        err = WriteError(f"{path}: could not be written ({os.strerror(e.errno) if e.errno else e}); "
+                         "the previous version, if any, is kept")
+        err.errno = e.errno
+        raise err from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -59,14 +59,22 @@ def encode_split(model: nn.Module, source: DataSource, split: str, cfg: RunConfi
                  world: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes N x K, labels N x C) of a whole split ordered by global index, on
     every rank; each rank encodes its own shards, one batch at a time."""
-    index, codes, labels = [], [], []
-    for images, lab, idx in source.batches(split, cfg.data.image_size, cfg.eval.batch_size,
-                                           source.rank_shards(split, rank, world)):
-        codes.append(encode(model, images, device, len(images)))
-        labels.append(lab)
-        index.append(idx)
-    index = torch.cat(index) if index else torch.zeros(0, dtype=torch.int64)
-    _, codes_NK, labels_NC = _gather_sorted(index, _cat(codes, cfg.model.bits), _cat(labels, source.num_classes))
+    shards = source.rank_shards(split, rank, world)
+    n = sum(source.counts(split)[j] for j in shards)
+    # Filled in place: per-batch results kept in lists would pin the freed
+    # image buffers of every batch in the allocator's heap, and peak memory
+    # would grow with the split by far more than the codes.
+    index = torch.empty(n, dtype=torch.int64)
+    codes = torch.empty(n, cfg.model.bits)
+    labels = torch.empty(n, source.num_classes)
+    filled = 0
+    for images, lab, idx in source.batches(split, cfg.data.image_size, cfg.eval.batch_size, shards):
+        b = len(idx)
+        codes[filled : filled + b] = encode(model, images, device, b)
+        labels[filled : filled + b] = lab
+        index[filled : filled + b] = idx
+        filled += b
+    _, codes_NK, labels_NC = _gather_sorted(index[:filled], codes[:filled], labels[:filled])
     return codes_NK, labels_NC
 
 

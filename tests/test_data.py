@@ -184,3 +184,21 @@ def test_other_seed_differs(tmp_path, tiny_demo):
     other = build_demo(tmp_path, dataclasses.replace(TINY, seed=TINY.seed + 1))
     a = Path(tiny_demo[1]["shard_dir"]) / "train-000000.tar"
     assert a.read_bytes() != (Path(other["shard_dir"]) / "train-000000.tar").read_bytes()
+
+
+def test_converter_warns_about_data_that_skews_results(tmp_path, caplog):
+    root = make_dataset(tmp_path / "src", n=(6, 3, 8))
+    labels = (root / "test_label.txt").read_text().splitlines()
+    labels[1] = "0 0 0 0"  # a query without labels
+    (root / "test_label.txt").write_text("\n".join(labels) + "\n")
+    queries = (root / "test_img.txt").read_text().splitlines()
+    db = (root / "database_img.txt").read_text().splitlines()
+    db[5] = queries[2]  # a query that is also a database image
+    (root / "database_img.txt").write_text("\n".join(db) + "\n")
+    with caplog.at_level("WARNING"):
+        convert(root, tmp_path / "out", shard_size=4, shard_multiple=1)
+    text = caplog.text
+    assert "1 of 3 queries have no label (lines 2)" in text and "each counts as AP 0 in mAP" in text
+    assert f"1 images are listed both as queries (test_img.txt) and in database_img.txt, e.g. {queries[2]} " \
+           "(test_img.txt:3)" in text
+    assert "train_img.txt" not in text  # no overlap with train

@@ -152,6 +152,29 @@ def test_bf16_trains_attacks_and_evaluates_close_to_fp32(tmp_path, odd_shards, b
     assert res["perceptibility"]["linf"] <= 16 / 255 + 1e-6
 
 
+def test_a_corrupt_sample_stops_the_run_in_one_line_or_is_skipped_on_every_rank(tmp_path, odd_shards, capsys):
+    """2 workers; train shard 1 (rank 1's) holds an undecodable image. Without
+    data.skip_corrupt the run stops with one line naming shard and sample;
+    with it, both ranks run every step and the skipped samples are counted."""
+    from tests.test_stream import rewrite_sample
+
+    shards = tmp_path / "shards"
+    shutil.copytree(odd_shards, shards)
+    rewrite_sample(shards / "train-000001.tar", "00000050",
+                   lambda f: {**f, **{e: b"not an image" for e in f if e != "json"}})
+    run = tmp_path / "stops"
+    assert main(["train", *base_args(run, shards, "train.epochs=1", "distributed.max_failures=0")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("saat-dist: error: train failed on the Ray workers (rank 1")
+    assert "train-000001.tar: sample 00000050: undecodable .png image" in err
+    run = tmp_path / "skips"
+    assert main(["train", *base_args(run, shards, "train.epochs=2", "data.skip_corrupt=true")]) == 0
+    info = json.loads((run / "benign" / "train.json").read_text())
+    assert info["steps"] == 6 and info["parameters_identical"] is True  # no rank ran dry or hung
+    skipped = info["skipped_samples_per_rank"]
+    assert skipped[0] == 0 and skipped[1] >= 1, skipped  # rank 1 reads the bad sample once per pass
+
+
 def _scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         return r.read().decode()

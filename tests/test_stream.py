@@ -135,3 +135,59 @@ def test_unreachable_manifest_url_names_it(http_shards, tmp_path):
     _, url = http_shards
     with pytest.raises(FileNotFoundError, match=rf"{url}/nope/manifest.json"):
         load_manifest(tmp_path, f"{url}/nope")
+
+
+def rewrite_sample(shard, key, change):
+    """Rewrite ``shard`` with sample ``key``'s members passed through ``change(dict) -> dict``."""
+    import io
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    samples: dict[str, dict] = {}
+    for name, data in members:
+        k, ext = name.split(".", 1)
+        samples.setdefault(k, {})[ext] = data
+    samples[key] = change(samples[key])
+    with tarfile.open(shard, "w") as tar:
+        for k, fields in samples.items():
+            for ext, data in fields.items():
+                info = tarfile.TarInfo(f"{k}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def _wrong_width(fields):
+    import json
+
+    meta = json.loads(fields["json"])
+    meta["label"] = meta["label"] + [0]
+    return {**fields, "json": json.dumps(meta).encode()}
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda f: {**f, **{e: b"not an image" for e in f if e != "json"}}, "undecodable .(png|jpg) image"),
+    (_wrong_width, "label has 5 values, the data set has 4 classes"),
+    (lambda f: {"json": f["json"]}, "no image"),
+    (lambda f: {e: v for e, v in f.items() if e != "json"}, r"no .json member"),
+])
+def test_a_bad_sample_names_shard_and_key_or_is_skipped_and_counted(tmp_path, change, problem):
+    root = make_dataset(tmp_path / "src", n=(40, 3, 4), size=(12, 12))
+    convert(root, tmp_path / "out", shard_size=10, shard_multiple=1)
+    rewrite_sample(tmp_path / "out" / "train-000001.tar", "00000013", change)
+    with pytest.raises(ShardError, match=rf"train-000001.tar: sample 00000013: {problem}"):
+        list(itertools.islice(ShardStream(spec(str(tmp_path / "out"), shuffle=False)), 10))
+    s = ShardStream(spec(str(tmp_path / "out"), shuffle=False, skip_corrupt=True))
+    idx = torch.cat([b[2] for b in itertools.islice(s, 9)])  # 36 samples: past the bad one
+    assert 13 not in idx.tolist() and 14 in idx.tolist()  # only the bad sample is skipped
+    assert s.skipped == 1 and s.state_dict()["skipped"] == 1
+
+
+def test_a_rank_whose_shards_are_all_unreadable_stops_instead_of_spinning(tmp_path):
+    root = make_dataset(tmp_path / "src", n=(20, 3, 4), size=(12, 12))
+    convert(root, tmp_path / "out", shard_size=10, shard_multiple=1)
+    for shard in (tmp_path / "out").glob("train-*.tar"):
+        shard.write_bytes(b"garbage" * 50)
+    s = ShardStream(spec(str(tmp_path / "out"), skip_corrupt=True))
+    with pytest.raises(ShardError, match="none of its shards of split 'train' holds a readable sample"):
+        next(s)

@@ -102,6 +102,28 @@ def _write_shard(path: Path, root: Path, lst: SplitList, exts: list[str], lo: in
     os.replace(tmp, path)
 
 
+def skew_warnings(root: Path, lists: dict[str, SplitList], show: int = 3) -> list[str]:
+    """Data that skews results without being malformed: queries without any
+    label, and images listed both as queries and in the database or train
+    list. Each warning gives counts and the first few lines."""
+    out = []
+    queries = lists["test"]
+    empty = [n for n, row in enumerate(queries.labels, 1) if not row.any()]
+    if empty:
+        out.append(f"{root / 'test_label.txt'}: {len(empty)} of {len(queries.paths)} queries have no label "
+                   f"(lines {', '.join(map(str, empty[:show]))}{', ...' if len(empty) > show else ''}): no "
+                   "database item is relevant to them, so each counts as AP 0 in mAP")
+    lines = {p: n for n, p in enumerate(queries.paths, 1)}
+    for split, why in (("database", "a query that retrieves itself inflates mAP"),
+                       ("train", "the model has seen these queries in training")):
+        both = [p for p in lists[split].paths if p in lines]
+        if both:
+            first = ", ".join(f"{p} (test_img.txt:{lines[p]})" for p in both[:show])
+            out.append(f"{root}: {len(both)} images are listed both as queries (test_img.txt) and in "
+                       f"{split}_img.txt, e.g. {first}{', ...' if len(both) > show else ''}: {why}")
+    return out
+
+
 def convert(root: str | Path, out: str | Path, shard_size: int = 1000, shard_multiple: int = 12) -> dict:
     """Convert the list-format data set at ``root`` into shards under ``out``.
 
@@ -116,6 +138,8 @@ def convert(root: str | Path, out: str | Path, shard_size: int = 1000, shard_mul
     for split in SPLITS:
         lists[split] = read_split(root, split, num_classes)
         num_classes = lists[split].labels.shape[1]
+    for warning in skew_warnings(root, lists):
+        log.warning("%s", warning)
     source_fp = fingerprint(root)
     _check_out_dir(out, source_fp)
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+from collections import deque
+
 import numpy as np
 import torch
 
@@ -143,9 +145,20 @@ class Ranker:
 
 def map_chunks(fn, starts):
     """``fn`` over chunk starts, in order, one thread per core (NumPy and torch
-    kernels release the GIL)."""
-    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        yield from zip(starts, pool.map(fn, starts))
+    kernels release the GIL). At most one chunk per thread runs ahead of the
+    consumer: results of a full ranking are Q x N, and letting them pile up
+    would make memory grow with the number of queries and the database."""
+    workers = max(1, torch.get_num_threads())
+    with ThreadPoolExecutor(workers) as pool:
+        ahead: deque = deque()
+        for s in starts:
+            ahead.append((s, pool.submit(fn, s)))
+            if len(ahead) > workers:
+                first, future = ahead.popleft()
+                yield first, future.result()
+        while ahead:
+            first, future = ahead.popleft()
+            yield first, future.result()
 
 
 def rank_database(query_codes: torch.Tensor, db_codes: torch.Tensor, top_k: int | None = None):

@@ -16,6 +16,8 @@ import torch
 
 from saat_dist.metrics.ranking import Ranker, map_chunks, rank_database
 
+PR_BLOCK_BYTES = 8 * 2**20  # one float64 row block of the PR curve
+
 
 class _Relevance:
     """Q x k bool for ranked items: does item j share a label with query i.
@@ -77,21 +79,29 @@ def precision_recall_curve(query_codes, db_codes, query_labels, db_labels, num_l
     total = torch.zeros(num_levels, dtype=torch.float64)
     counted = 0
     relevance = _Relevance(query_labels, db_labels)
+    # a few queries at a time: the curve needs ~10 full-length float64 rows per
+    # query, and memory must not grow with the database beyond its codes
+    sub = max(1, PR_BLOCK_BYTES // (8 * len(db_codes)))
     for s, idx in rank_database(query_codes, db_codes, None):
-        rel = torch.from_numpy(relevance(s, idx.numpy())).to(torch.float64)
-        hits = rel.cumsum(1)
-        n_rel = hits[:, -1:]
-        keep = n_rel.squeeze(1) > 0
-        hits, n_rel = hits[keep], n_rel[keep]
-        precision = hits / torch.arange(1, rel.shape[1] + 1, dtype=torch.float64)
-        recall = hits / n_rel
-        # best precision at recall >= r: running max from the end
-        best = precision.flip(1).cummax(1).values.flip(1)
-        # a small tolerance so that recall 3/10 counts as reaching level 0.3
-        first = torch.searchsorted(recall.contiguous(), (levels - 1e-12).expand(len(recall), -1).contiguous())
-        first = first.clamp(max=rel.shape[1] - 1)
-        total += best.gather(1, first).sum(0)
-        counted += int(keep.sum())
+        idx = idx.numpy()
+        for b in range(0, len(idx), sub):
+            rel = torch.from_numpy(relevance(s + b, idx[b : b + sub])).to(torch.float64)
+            hits = rel.cumsum(1)
+            del rel
+            n_rel = hits[:, -1:]
+            keep = n_rel.squeeze(1) > 0
+            hits, n_rel = hits[keep], n_rel[keep]
+            precision = hits / torch.arange(1, hits.shape[1] + 1, dtype=torch.float64)
+            recall = hits / n_rel
+            del hits
+            # best precision at recall >= r: running max from the end
+            best = precision.flip(1).cummax(1).values.flip(1)
+            del precision
+            # a small tolerance so that recall 3/10 counts as reaching level 0.3
+            first = torch.searchsorted(recall.contiguous(), (levels - 1e-12).expand(len(recall), -1).contiguous())
+            first = first.clamp(max=best.shape[1] - 1)
+            total += best.gather(1, first).sum(0)
+            counted += int(keep.sum())
     return levels, total / max(counted, 1)
 
 

@@ -12,6 +12,8 @@ import torch
 import torchvision
 from torch import nn
 
+from saat_dist.checkpoint import CheckpointError, load_state
+
 
 class SmallCNN(nn.Module):
     """Four conv blocks for 32-64 px images; trains in minutes on 2 CPU cores."""
@@ -76,8 +78,8 @@ def load_pretrained(net: nn.Module, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights: no file at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
+    state = load_state(path)  # weights_only=True; a file of anything else is a CheckpointError naming it
+    if "state_dict" in state:
         state = state["state_dict"]
     own = net.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
@@ -85,7 +87,7 @@ def load_pretrained(net: nn.Module, path: str | Path) -> None:
     # Only the dropped final layer may be missing.
     unexpected_missing = [k for k in missing if not k.startswith(("fc.", "classifier.6."))]
     if unexpected_missing:
-        raise ValueError(
+        raise CheckpointError(
             f"pretrained weights {path}: {len(unexpected_missing)} parameters missing or of "
             f"another shape, e.g. {unexpected_missing[:3]}"
         )

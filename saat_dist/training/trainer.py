@@ -225,6 +225,7 @@ def train_stage(cfg: RunConfig, stage: Stage, run_dir: Path, launch: Launch, sou
     log_records: list[dict[str, float]] = []
     last_log = t_interval = time.monotonic()
     skipped_reported = stream.skipped
+    epoch_rss: list[list[float]] = []
     backend.model.train()
     while state.step < total:
         x, y, index = (t.to(device, non_blocking=True) for t in next(stream))
@@ -246,6 +247,8 @@ def train_stage(cfg: RunConfig, stage: Stage, run_dir: Path, launch: Launch, sou
         if epoch_end:
             state.history.append({k: v / spe for k, v in state.epoch_sums.items()})
             state.epoch_sums = {}
+            # resident memory of every rank at each epoch end: flat across epochs in a healthy run
+            epoch_rss.append(all_gather_ragged(torch.tensor([_rss_mib()], dtype=torch.float64)).tolist())
             if rank == 0:
                 log.info("%s epoch %d/%d %s", stage.name, state.step // spe, tc.epochs,
                          " ".join(f"{k}={v:.4g}" for k, v in state.history[-1].items()))
@@ -269,9 +272,17 @@ def train_stage(cfg: RunConfig, stage: Stage, run_dir: Path, launch: Launch, sou
         save_model(cfg, out / "model.pt", weights, state.step)
         write_text_atomic(out / "train.json", json.dumps(
             {"history": state.history, "steps": state.step, "parameter_checksums": digests,
-             "parameters_identical": same, "skipped_samples_per_rank": skipped, "log": log_records}, indent=1))
+             "parameters_identical": same, "skipped_samples_per_rank": skipped,
+             "epoch_rss_mib_per_rank": epoch_rss, "log": log_records}, indent=1))
     barrier()
     return TrainResult(state.step, progress.elapsed, state.history, log_records)
+
+
+def _rss_mib() -> float:
+    """This process's resident memory now (MiB)."""
+    import psutil  # a dependency of ray[default]
+
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def _flush(pending, state: TrainState, what: str, batch: int, seconds: float, metrics, spe: int) -> dict:
