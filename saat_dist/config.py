@@ -113,7 +113,7 @@ class DistributedConfig:
     cpus_per_worker: float = 1.0  # CPUs Ray reserves per worker
     gpus_per_worker: float = 1.0  # GPUs Ray reserves per worker when use_gpu
     zero_stage: int = 0  # DeepSpeed ZeRO stage: 0, 1, 2 or 3
-    precision: Literal["fp32", "bf16"] = "fp32"  # DeepSpeed training precision
+    precision: Literal["fp32", "bf16"] = "fp32"  # training precision of the Ray/DeepSpeed workers (bf16 is tested with ZeRO 2; in-process training stays fp32) and of evaluation
     grad_accum: int = 1  # gradient accumulation steps (global batch = batch_size x grad_accum x workers)
     gradient_clipping: float = 0.0  # clip gradients to this global norm, both launchers (0: off, as the reference; DeepSpeed's own default would be 1.0)
     bank_sync_every: int = 1  # all-reduce the code bank's label-set table every N steps (and at epoch ends)

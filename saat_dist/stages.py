@@ -18,7 +18,6 @@ class Stage:
 TRAIN = Stage("train", "benign", "train", 0, None)
 SAAT = Stage("saat", "saat", "saat", 1, "benign")
 TRAINING = {s.name: s for s in (TRAIN, SAAT)}
-EVALUATED = ("benign", "saat")  # model folders the evaluate stage scores
 
 
 def evaluate_key(which: str) -> str:

@@ -121,3 +121,24 @@ def test_model_and_checkpoint_files_from_elsewhere(tmp_path, tiny_demo, capsys):
                  "--set", f"data.shard_dir={tiny_demo[1]['shard_dir']}", "--set", "data.build_demo=false",
                  "--set", "distributed.num_workers=0", "--set", "metrics.enabled=false"]) == 2
     assert "weights do not fit the configured model" in capsys.readouterr().err
+
+
+def test_a_ray_failure_names_the_rank_with_the_cause():
+    """Of two failing workers, the one with the input error is named, not the
+    one that failed because its peer died."""
+    from ray.train import WorkerGroupError
+
+    from saat_dist.data.stream import ShardError
+    from saat_dist.distributed.driver import describe_failure
+
+    peer = RuntimeError("Connection closed by peer [127.0.0.1]:4242")
+    try:
+        raise ShardError("shard s/train-000001.tar: sample 00000050: undecodable .png image")
+    except ShardError as e:
+        cause = RuntimeError("worker raised")
+        cause.__cause__ = e
+    failed = describe_failure("train", WorkerGroupError("...", {0: peer, 1: cause}))
+    assert str(failed) == ("train failed on the Ray workers (rank 1 of 2 failing): ShardError: shard "
+                           "s/train-000001.tar: sample 00000050: undecodable .png image")
+    assert failed.bad_input
+    assert not describe_failure("train", WorkerGroupError("...", {0: peer})).bad_input

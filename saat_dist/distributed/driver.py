@@ -18,6 +18,7 @@ from pathlib import Path
 
 from saat_dist.checkpoint import write_text_atomic
 from saat_dist.config import RunConfig
+from saat_dist.stages import evaluate_key
 
 log = logging.getLogger("saat_dist")
 
@@ -93,7 +94,7 @@ def build_trainer(cfg: RunConfig, stage: str, run_dir: Path, resume: bool = Fals
     resources = {"CPU": d.cpus_per_worker}
     if d.use_gpu:
         resources["GPU"] = d.gpus_per_worker
-    key = stage if which is None else f"evaluate_{which}"
+    key = stage if which is None else evaluate_key(which)
     return TorchTrainer(
         worker_main,
         train_loop_config={"run": _absolute_paths(cfg, run_dir), "stage": stage, "which": which},
@@ -144,13 +145,18 @@ def _last_line(text: str) -> str:
 def describe_failure(key: str, error: BaseException) -> StageFailed:
     failures = getattr(error, "worker_failures", None)
     if failures:
-        rank = min(failures)
-        root = _root_error(failures[rank])
-        name = type(root).__name__
-        text = _last_line(str(root))
-        if name not in text.split(":", 1)[0]:
-            text = f"{name}: {text}"
-        bad = any(b in text.split(":", 1)[0] or b == name for b in BAD_INPUT_ERRORS)
+        described = []
+        for rank, exc in failures.items():
+            root = _root_error(exc)
+            name = type(root).__name__
+            text = _last_line(str(root))
+            if name not in text.split(":", 1)[0]:
+                text = f"{name}: {text}"
+            bad = any(b in text.split(":", 1)[0] or b == name for b in BAD_INPUT_ERRORS)
+            described.append((not bad, rank, text, bad))
+        # the cause, not its echo: a rank with an input error before ranks that
+        # failed because a peer died (closed connections), then the lowest rank
+        _, rank, text, bad = min(described)
         return StageFailed(f"{key} failed on the Ray workers (rank {rank} of {len(failures)} failing): {text}", bad)
     root = _root_error(getattr(error, "controller_failure", error))
     return StageFailed(f"{key} failed in Ray Train: {type(root).__name__}: {_last_line(str(root))}", False)
@@ -163,7 +169,7 @@ def run_stage(cfg: RunConfig, stage: str, run_dir: Path, resume: bool = False, w
     from ray.train import TrainingFailedError
 
     init_ray(cfg)
-    key = stage if which is None else f"evaluate_{which}"
+    key = stage if which is None else evaluate_key(which)
     try:
         result = build_trainer(cfg, stage, run_dir, resume, which).fit()
     except TrainingFailedError as e:
