@@ -113,14 +113,22 @@ def _saat_from(benign_run: Path, run: Path, shards: str, *extra: str) -> None:
     assert main(["saat", *base_args(run, shards, "saat.epochs=2", *extra)]) == 0
 
 
-def test_saat_under_zero_2_and_3_matches_zero_0(tmp_path, odd_shards, benign_2_workers):
+@pytest.fixture(scope="module")
+def saat_per_zero_stage(tmp_path_factory, odd_shards, benign_2_workers):
+    """SAAT from the same benign model on 2 workers, fp32, at ZeRO 0, 2 and 3."""
+    runs = {}
+    for zero in (0, 2, 3):
+        runs[zero] = tmp_path_factory.mktemp(f"saat_zero{zero}") / "run"
+        _saat_from(benign_2_workers, runs[zero], odd_shards, f"distributed.zero_stage={zero}")
+    return runs
+
+
+def test_saat_under_zero_2_and_3_matches_zero_0(saat_per_zero_stage):
     """SAAT (inner attack through the engine's module) under ZeRO 0, 2 and 3 on
     2 workers: every rank ends with the same parameters, and ZeRO 2/3 end
     where ZeRO 0 does (stated tolerance 1e-5: they only reorder float sums)."""
     final = {}
-    for zero in (0, 2, 3):
-        run = tmp_path / f"zero{zero}"
-        _saat_from(benign_2_workers, run, odd_shards, f"distributed.zero_stage={zero}")
+    for zero, run in saat_per_zero_stage.items():
         info = json.loads((run / "saat" / "train.json").read_text())
         assert info["parameters_identical"] is True and len(info["parameter_checksums"]) == 2
         # 5 shards over 2 ranks: (240 // 2) // 32 = 3 steps per epoch on every rank, run to the end
@@ -130,7 +138,8 @@ def test_saat_under_zero_2_and_3_matches_zero_0(tmp_path, odd_shards, benign_2_w
         assert _max_diff(final[0], final[zero]) <= 1e-5, zero
 
 
-def test_bf16_trains_attacks_and_evaluates_close_to_fp32(tmp_path, odd_shards, benign_2_workers):
+def test_bf16_trains_attacks_and_evaluates_close_to_fp32(tmp_path, odd_shards, benign_2_workers,
+                                                         saat_per_zero_stage):
     """precision=bf16 with ZeRO-2 on 2 CPU workers: benign training, SAAT
     (inner attack included) and evaluation run; epoch-mean losses stay within
     0.01 of the fp32 run's (measured: <= 0.003; bf16 keeps ~3 significant digits)."""
@@ -141,8 +150,7 @@ def test_bf16_trains_attacks_and_evaluates_close_to_fp32(tmp_path, odd_shards, b
         assert abs(a["loss"] - b["loss"]) <= 0.01, (a, b)
     saat = tmp_path / "saat_bf16"
     _saat_from(benign_2_workers, saat, odd_shards, *bf16)
-    fp32 = tmp_path / "saat_fp32"
-    _saat_from(benign_2_workers, fp32, odd_shards, "distributed.zero_stage=2")
+    fp32 = saat_per_zero_stage[2]  # the same SAAT in fp32
     for a, b in zip(_history(saat, "saat"), _history(fp32, "saat"), strict=True):
         for part in ("loss", "hash", "adv"):
             assert abs(a[part] - b[part]) <= 0.01, (part, a, b)
