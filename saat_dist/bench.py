@@ -301,7 +301,7 @@ def bench_soak(sizes: dict) -> dict:
                                  f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         try:
-            t = time.perf_counter()
+            t, t_wall = time.perf_counter(), time.time()
             argv = [sys.executable, "-m", "saat_dist.cli", "run", "--config", str(repo / sizes["config"]),
                     "--set", f"output_dir={run}", *sum((["--set", o] for o in sizes["overrides"]), [])]
             proc = subprocess.run(argv, cwd=repo, capture_output=True, text=True)
@@ -314,6 +314,11 @@ def bench_soak(sizes: dict) -> dict:
             scrapes = _prometheus_query(api, f'sum(count_over_time(up{{job="saat-dist"}}[{window}]))')
             ok = _prometheus_query(api, f'sum(sum_over_time(up{{job="saat-dist"}}[{window}]))')
             firing = _prometheus_query(api, f'sum(count_over_time(ALERTS{{alertstate="firing"}}[{window}]))')
+            # where the failed scrapes were: instance, stage, seconds into the run
+            failed = _prometheus_query(api, f'(up{{job="saat-dist"}} == 0)[{window}:1s]')
+            failures = [{"instance": f["metric"].get("instance"), "stage": f["metric"].get("stage"),
+                         "rank": f["metric"].get("rank"),
+                         "at_s": [round(float(v[0]) - t_wall, 1) for v in f["values"]]} for f in failed]
         finally:
             prom.terminate()
             prom.wait(30)
@@ -325,7 +330,7 @@ def bench_soak(sizes: dict) -> dict:
     later = saat[1:]  # SAAT epochs 2..E
     per_rank = [[epoch[r] for epoch in later] for r in range(len(later[0]))] if later else []
     return {"case": "soak: the demo under a 1 s Prometheus scrape", "sizes": sizes, "run_seconds": seconds,
-            "scrapes": total, "failed_scrapes": total - good, "alerts_fired": float(firing[0]["value"][1]) if firing else 0.0,
+            "scrapes": total, "failed_scrapes": total - good, "failed_scrape_times": failures, "alerts_fired": float(firing[0]["value"][1]) if firing else 0.0,
             "epoch_rss_mib_per_rank": rss,
             "saat_rss_growth_epochs_2_on_per_rank": [max(r) / min(r) - 1 for r in per_rank],
             "report": {k: report[k] for k in ("random_map", "stage_seconds")} | {

@@ -129,6 +129,7 @@ class MetricsConfig:
     enabled: bool = True  # serve Prometheus metrics from every worker
     bind: str = "127.0.0.1"  # address the metrics servers bind to (0.0.0.0 only inside a cluster network)
     port: int = 0  # 0: any free port; N: port N + local rank. Chosen ports land in <output_dir>/metrics/
+    linger_s: float = 6.0  # seconds a worker keeps serving after withdrawing its target file at the end of a stage, so Prometheus (which applies discovery changes every 5 s) drops it before the endpoint closes
 
 
 @dataclass
@@ -183,6 +184,7 @@ class RunConfig:
             ("distributed.max_failures", d.max_failures >= -1, "must be >= -1 (-1: no limit)"),
             ("distributed.num_to_keep", d.num_to_keep >= 1, "must be >= 1"),
             ("metrics.port", 0 <= self.metrics.port <= 65535, "must be in [0, 65535]"),
+            ("metrics.linger_s", 0 <= self.metrics.linger_s <= 600, "must be in [0, 600]"),
             ("device", not (d.use_gpu and self.device == "cpu"), "is 'cpu' but distributed.use_gpu is true"),
         ]
         for section in ("train", "saat"):

@@ -97,7 +97,8 @@ def _train_in_process(cfg: RunConfig, stage: Stage, run_dir: Path, source: DataS
                         LocalCheckpointer(ckpt_root, cfg.distributed.num_to_keep, resume), metrics)
         train_stage(cfg, stage, run_dir, launch, source)
     finally:
-        getattr(metrics, "close", lambda: None)()
+        if cfg.metrics.enabled:
+            metrics.close(cfg.metrics.linger_s)
 
 
 def _train(cfg: RunConfig, stage: Stage, run_dir: Path, resume: bool) -> None:

@@ -56,7 +56,7 @@ def worker_main(config: dict) -> None:
             train_stage(cfg, TRAINING[stage], run_dir,
                         Launch(rank, world, device, make_backend, RayCheckpointer(), metrics), source)
     finally:
-        metrics.close()
+        metrics.close(cfg.metrics.linger_s if cfg.metrics.enabled else 0.0)
 
 
 def _device(cfg: RunConfig) -> torch.device:

@@ -70,12 +70,15 @@ class WorkerMetrics:
             self.target_file = write_target_file(Path(run_dir) / "metrics", self.labels, bind, self.port)
         return self.port
 
-    def close(self) -> None:
-        # Withdraw the target before the endpoint goes, so that Prometheus
-        # drops it instead of recording a failed scrape (up == 0).
+    def close(self, linger_s: float = 0.0) -> None:
+        """Withdraw the target file, keep serving ``linger_s`` seconds, then
+        stop the endpoint: Prometheus applies discovery changes every 5 s, so
+        a worker that stopped at once would record failed scrapes (up == 0)."""
         if self.target_file is not None:
             self.target_file.unlink(missing_ok=True)
             self.target_file = None
+            if self.server is not None and linger_s > 0:
+                time.sleep(linger_s)
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
