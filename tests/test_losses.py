@@ -117,3 +117,94 @@ def test_csq_centres_and_loss():
     assert torch.equal(loss.centre_of(y[1:2])[0], loss.tie_centre)
     # non power-of-two bits fall back to random centres
     assert csq_centres(10, 48).shape == (10, 48)
+
+
+def test_dpn_centres_and_hinge():
+    from saat_dist.hashing import DPNLoss
+    from saat_dist.hashing.losses import dpn_centres
+
+    centres = dpn_centres(6, 16, seed=2)
+    assert torch.equal((centres == -1).sum(1), torch.full((6,), 8))  # exactly half the bits -1
+    loss = DPNLoss(num_classes=6, bits=16, seed=2)
+    assert torch.equal(loss.centre_of.centres, centres)
+    g = torch.Generator().manual_seed(1)
+    u = torch.tanh(torch.randn(4, 16, generator=g))
+    y = torch.tensor([[1, 0, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 1], [0, 0, 0, 1, 0, 0]]).float()
+    ref = 0.0
+    for i in range(4):
+        summed = y[i] @ centres
+        t = torch.where(summed == 0, loss.centre_of.tie_centre, summed).sign()
+        ref += sum(max(0.0, 1.0 - float(u[i, k] * t[k])) for k in range(16)) / (4 * 16)
+    got, parts = loss(u, y)
+    assert float(got) == pytest.approx(ref, rel=1e-6)
+    # a code past the margin on its centre's side costs nothing
+    t0 = loss.centre_of(y[:1])
+    assert float(loss(t0 * 1.0, y[:1])[0]) == 0.0
+
+
+def test_hswd_adds_the_sliced_wasserstein_term_to_hashnet():
+    from saat_dist.hashing import HSWDLoss
+    from saat_dist.hashing.losses import sliced_wasserstein_quantisation
+
+    u, y, bank, labels = data(1)
+    torch.manual_seed(5)
+    got, parts = HSWDLoss()(u, y, bank, labels)
+    hashnet, _ = HashNetLoss()(u, y, bank, labels)
+    assert float(parts["hash"]) == pytest.approx(float(hashnet), rel=1e-12)
+    # the same draws, by hand: per bit, sort both columns and compare
+    torch.manual_seed(5)
+    target = torch.randint(0, 2, u.shape).double() * 2 - 1
+    b, k = u.shape
+    ref = 0.0
+    for j in range(k):
+        a, t = sorted(u[:, j].tolist()), sorted(target[:, j].tolist())
+        ref += sum((ai - ti) ** 2 for ai, ti in zip(a, t))
+    ref /= b * k
+    assert float(parts["quant"]) == pytest.approx(0.1 * ref, rel=1e-10)
+    assert float(got) == pytest.approx(float(hashnet) + 0.1 * ref, rel=1e-10)
+    # codes equal to the draws themselves are at distance 0
+    torch.manual_seed(7)
+    draws = torch.randint(0, 2, (6, 4)).float() * 2 - 1
+    torch.manual_seed(7)
+    assert float(sliced_wasserstein_quantisation(draws)) == 0.0
+    assert HSWDLoss().tanh_scale(400) == HashNetLoss().tanh_scale(400)
+
+
+def test_ortho_cross_entropy_with_cosine_margin():
+    from saat_dist.hashing import OrthoLoss
+
+    loss = OrthoLoss(num_classes=4, bits=8, seed=3)
+    assert set(loss.codebook.unique().tolist()) == {-1.0, 1.0}
+    g = torch.Generator().manual_seed(0)
+    u = torch.tanh(torch.randn(5, 8, generator=g, dtype=torch.float64))
+    y = torch.tensor([[1, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 1], [1, 0, 1, 0], [0, 1, 0, 0]], dtype=torch.float64)
+    mean, var = u.mean(0), u.var(0, unbiased=False)
+    v = (u - mean) / torch.sqrt(var + 1e-5)
+    ref = 0.0
+    for i in range(5):
+        cos = [float(v[i] @ loss.codebook[c].double() / (v[i].norm() * loss.codebook[c].double().norm()))
+               for c in range(4)]
+        logits = [8.0 * (cos[c] - 0.2 * float(y[i, c])) for c in range(4)]
+        lse = math.log(sum(math.exp(z) for z in logits))
+        ref += -sum(float(y[i, c]) / float(y[i].sum()) * (logits[c] - lse) for c in range(4)) / 5
+    got, _ = loss(u, y)
+    assert float(got) == pytest.approx(ref, rel=1e-6)
+    # one-hot labels: plain cross entropy on the margin logits
+    one_hot = torch.eye(4, dtype=torch.float64)[[0, 1, 2, 3, 0]]
+    cos = torch.nn.functional.normalize(v, dim=1) @ torch.nn.functional.normalize(loss.codebook.double(), dim=1).T
+    ce = torch.nn.functional.cross_entropy(8 * (cos - 0.2 * one_hot), one_hot.argmax(1))
+    assert float(loss(u, one_hot)[0]) == pytest.approx(float(ce), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dph", "dpsh", "hashnet", "csq", "dpn", "hswd", "ortho"])
+def test_every_loss_trains_a_step_and_is_finite(name):
+    from saat_dist.hashing import LOSSES, build_hash_loss
+
+    assert name in LOSSES
+    loss_fn = build_hash_loss(name, num_classes=4, bits=8)
+    u, y, bank, labels = data(2)
+    u = u.float().requires_grad_(True)
+    total, parts = loss_fn(u, y.float(), bank.float(), labels.float()) if loss_fn.uses_bank else loss_fn(u, y.float())
+    total.backward()
+    assert torch.isfinite(total) and torch.isfinite(u.grad).all() and float(u.grad.abs().sum()) > 0
+    assert "hash" in parts

@@ -46,3 +46,27 @@ def test_pretrained_errors_name_the_file(tmp_path):
         build_hash_model("vgg11", 16, pretrained_path=str(bad))
     with pytest.raises(ValueError, match="not one of"):
         build_hash_model("vgg13", 16)
+
+
+def test_model_files_with_a_bias_before_the_hash_batchnorm_still_load():
+    """saat-dist 0.1 had a bias in front of the hash BatchNorm: it folds into
+    the running mean, so the eval-mode codes are the same."""
+    model = build_hash_model("small_cnn", 16, width=8)
+    assert model.hash_layer.bias is None
+    model.hash_bn.running_mean.uniform_(-0.5, 0.5)
+    model.hash_bn.running_var.uniform_(0.5, 1.5)
+    model.eval()
+    x = torch.rand(4, 3, 32, 32)
+    old = dict(model.state_dict())
+    bias = torch.randn(16) * 0.1
+    old["hash_layer.bias"] = bias
+    old["hash_bn.running_mean"] = old["hash_bn.running_mean"] + bias  # as the old model would have tracked it
+    with torch.no_grad():
+        logits_old = (model.hash_layer(model.backbone((x - model.mean) / model.std)) + bias - old["hash_bn.running_mean"]) \
+            / torch.sqrt(model.hash_bn.running_var + model.hash_bn.eps) * model.hash_bn.weight + model.hash_bn.bias
+        fresh = build_hash_model("small_cnn", 16, width=8)
+        fresh.load_state_dict(old)
+        fresh.eval()
+        assert torch.allclose(fresh(x), torch.tanh(logits_old), atol=1e-6)
+    # without a hash BatchNorm the layer keeps its bias
+    assert build_hash_model("small_cnn", 16, hash_bn=False).hash_layer.bias is not None

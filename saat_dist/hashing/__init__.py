@@ -1,5 +1,16 @@
 """Benign deep-hashing losses (SAAT.md §2)."""
 
-from saat_dist.hashing.losses import LOSSES, CSQLoss, DPHLoss, DPSHLoss, HashNetLoss, build_hash_loss
+from saat_dist.hashing.losses import (
+    LOSSES,
+    CSQLoss,
+    DPHLoss,
+    DPNLoss,
+    DPSHLoss,
+    HashNetLoss,
+    HSWDLoss,
+    OrthoLoss,
+    build_hash_loss,
+)
 
-__all__ = ["LOSSES", "CSQLoss", "DPHLoss", "DPSHLoss", "HashNetLoss", "build_hash_loss"]
+__all__ = ["LOSSES", "CSQLoss", "DPHLoss", "DPNLoss", "DPSHLoss", "HSWDLoss", "HashNetLoss", "OrthoLoss",
+           "build_hash_loss"]

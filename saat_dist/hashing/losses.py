@@ -123,22 +123,33 @@ def csq_centres(num_classes: int, bits: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 2, (num_classes, bits), generator=g).float() * 2 - 1
 
 
+class CentreCodes:
+    """One +-1 centre per class, and the centre of a multi-hot label: the sign
+    of the sum of its classes' centres, zero bits broken by a fixed random
+    centre (CSQ, DPN)."""
+
+    def __init__(self, centres_CK: torch.Tensor, seed: int) -> None:
+        self.centres = centres_CK.float()
+        g = torch.Generator().manual_seed(seed + 1)
+        self.tie_centre = torch.randint(0, 2, (centres_CK.shape[1],), generator=g).float() * 2 - 1
+
+    def __call__(self, y_BC: torch.Tensor) -> torch.Tensor:
+        summed = y_BC.float() @ self.centres.to(y_BC.device)
+        tie = self.tie_centre.to(y_BC.device).expand_as(summed)
+        return torch.sign(torch.where(summed == 0, tie, summed))
+
+
 class CSQLoss:
     uses_bank = False
     needs_all_codes = False
 
     def __init__(self, num_classes: int, bits: int, quant_weight: float = 0.05, seed: int = 0) -> None:
-        self.centres = csq_centres(num_classes, bits, seed)
-        g = torch.Generator().manual_seed(seed + 1)
-        # Breaks zero bits of a multi-label centre sum, fixed for the run.
-        self.tie_centre = torch.randint(0, 2, (bits,), generator=g).float() * 2 - 1
+        self._centre = CentreCodes(csq_centres(num_classes, bits, seed), seed)
+        self.centres, self.tie_centre = self._centre.centres, self._centre.tie_centre
         self.quant_weight = quant_weight
 
     def centre_of(self, y_BC: torch.Tensor) -> torch.Tensor:
-        summed = y_BC.float() @ self.centres.to(y_BC.device)
-        tie = self.tie_centre.to(y_BC.device).expand_as(summed)
-        summed = torch.where(summed == 0, tie, summed)
-        return torch.sign(summed)
+        return self._centre(y_BC)
 
     def __call__(self, u, y, bank_codes=None, bank_labels=None):
         c = self.centre_of(y)
@@ -150,7 +161,88 @@ class CSQLoss:
         return 1.0
 
 
-LOSSES = ("dph", "dpsh", "hashnet", "csq")
+def dpn_centres(num_classes: int, bits: int, seed: int = 0, p: float = 0.5) -> torch.Tensor:
+    """DPN's class centres: +1 everywhere but a random ``p`` share of bits set to -1."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.ones(num_classes, bits)
+    for c in range(num_classes):
+        out[c, torch.randperm(bits, generator=g)[: int(bits * p)]] = -1
+    return out
+
+
+class DPNLoss:
+    """Deep Polarized Network (IJCAI 2020): a hinge that pushes every bit of u
+    past the margin m on the side of its label's centre, mean(max(0, m - u * t))."""
+
+    uses_bank = False
+    needs_all_codes = False
+
+    def __init__(self, num_classes: int, bits: int, margin: float = 1.0, seed: int = 0) -> None:
+        self.centre_of = CentreCodes(dpn_centres(num_classes, bits, seed), seed)
+        self.margin = margin
+
+    def __call__(self, u, y, bank_codes=None, bank_labels=None):
+        hash_term = (self.margin - u * self.centre_of(y)).clamp_min(0).mean()
+        return hash_term, {"hash": hash_term}
+
+    def tanh_scale(self, step: int) -> float:
+        return 1.0
+
+
+def sliced_wasserstein_quantisation(u_BK: torch.Tensor) -> torch.Tensor:
+    """HSWD's quantisation term: per bit, the 1-D Wasserstein-2 distance between
+    the batch's values and as many draws from the +-1 Bernoulli(0.5) target,
+    sum over bits / (B K). The draws come from torch's global CPU generator
+    (part of every checkpoint), so a resumed run draws the same ones."""
+    target = (torch.randint(0, 2, u_BK.shape).to(u_BK.device, u_BK.dtype) * 2 - 1)
+    diff = torch.sort(u_BK, dim=0).values - torch.sort(target, dim=0).values
+    return diff.pow(2).sum() / u_BK.numel()
+
+
+class HSWDLoss(HashNetLoss):
+    """HashNet with a sliced-Wasserstein quantisation term (Doan et al., CVPR
+    2022, "One loss for quantization"): HashNet's weighted pairwise loss +
+    0.1 x ``sliced_wasserstein_quantisation``; tanh scale grows as HashNet's."""
+
+    def __init__(self, quant_weight: float = 0.1, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.quant_weight = quant_weight
+
+    def __call__(self, u, y, bank_codes, bank_labels):
+        hash_term, _ = super().__call__(u, y, bank_codes, bank_labels)
+        quant = self.quant_weight * sliced_wasserstein_quantisation(u)
+        return hash_term + quant, {"hash": hash_term, "quant": quant}
+
+
+class OrthoLoss:
+    """OrthoHash (Hoe et al., NeurIPS 2021, "One loss for all"): cosine
+    similarity of batch-normalised codes to fixed random +-1 class codewords,
+    an additive cosine margin m on the true classes, scale s, and cross
+    entropy against the label spread evenly over its classes (one-hot labels:
+    plain cross entropy). The reference's BatchNorm before the cosine has
+    learnable scale/shift; here it normalises with batch statistics only."""
+
+    uses_bank = False
+    needs_all_codes = False
+
+    def __init__(self, num_classes: int, bits: int, scale: float = 8.0, margin: float = 0.2, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.codebook = torch.randint(0, 2, (num_classes, bits), generator=g).float() * 2 - 1
+        self.scale, self.margin = scale, margin
+
+    def __call__(self, u, y, bank_codes=None, bank_labels=None):
+        v = F.batch_norm(u, None, None, training=True) if len(u) > 1 else u
+        cos = F.normalize(v, dim=1) @ F.normalize(self.codebook.to(u.device, u.dtype), dim=1).T
+        logits = self.scale * (cos - self.margin * y.to(u.dtype))
+        target = y.to(u.dtype) / y.sum(1, keepdim=True).clamp_min(1).to(u.dtype)
+        hash_term = -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+        return hash_term, {"hash": hash_term}
+
+    def tanh_scale(self, step: int) -> float:
+        return 1.0
+
+
+LOSSES = ("dph", "dpsh", "hashnet", "csq", "dpn", "hswd", "ortho")
 
 
 def build_hash_loss(name: str, num_classes: int, bits: int, seed: int = 0):
@@ -162,4 +254,10 @@ def build_hash_loss(name: str, num_classes: int, bits: int, seed: int = 0):
         return HashNetLoss()
     if name == "csq":
         return CSQLoss(num_classes, bits, seed=seed)
+    if name == "dpn":
+        return DPNLoss(num_classes, bits, seed=seed)
+    if name == "hswd":
+        return HSWDLoss()
+    if name == "ortho":
+        return OrthoLoss(num_classes, bits, seed=seed)
     raise ValueError(f"train.loss: {name!r} is not one of {list(LOSSES)}")

@@ -21,14 +21,29 @@ class HashModel(nn.Module):
     def __init__(self, backbone: nn.Module, feature_dim: int, bits: int, hash_bn: bool = True) -> None:
         super().__init__()
         self.backbone = backbone
-        self.hash_layer = nn.Linear(feature_dim, bits)
         # BatchNorm on the hash logits keeps codes from collapsing to 0 with
-        # DPH-style losses (SAAT.md §2, practical note).
+        # DPH-style losses (SAAT.md §2, practical note). A bias in front of it
+        # would do nothing (BatchNorm subtracts the mean) but collect rounding
+        # noise as its gradient, which Adam turns into lr-sized random steps
+        # that make runs differ across CPUs and thread counts.
+        self.hash_layer = nn.Linear(feature_dim, bits, bias=not hash_bn)
         self.hash_bn = nn.BatchNorm1d(bits) if hash_bn else nn.Identity()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.bits = bits
         self.alpha = 1.0  # default temperature; forward(alpha=...) overrides per call
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also loads files of models that had a bias before the hash BatchNorm
+        (saat-dist 0.1): the bias folds into the running mean, which gives the
+        same eval-mode output (in train mode BatchNorm removes it anyway)."""
+        bias = state_dict.get("hash_layer.bias")
+        if bias is not None and self.hash_layer.bias is None and "hash_bn.running_mean" in state_dict:
+            state_dict = dict(state_dict)
+            state_dict.pop("hash_layer.bias")
+            state_dict["hash_bn.running_mean"] = state_dict["hash_bn.running_mean"] - bias.to(
+                state_dict["hash_bn.running_mean"].dtype)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def logits(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         """h(norm(x)) before tanh; x in [0, 1]. The input is cast to the
