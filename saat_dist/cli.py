@@ -1,6 +1,8 @@
 """The `saat-dist` command.
 
   saat-dist run --config configs/demo.yaml            the whole protocol
+  saat-dist experiment --config configs/experiments/demo.yaml
+                                                      hash x bits x defence x attack grid, Tables I/II
   saat-dist train|saat|evaluate|report --config ...   one stage, in the run directory
   saat-dist data demo --out DIR [--seed S]            build the embedded demo data set
   saat-dist data convert --root DIR --out DIR         DeepHash list format -> WebDataset shards
@@ -27,7 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_ in [("run", "run every stage"), ("train", "benign hashing training"),
+    for name, help_ in [("run", "run every stage"),
+                        ("experiment", "the protocol over a grid of hash loss x bits x defence x attack "
+                                       "(experiment.json/md, plots); a rerun skips finished cells"),
+                        ("train", "benign hashing training"),
                         ("saat", "SAAT adversarial training from the benign model"),
                         ("evaluate", "evaluate the benign and/or SAAT model"),
                         ("report", "write report.json/md and plots")]:
@@ -134,6 +139,13 @@ def _stage(args, cfg) -> int:
     from saat_dist import pipeline
     from saat_dist.report import write_report
 
+    if args.command == "experiment":
+        from saat_dist.experiment import run_experiment
+
+        report = run_experiment(cfg)
+        print(json.dumps({"checks": report["checks"], "orderings": report["orderings"],
+                          "report": str(Path(cfg.output_dir) / "experiment.md")}, indent=1))
+        return 0
     if args.command == "run":
         report = pipeline.run_all(cfg, resume=args.resume)
         print(json.dumps({k: report[k] for k in ("random_map", "benign", "saat", "stage_seconds")}, indent=1, default=str)[:4000])

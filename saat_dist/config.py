@@ -21,6 +21,9 @@ class ConfigError(ValueError):
     pass
 
 
+ADV_SECTIONS = ("saat", "cgat", "atrdh", "pgd_at")  # config sections of the adversarial-training defences
+
+
 @dataclass
 class DemoDataConfig:
     train: int = 2000  # training images
@@ -39,6 +42,7 @@ class DataConfig:
     build_demo: bool = True  # build the embedded demo data set here if shard_dir has no manifest
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)  # demo data parameters
     image_size: int = 32  # images are resized to image_size x image_size
+    resize: int | None = None  # if set: resize the shorter side to this, then centre-crop image_size (the reference: 256 then 224); None: resize straight to image_size x image_size
     loader_workers: int = 0  # DataLoader worker processes per rank (0: read in the training process)
     skip_corrupt: bool = False  # skip corrupt samples (and the unreadable rest of a broken shard) with a warning, counted in saat_skipped_samples_total and the report; off: stop with one line naming shard and sample
     base_url: str | None = None  # read manifest + shards from here instead of shard_dir: a prefix (http://host/shards) or a template with {name} (pipe:aws s3 cp s3://b/shards/{name} -)
@@ -49,7 +53,8 @@ class ModelConfig:
     backbone: Literal["small_cnn", "alexnet", "vgg11", "vgg16", "vgg19", "resnet18", "resnet50"] = "small_cnn"  # feature extractor
     bits: int = 32  # hash code length K
     pretrained_path: str | None = None  # local torchvision ImageNet weights; never downloaded
-    hash_bn: bool = True  # BatchNorm1d on the hash logits (keeps DPH codes from collapsing)
+    hash_bn: bool = True  # BatchNorm1d on the hash logits (keeps DPH codes from collapsing); the reference has none (false)
+    hash_init: Literal["torch", "reference"] = "torch"  # hash layer init: torch's Linear default, or the reference's (N(0, 0.01) weights and zero bias for ResNets, torch's default for AlexNet/VGG)
     width: int = 32  # channel width of small_cnn
 
 
@@ -57,6 +62,7 @@ class ModelConfig:
 class OptimConfig:
     name: Literal["adam", "sgd"] = "adam"  # optimizer
     lr: float = 1e-3  # learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam's betas (ATRDH: 0.5, 0.999)
     momentum: float = 0.0  # SGD momentum
     weight_decay: float = 0.0  # L2 weight decay
     milestones: list[float] = field(default_factory=list)  # fractions of all steps where lr is multiplied by gamma
@@ -65,23 +71,126 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    loss: Literal["dph", "dpsh", "hashnet", "csq"] = "dph"  # benign hashing loss
+    loss: Literal["dph", "dpsh", "hashnet", "csq", "dpn", "hswd", "ortho"] = "dph"  # benign hashing loss
     epochs: int = 6  # training epochs
     batch_size: int = 64  # batch size per step
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer of benign training
 
 
 @dataclass
-class SAATConfig:
+class AdvTrainConfig:
+    """What every adversarial-training defence shares (SAAT, CgAT, ATRDH, PGD-AT):
+    a training stage from the benign model with an inner PGD of ``iters`` steps."""
+
     epochs: int = 6  # adversarial training epochs, starting from the benign model
-    batch_size: int = 64  # batch size per step
+    batch_size: int = 64  # batch size per step (per worker)
     eps: float = 16 / 255  # L-inf budget of the inner maximisation
     step_size: float = 4 / 255  # inner PGD step
     iters: int = 7  # inner PGD iterations
-    lam: float = 1.0  # weight of the adversarial mainstay term (lambda)
-    mu: float = 1e-4  # weight of the adversarial quantisation term (mu)
+    lam: float = 1.0  # weight of the adversarial term (lambda)
+    mu: float = 1e-4  # weight of the quantisation term on adversarial codes (mu)
+    attack_mode: Literal["eval", "train"] = "eval"  # model mode during the inner attack: eval (BatchNorm running statistics, no dropout; this project's default) or train (the reference: batch statistics, dropout on, running statistics updated by the attack's forwards)
+    hash_bank: Literal["sign", "continuous"] = "sign"  # codes the benign hash term compares with: the bank of sign codes (this project's default) or a second bank of the continuous codes of each item's last forward (the reference's U); guide codes always come from sign codes
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        name="sgd", lr=0.05, weight_decay=1e-5, milestones=[0.5, 0.75]))  # optimizer of SAAT
+        name="sgd", lr=0.05, weight_decay=1e-5, milestones=[0.5, 0.75]))  # optimizer
+
+
+@dataclass
+class SAATConfig(AdvTrainConfig):
+    """SAAT (SAAT.md §5): inner PGD away from the mainstay code b*(y) (cosine
+    weights); outer L_hash + lam * (-mean(F(x_adv) b*)) + mu * quantisation.
+    Reference: eps 8/255, step 2/255, 7 iterations, SGD 0.05, weight decay
+    1e-5, 20 epochs at batch 32."""
+
+
+@dataclass
+class CgATConfig(AdvTrainConfig):
+    """CgAT (Wang et al., WWW 2023): as SAAT with the centre code of a label
+    (the sign of the mean code of relevant items minus that of irrelevant
+    items: uniform weights) as the guide, no quantisation term. Reference:
+    SGD 0.01, momentum 0.9, weight decay 5e-4, 30 epochs."""
+
+    mu: float = 0.0  # CgAT has no quantisation term
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        name="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, milestones=[0.5, 0.75]))  # optimizer
+
+
+@dataclass
+class ATRDHConfig(AdvTrainConfig):
+    """ATRDH (Wang et al., SIGIR 2021): a PrototypeNet learns a target code per
+    label set (circle loss against the bank); the inner PGD pulls the batch
+    toward the target codes of random label sets; outer L_hash + adv_weight x
+    the DPH loss of the adversarial codes against the bank (adversarial codes
+    keep the clean codes' pairwise similarities). Reference: Adam 1e-4,
+    betas (0.5, 0.999), 100 epochs."""
+
+    mu: float = 0.0  # not used by ATRDH
+    adv_weight: float = 2.0  # weight of the adversarial pairwise term (the reference's 2)
+    pnet_lr: float = 1e-4  # PrototypeNet's Adam learning rate (betas 0.5, 0.999, lr x 0.1 at 50 % and 75 %)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        name="adam", lr=1e-4, betas=[0.5, 0.999], milestones=[0.5, 0.75]))  # optimizer of the hash model
+
+
+@dataclass
+class PGDATConfig(AdvTrainConfig):
+    """Plain PGD adversarial training on the benign hash loss (Madry et al.),
+    the floor any defence must beat: the inner PGD maximises the benign hash
+    loss of F(x + delta); outer clean_weight x L_hash(x) + lam x L_hash(x_adv)."""
+
+    mu: float = 0.0  # not used by PGD-AT
+    clean_weight: float = 1.0  # weight of the clean hash loss (0: Madry's adversarial loss only)
+
+
+@dataclass
+class HAGConfig:
+    iters: int = 2000  # iterations (HAG paper's default)
+    lr: float = 100.0  # SGD learning rate on the image (momentum 0.9), as the reference
+    threshold: float = 0.5  # a bit stops counting once |F(x_adv) - sign(F(x))| exceeds 1 + threshold
+    beta: float = 1.0  # weight of the code-balance term
+
+
+@dataclass
+class SDHAConfig:
+    iters: int = 1500  # iterations (SDHA paper's default)
+    lr: float = 0.01  # Adam learning rate on the image
+    weight: float = 25.0  # weight of the surrogate term (divided by K), beside the MSE to the clean image
+    sigma: float = 5.0  # sigmoid sharpness of the soft Hamming distance
+    z: float = 0.5  # relevant items weighted by (Hamming distance + 1e-8)^-z
+
+
+@dataclass
+class AnchorAttackConfig:
+    iters: int = 2000  # PGD iterations toward the anchor code (DHTA paper's default)
+    eps: float | None = None  # budget (None: attack.eps; the reference's DHTA uses 0.032)
+    step_size: float = 1 / 255  # PGD step
+    anchors: int = 9  # anchor = sign of the sum of this many database codes of the target label set (P2P: 1)
+
+
+@dataclass
+class THAConfig:
+    iters: int = 100  # PGD iterations toward the PrototypeNet's target code
+    step_size: float = 1 / 255  # PGD step
+    pnet_steps: int = 30000  # PrototypeNet training steps (the reference: 100 epochs x 300)
+    pnet_batch: int = 32  # label sets per PrototypeNet step
+    pnet_lr: float = 1e-4  # Adam learning rate (betas 0.5, 0.999; x 0.1 at 50 % and 75 %)
+
+
+@dataclass
+class SquareConfig:
+    iters: int = 1000  # queries per image (one forward pass each; no gradients)
+    p_init: float = 0.1  # initial share of pixels in the random square (halved on the Square attack's schedule)
+
+
+@dataclass
+class TransferConfig:
+    iters: int = 100  # iterations of BIM, DI-, NI-, SI-NI- and VMI-FGSM (the reference: 100)
+    step_size: float = 1 / 255  # step of each
+    decay: float = 1.0  # momentum decay (NI, SI-NI, VMI; DI-FGSM uses 0 as the reference)
+    di_prob: float = 0.5  # DI-FGSM: probability of the random resize-and-pad
+    di_resize: float = 0.9  # DI-FGSM: images are shrunk to a random size in [di_resize, 1) x S, then padded
+    si_copies: int = 5  # SI-NI-FGSM: scale copies x / 2^i, i < si_copies
+    vmi_neighbours: int = 5  # VMI-FGSM: neighbours sampled for the gradient variance ...
+    vmi_beta: float = 1.5  # ... uniformly within beta x eps
 
 
 @dataclass
@@ -94,6 +203,14 @@ class AttackConfig:
     strong_factor: int = 5  # the strong check runs strong_factor x iters ...
     strong_restarts: int = 3  # ... with this many random restarts (worst case per query)
     strong_queries: int = 100  # queries in the strong check (0: all); the plain attack is re-scored on the same ones
+    restarts: int = 3  # experiment: random restarts of the mainstay attack (the strongest run per query is kept)
+    hag: HAGConfig = field(default_factory=HAGConfig)  # HAG (Yang et al.): away from the clean code
+    sdha: SDHAConfig = field(default_factory=SDHAConfig)  # SDHA (Lu et al.): away from relevant training codes
+    dhta: AnchorAttackConfig = field(default_factory=AnchorAttackConfig)  # DHTA (Bai et al.): toward an anchor of 9 codes
+    p2p: AnchorAttackConfig = field(default_factory=lambda: AnchorAttackConfig(anchors=1))  # P2P: DHTA with 1 anchor code
+    tha: THAConfig = field(default_factory=THAConfig)  # THA (Wang et al.): toward a PrototypeNet code
+    square: SquareConfig = field(default_factory=SquareConfig)  # black-box random search on the Hamming objective
+    transfer: TransferConfig = field(default_factory=TransferConfig)  # BIM, DI-, NI-, SI-NI-, VMI-FGSM on the mainstay loss
 
 
 @dataclass
@@ -101,6 +218,7 @@ class EvalConfig:
     top_k: int = 5000  # mAP@top_k (the reference uses 5000)
     num_queries: int = 0  # evaluate on the first num_queries queries (0: all)
     pr_levels: int = 11  # recall levels of the PR curve (11: steps of 0.1)
+    pr_points: Literal["interpolated", "reference"] = "interpolated"  # interpolated precision at recall 0, 0.1, ..., 1 (queries without relevant items left out), or the reference's points: recall 1/(L-1) ... 1, precision where the ranking first reaches that share of the relevant items, averaged over all queries
     precision_at: list[int] = field(default_factory=lambda: [100, 200, 500, 1000])  # N of precision@N
     batch_size: int = 256  # images per encoding batch
 
@@ -132,6 +250,32 @@ class MetricsConfig:
     linger_s: float = 6.0  # seconds a worker keeps serving after withdrawing its target file at the end of a stage, so Prometheus (which applies discovery changes every 5 s) drops it before the endpoint closes
 
 
+DEFENCES = ("none", "saat", "atrdh", "cgat", "pgd_at")
+ATTACKS = ("mainstay", "hag", "sdha", "square", "bim", "difgsm", "nifgsm", "sinifgsm", "vmifgsm",
+           "mainstay_targeted", "dhta", "p2p", "tha")
+TRANSFER_ATTACKS = ("bim", "difgsm", "nifgsm", "sinifgsm", "vmifgsm")
+
+
+@dataclass
+class ChecksConfig:
+    blackbox_margin: float = 0.0  # 'black-box beats white-box' triggers when the black-box mAP is below every white-box untargeted mAP by more than this
+    eps_tolerance: float = 0.01  # 'mAP not falling as eps grows' triggers when a larger eps gives a mAP higher by more than this
+
+
+@dataclass
+class ExperimentConfig:
+    hashes: list[str] = field(default_factory=lambda: ["dph"])  # hash losses of the grid (train.loss values)
+    bits: list[int] = field(default_factory=lambda: [32])  # code lengths of the grid
+    defences: list[str] = field(default_factory=lambda: list(DEFENCES))  # 'none' is the benign model
+    attacks: list[str] = field(default_factory=lambda: list(ATTACKS))  # attacks run on every model
+    transfer: bool = True  # also score BIM/DI/NI/SI-NI/VMI examples crafted on the benign model on every defence
+    eps_sweep: list[float] = field(default_factory=lambda: [0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255])  # budgets of the mAP-vs-eps curve (mainstay attack)
+    num_queries: int = 0  # attack the first num_queries queries (0: all); every attack uses the same ones
+    retrieval_queries: int = 4  # queries shown in the retrieval picture
+    retrieval_top: int = 10  # results shown per query
+    checks: ChecksConfig = field(default_factory=ChecksConfig)  # thresholds of the evaluation checks
+
+
 @dataclass
 class RunConfig:
     name: str = "demo"  # run name, used in logs and reports
@@ -143,10 +287,14 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # hash model
     train: TrainConfig = field(default_factory=TrainConfig)  # benign training
     saat: SAATConfig = field(default_factory=SAATConfig)  # SAAT adversarial training
+    cgat: CgATConfig = field(default_factory=CgATConfig)  # CgAT adversarial training (experiments)
+    atrdh: ATRDHConfig = field(default_factory=ATRDHConfig)  # ATRDH adversarial training (experiments)
+    pgd_at: PGDATConfig = field(default_factory=PGDATConfig)  # PGD adversarial training (experiments)
     attack: AttackConfig = field(default_factory=AttackConfig)  # evaluation attacks
     eval: EvalConfig = field(default_factory=EvalConfig)  # retrieval evaluation
     distributed: DistributedConfig = field(default_factory=DistributedConfig)  # Ray Train + DeepSpeed
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # Prometheus
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)  # `saat-dist experiment`: the grid and its reports
 
     def __post_init__(self) -> None:
         """Range checks at load time, before any worker or Ray starts; each
@@ -158,6 +306,8 @@ class RunConfig:
             ("model.width", self.model.width >= 1, "must be >= 1"),
             ("data.image_size", 16 <= self.data.image_size <= 1024, "must be in [16, 1024]"),
             ("data.loader_workers", self.data.loader_workers >= 0, "must be >= 0"),
+            ("data.resize", self.data.resize is None or self.data.resize >= self.data.image_size,
+             f"must be >= data.image_size ({self.data.image_size}) to centre-crop it, or null"),
             ("log_every_s", self.log_every_s >= 0, "must be >= 0"),
             ("attack.eps", 0 <= a.eps <= 1, "must be in [0, 1]"),
             ("attack.step_size", 0 < a.step_size <= 1, "must be in (0, 1]"),
@@ -166,6 +316,23 @@ class RunConfig:
             ("attack.strong_factor", a.strong_factor >= 1, "must be >= 1"),
             ("attack.strong_restarts", a.strong_restarts >= 1, "must be >= 1"),
             ("attack.strong_queries", a.strong_queries >= 0, "must be >= 0 (0: all)"),
+            ("attack.restarts", a.restarts >= 1, "must be >= 1"),
+            ("attack.hag.iters", a.hag.iters >= 1, "must be >= 1"),
+            ("attack.hag.lr", a.hag.lr > 0, "must be > 0"),
+            ("attack.sdha.iters", a.sdha.iters >= 1, "must be >= 1"),
+            ("attack.sdha.lr", a.sdha.lr > 0, "must be > 0"),
+            ("attack.square.iters", a.square.iters >= 1, "must be >= 1"),
+            ("attack.square.p_init", 0 < a.square.p_init <= 1, "must be in (0, 1]"),
+            ("attack.tha.iters", a.tha.iters >= 1, "must be >= 1"),
+            ("attack.tha.step_size", 0 < a.tha.step_size <= 1, "must be in (0, 1]"),
+            ("attack.tha.pnet_steps", a.tha.pnet_steps >= 1, "must be >= 1"),
+            ("attack.tha.pnet_batch", a.tha.pnet_batch >= 1, "must be >= 1"),
+            ("attack.transfer.iters", a.transfer.iters >= 1, "must be >= 1"),
+            ("attack.transfer.step_size", 0 < a.transfer.step_size <= 1, "must be in (0, 1]"),
+            ("attack.transfer.di_prob", 0 <= a.transfer.di_prob <= 1, "must be in [0, 1]"),
+            ("attack.transfer.di_resize", 0 < a.transfer.di_resize < 1, "must be in (0, 1)"),
+            ("attack.transfer.si_copies", a.transfer.si_copies >= 1, "must be >= 1"),
+            ("attack.transfer.vmi_neighbours", a.transfer.vmi_neighbours >= 1, "must be >= 1"),
             ("eval.top_k", e.top_k >= 1, "must be >= 1"),
             ("eval.num_queries", e.num_queries >= 0, "must be >= 0 (0: all)"),
             ("eval.pr_levels", e.pr_levels >= 2, "must be >= 2"),
@@ -187,7 +354,32 @@ class RunConfig:
             ("metrics.linger_s", 0 <= self.metrics.linger_s <= 600, "must be in [0, 600]"),
             ("device", not (d.use_gpu and self.device == "cpu"), "is 'cpu' but distributed.use_gpu is true"),
         ]
-        for section in ("train", "saat"):
+        for name in ("dhta", "p2p"):
+            c = getattr(a, name)
+            checks += [(f"attack.{name}.iters", c.iters >= 1, "must be >= 1"),
+                       (f"attack.{name}.step_size", 0 < c.step_size <= 1, "must be in (0, 1]"),
+                       (f"attack.{name}.eps", c.eps is None or 0 <= c.eps <= 1, "must be in [0, 1] (or null: attack.eps)"),
+                       (f"attack.{name}.anchors", c.anchors >= 1, "must be >= 1")]
+        x = self.experiment
+        from saat_dist.hashing.losses import LOSSES
+
+        checks += [
+            ("experiment.hashes", bool(x.hashes) and all(h in LOSSES for h in x.hashes),
+             f"must be a non-empty list of {list(LOSSES)}, got {x.hashes}"),
+            ("experiment.bits", bool(x.bits) and all(8 <= b <= 1024 for b in x.bits), "must be a non-empty list in [8, 1024]"),
+            ("experiment.defences", bool(x.defences) and all(d in DEFENCES for d in x.defences)
+             and len(set(x.defences)) == len(x.defences), f"must be distinct values of {list(DEFENCES)}, got {x.defences}"),
+            ("experiment.attacks", all(t in ATTACKS for t in x.attacks) and len(set(x.attacks)) == len(x.attacks),
+             f"must be distinct values of {list(ATTACKS)}, got {x.attacks}"),
+            ("experiment.eps_sweep", all(0 <= v <= 1 for v in x.eps_sweep) and x.eps_sweep == sorted(set(x.eps_sweep)),
+             "must be increasing distinct values in [0, 1]"),
+            ("experiment.num_queries", x.num_queries >= 0, "must be >= 0 (0: all)"),
+            ("experiment.retrieval_queries", x.retrieval_queries >= 0, "must be >= 0"),
+            ("experiment.retrieval_top", x.retrieval_top >= 1, "must be >= 1"),
+            ("experiment.checks.eps_tolerance", x.checks.eps_tolerance >= 0, "must be >= 0"),
+            ("experiment.checks.blackbox_margin", x.checks.blackbox_margin >= 0, "must be >= 0"),
+        ]
+        for section in ("train", *ADV_SECTIONS):
             tc = getattr(self, section)
             o = tc.optim
             checks += [
@@ -197,17 +389,23 @@ class RunConfig:
                 (f"{section}.optim.momentum", 0 <= o.momentum < 1, "must be in [0, 1)"),
                 (f"{section}.optim.weight_decay", o.weight_decay >= 0, "must be >= 0"),
                 (f"{section}.optim.gamma", o.gamma > 0, "must be > 0"),
+                (f"{section}.optim.betas", len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+                 f"must be two values in [0, 1), got {o.betas}"),
                 (f"{section}.optim.milestones", all(0 < m < 1 for m in o.milestones),
                  f"milestones are fractions of the run in (0, 1), got {o.milestones}"),
             ]
-        s = self.saat
-        checks += [
-            ("saat.eps", 0 <= s.eps <= 1, "must be in [0, 1]"),
-            ("saat.step_size", 0 < s.step_size <= 1, "must be in (0, 1]"),
-            ("saat.iters", s.iters >= 1, "must be >= 1"),
-            ("saat.lam", s.lam >= 0, "must be >= 0"),
-            ("saat.mu", s.mu >= 0, "must be >= 0"),
-        ]
+        for section in ADV_SECTIONS:
+            s = getattr(self, section)
+            checks += [
+                (f"{section}.eps", 0 <= s.eps <= 1, "must be in [0, 1]"),
+                (f"{section}.step_size", 0 < s.step_size <= 1, "must be in (0, 1]"),
+                (f"{section}.iters", s.iters >= 1, "must be >= 1"),
+                (f"{section}.lam", s.lam >= 0, "must be >= 0"),
+                (f"{section}.mu", s.mu >= 0, "must be >= 0"),
+            ]
+        checks += [("atrdh.adv_weight", self.atrdh.adv_weight >= 0, "must be >= 0"),
+                   ("atrdh.pnet_lr", self.atrdh.pnet_lr > 0, "must be > 0"),
+                   ("pgd_at.clean_weight", self.pgd_at.clean_weight >= 0, "must be >= 0")]
         for key, ok, msg in checks:
             if not ok:
                 raise ConfigError(f"{key}: {msg}")

@@ -68,7 +68,8 @@ def encode_split(model: nn.Module, source: DataSource, split: str, cfg: RunConfi
     codes = torch.empty(n, cfg.model.bits)
     labels = torch.empty(n, source.num_classes)
     filled = 0
-    for images, lab, idx in source.batches(split, cfg.data.image_size, cfg.eval.batch_size, shards):
+    for images, lab, idx in source.batches(split, cfg.data.image_size, cfg.eval.batch_size, shards,
+                                            resize=cfg.data.resize):
         b = len(idx)
         codes[filled : filled + b] = encode(model, images, device, b)
         labels[filled : filled + b] = lab
@@ -112,7 +113,8 @@ def evaluate_model(cfg: RunConfig, model: nn.Module, source: DataSource, device,
                         _count_below(source, mine, n), unit="query", every_s=cfg.log_every_s if rank == 0 else 1e9)
     out = {k: [] for k in ("index", "clean", "adv", "t_index", "t", "s_index", "s")}
     pert = torch.zeros(5, dtype=torch.float64)
-    for images, lab, idx in source.batches("test", cfg.data.image_size, a.batch_size, mine, keep=lambda i: i < n):
+    for images, lab, idx in source.batches("test", cfg.data.image_size, a.batch_size, mine, keep=lambda i: i < n,
+                                            resize=cfg.data.resize):
         x = images.to(device).float().div_(255)
         guide = guide_of(lab)
         out["index"].append(idx)

@@ -32,18 +32,29 @@ def _sign_with_ties(v: torch.Tensor) -> torch.Tensor:
     return torch.where(v.abs() <= TIE_TOL, torch.zeros_like(v), torch.sign(v))
 
 
+WEIGHTINGS = ("cosine", "uniform")
+
+
 def mainstay_from_table(
     query_labels: torch.Tensor,
     set_labels: torch.Tensor,
     set_sums: torch.Tensor,
     set_counts: torch.Tensor,
+    weighting: str = "cosine",
 ) -> torch.Tensor:
     """Mainstay codes from per-label-set tables.
 
     query_labels B x C (0/1), set_labels L x C (0/1, the distinct label sets),
     set_sums L x K (sum of codes of the items of each set), set_counts L.
     Returns B x K float codes in {-1, 0, +1} on query_labels' device.
+
+    ``weighting``: ``cosine`` (SAAT's w+ proportional to cos(y, y_i)) or
+    ``uniform`` (every relevant item alike: CgAT's centre code, the sign of the
+    mean code of relevant items minus that of irrelevant ones; the reference
+    computes Jaccard weights there but then keeps only whether they are > 0).
     """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"mainstay weighting {weighting!r} is not one of {list(WEIGHTINGS)}")
     y = query_labels.to(torch.float64)
     g = set_labels.to(device=y.device, dtype=torch.float64)
     sums = set_sums.to(device=y.device, dtype=torch.float64)
@@ -52,6 +63,8 @@ def mainstay_from_table(
     overlap_BL = y @ g.T
     norms = y.norm(dim=1, keepdim=True) * g.norm(dim=1).unsqueeze(0)
     cos_BL = torch.where(norms > 0, overlap_BL / norms.clamp_min(1e-30), torch.zeros_like(overlap_BL))
+    if weighting == "uniform":
+        cos_BL = (cos_BL > 0).to(torch.float64)
     pos_mass = cos_BL @ counts
     pos_BK = (cos_BL @ sums) / pos_mass.clamp_min(1e-30).unsqueeze(1)
     pos_BK = torch.where((pos_mass > 0).unsqueeze(1), pos_BK, torch.zeros_like(pos_BK))
@@ -81,7 +94,8 @@ def label_set_counts(labels: torch.Tensor, set_labels: torch.Tensor) -> torch.Te
     return torch.bincount(ids, minlength=len(set_labels)).to(torch.float64)
 
 
-def mainstay_codes(query_labels: torch.Tensor, train_codes: torch.Tensor, train_labels: torch.Tensor) -> torch.Tensor:
+def mainstay_codes(query_labels: torch.Tensor, train_codes: torch.Tensor, train_labels: torch.Tensor, *,
+                   weighting: str = "cosine") -> torch.Tensor:
     """Exact mainstay codes b*(y) for each row of ``query_labels``.
 
     query_labels B x C (0/1), train_codes N x K (codes of the training items,
@@ -89,7 +103,7 @@ def mainstay_codes(query_labels: torch.Tensor, train_codes: torch.Tensor, train_
     (0 only on exact ties, see the module docstring).
     """
     set_labels, sums, counts = label_set_table(train_codes, train_labels)
-    return mainstay_from_table(query_labels, set_labels, sums, counts)
+    return mainstay_from_table(query_labels, set_labels, sums, counts, weighting)
 
 
 def mainstay_codes_dense(query_labels: torch.Tensor, train_codes: torch.Tensor, train_labels: torch.Tensor,
@@ -237,8 +251,10 @@ class CodeBank:
         """Add (table, Gram) changes made by other processes (flat, as ``take_pending``)."""
         self.stats += delta.to(self.device, torch.float64)
 
-    def mainstay(self, query_labels: torch.Tensor) -> torch.Tensor:
-        return mainstay_from_table(query_labels, self.set_labels, self.set_sums, self.set_counts).to(query_labels.device)
+    def mainstay(self, query_labels: torch.Tensor, weighting: str = "cosine") -> torch.Tensor:
+        """b*(y) of each row of ``query_labels`` from the current codes (``weighting``: see ``mainstay_from_table``)."""
+        return mainstay_from_table(query_labels, self.set_labels, self.set_sums, self.set_counts,
+                                   weighting).to(query_labels.device)
 
     def dph_stats(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """(Gram K x K, table L x K, set_labels L x C, N): all the DPH loss needs."""

@@ -17,9 +17,25 @@ class Stage:
 
 TRAIN = Stage("train", "benign", "train", 0, None)
 SAAT = Stage("saat", "saat", "saat", 1, "benign")
-TRAINING = {s.name: s for s in (TRAIN, SAAT)}
+CGAT = Stage("cgat", "cgat", "cgat", 2, "benign")
+ATRDH = Stage("atrdh", "atrdh", "atrdh", 3, "benign")
+PGD_AT = Stage("pgd_at", "pgd_at", "pgd_at", 4, "benign")
+TRAINING = {s.name: s for s in (TRAIN, SAAT, CGAT, ATRDH, PGD_AT)}
+DEFENCE_STAGES = {s.name: s for s in (SAAT, CGAT, ATRDH, PGD_AT)}  # adversarial training from the benign model
+
+
+def model_folder(defence: str) -> str:
+    """Folder of a defence's model in a run directory ('none': the benign model)."""
+    return TRAIN.out if defence == "none" else DEFENCE_STAGES[defence].out
 
 
 def evaluate_key(which: str) -> str:
     """Run key and metrics label of the evaluation of ``which``."""
     return f"evaluate_{which}"
+
+
+def stage_key(stage: str, which: str | None) -> str:
+    """Run key and metrics label of a stage ('evaluate' and 'robustness' per model folder)."""
+    if which is None:
+        return stage
+    return evaluate_key(which) if stage == "evaluate" else f"{stage}_{which}"

@@ -32,7 +32,7 @@ def test_overrides_are_typed():
 @pytest.mark.parametrize("override, message", [
     ("train.lr=0.1", r"unknown key 'train.lr' \(known keys here: \['batch_size', 'epochs', 'loss', 'optim'\]\)"),
     ("model.backbone=vgg13", r"model.backbone: 'vgg13' is not one of \['small_cnn', 'alexnet'"),
-    ("train.loss=dtsh", r"train.loss: 'dtsh' is not one of \['dph', 'dpsh', 'hashnet', 'csq'\]"),
+    ("train.loss=dtsh", r"train.loss: 'dtsh' is not one of \['dph', 'dpsh', 'hashnet', 'csq', 'dpn', 'hswd', 'ortho'\]"),
     ("model.bits=many", r"model.bits: expected an integer"),
     ("saat.eps=3", r"saat.eps: must be in \[0, 1\]"),
     ("saat.optim.milestones=[0.5, 2]", r"saat.optim.milestones: milestones are fractions"),

@@ -1,7 +1,23 @@
-"""Adversarial attacks on hash models (SAAT.md §4)."""
+"""Adversarial attacks on hash models (SAAT.md §4), all in pixel space
+(||delta||_inf <= eps, values in [0, 1]) and batched on any device.
 
-from saat_dist.attacks.mainstay_pgd import ALPHA_SCHEDULE, attack_loss, pgd_attack
+Mainstay-code PGD (untargeted/targeted) and the baselines: HAG, SDHA
+(untargeted), DHTA, P2P, THA (targeted; ``anchor_codes`` and the
+PrototypeNet), the black-box ``square_attack``, and the transfer generators
+BIM, DI-, NI-, SI-NI- and VMI-FGSM on the mainstay loss.
+"""
+
+from saat_dist.attacks.anchor import anchor_codes, target_code_attack
+from saat_dist.attacks.hag import hag_attack, hag_loss
+from saat_dist.attacks.mainstay_pgd import ALPHA_SCHEDULE, attack_loss, model_mode, pgd, pgd_attack
 from saat_dist.attacks.perceptibility import perceptibility
+from saat_dist.attacks.prototype import PrototypeNet, PrototypeTrainer, prototype_loss
+from saat_dist.attacks.sdha import sdha_attack, sdha_surrogate
+from saat_dist.attacks.square import square_attack
 from saat_dist.attacks.targets import choose_targets
+from saat_dist.attacks.transfer import GENERATORS, transfer_attack, transfer_codes
 
-__all__ = ["ALPHA_SCHEDULE", "attack_loss", "choose_targets", "perceptibility", "pgd_attack"]
+__all__ = ["ALPHA_SCHEDULE", "GENERATORS", "PrototypeNet", "PrototypeTrainer", "anchor_codes", "attack_loss",
+           "choose_targets", "hag_attack", "hag_loss", "model_mode", "perceptibility", "pgd", "pgd_attack",
+           "prototype_loss", "sdha_attack", "sdha_surrogate", "square_attack", "target_code_attack",
+           "transfer_attack", "transfer_codes"]

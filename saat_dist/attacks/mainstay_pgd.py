@@ -44,24 +44,45 @@ def alpha_at(it: int, iters: int, schedule: tuple[float, ...] | None) -> float |
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Attacks see the model as at test time (BatchNorm running stats)."""
+def model_mode(model: nn.Module, mode: str = "eval"):
+    """The model in ``mode`` for the duration, then as it was. ``eval``: as at
+    test time (BatchNorm running statistics, no dropout). ``train``: as the
+    reference code attacks during adversarial training (batch statistics,
+    dropout on; the attack's forward passes also update BatchNorm's running
+    statistics)."""
+    if mode not in ("eval", "train"):
+        raise ValueError(f"model mode {mode!r} is not one of ['eval', 'train']")
     was = model.training
-    model.eval()
+    model.train(mode == "train")
     try:
         yield
     finally:
         model.train(was)
 
 
-def _one_run(model, x, guide, eps, step_size, iters, targeted, random_start, schedule, loss, generator):
+def eval_mode(model: nn.Module):
+    """Attacks see the model as at test time (BatchNorm running stats)."""
+    return model_mode(model, "eval")
+
+
+def project(x: torch.Tensor, x_adv: torch.Tensor, eps: float) -> torch.Tensor:
+    """x_adv moved into the eps-ball around x (L-inf) and into [0, 1]."""
+    return (x + (x_adv - x).clamp(-eps, eps)).clamp(0, 1)
+
+
+def pgd(model, x, objective, *, eps: float, step_size: float, iters: int, random_start: bool = True,
+        alpha_schedule: tuple[float, ...] | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Signed-gradient descent on ``objective(codes_BK) -> (B,)`` (one value per
+    example) over x + delta, ||delta||_inf <= eps, values in [0, 1]; uniform
+    random start in [-eps, eps] when ``random_start``. The model is called as
+    is (set its mode outside)."""
     delta = torch.zeros_like(x)
     if random_start:
         delta.uniform_(-eps, eps, generator=generator)
     delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
     for it in range(iters):
-        codes = model(x + delta, alpha=alpha_at(it, iters, schedule))
-        obj = attack_loss(codes, guide, targeted, loss).sum()  # per-example gradients stay independent
+        codes = model(x + delta, alpha=alpha_at(it, iters, alpha_schedule))
+        obj = objective(codes).sum()  # per-example gradients stay independent
         (grad,) = torch.autograd.grad(obj, delta)
         with torch.no_grad():
             delta -= step_size * grad.sign()
@@ -84,21 +105,27 @@ def pgd_attack(
     loss: str = "sharp",
     restarts: int = 1,
     generator: torch.Generator | None = None,
+    mode: str = "eval",
 ) -> torch.Tensor:
     """Adversarial images x + delta with ||delta||_inf <= eps and values in [0, 1].
 
     ``guide_BK`` is b*(y) (untargeted) or b*(y_t) (targeted). With restarts,
     the kept run per example is the one with the lowest plain attack loss at
     alpha = 1. Only the input gets gradients; model parameters are untouched.
+    ``mode``: the model's mode during the attack (``model_mode``).
     """
     if iters < 1 or eps < 0 or step_size <= 0:
         raise ValueError("pgd_attack: need iters >= 1, eps >= 0, step_size > 0")
     guide = guide_BK.to(x_BCHW.device, x_BCHW.dtype)
+
+    def objective(codes):
+        return attack_loss(codes, guide, targeted, loss)
+
     best, best_score = None, None
-    with eval_mode(model):
+    with model_mode(model, mode):
         for _ in range(max(1, restarts)):
-            x_adv = _one_run(model, x_BCHW, guide, eps, step_size, iters, targeted, random_start,
-                             alpha_schedule, loss, generator)
+            x_adv = pgd(model, x_BCHW, objective, eps=eps, step_size=step_size, iters=iters,
+                        random_start=random_start, alpha_schedule=alpha_schedule, generator=generator)
             if restarts <= 1:
                 return x_adv
             with torch.no_grad():

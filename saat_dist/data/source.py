@@ -80,16 +80,17 @@ class DataSource:
         return torch.tensor(index, dtype=torch.int64), lab
 
     def batches(self, split: str, image_size: int, batch_size: int, shards: list[int] | None = None,
-                keep=None) -> Iterator[Batch]:
+                keep=None, resize: int | None = None) -> Iterator[Batch]:
         """uint8 images B x 3 x S x S, labels and index of the chosen shards, in
         stored order, ``batch_size`` at a time: at most one batch of images is
-        in memory. ``keep(index) -> bool`` filters samples by global index."""
+        in memory. ``keep(index) -> bool`` filters samples by global index;
+        ``resize`` as ``stream.resize_image``."""
         from saat_dist.data.stream import iter_shard
 
         urls = self.urls(split)
         buf: list = []
         for j in (range(len(urls)) if shards is None else shards):
-            for img, label, i in iter_shard(urls[j], image_size):
+            for img, label, i in iter_shard(urls[j], image_size, resize=resize):
                 if keep is not None and not keep(i):
                     continue
                 buf.append((img, label, i))
@@ -98,6 +99,24 @@ class DataSource:
                     buf = []
         if buf:
             yield _stack(buf)
+
+    def images(self, split: str, indices, image_size: int, resize: int | None = None) -> dict[int, torch.Tensor]:
+        """uint8 images 3 x S x S of the items with these global indices (one
+        pass over the split's shards; only the wanted images are decoded)."""
+        from saat_dist.data.stream import ShardError, decode_sample
+
+        wanted, out = {int(i) for i in indices}, {}
+        for url in self.urls(split):
+            if len(out) == len(wanted):
+                break
+            for sample in wds.tariterators.tarfile_samples([{"url": url}]):
+                try:
+                    i = int(json.loads(sample["json"])["index"])
+                except (KeyError, ValueError, TypeError) as e:
+                    raise ShardError(f"shard {url}: sample {sample.get('__key__')}: unreadable .json metadata") from e
+                if i in wanted:
+                    out[i] = decode_sample(sample, image_size, resize=resize)[0]
+        return out
 
 
 def _stack(items) -> Batch:

@@ -46,10 +46,31 @@ class SampleError(ValueError):
     """One sample is unusable (missing field, undecodable image, bad label)."""
 
 
-def decode_sample(sample: dict, image_size: int, num_classes: int | None = None
+def resize_image(img_CHW: torch.Tensor, image_size: int, resize: int | None = None) -> torch.Tensor:
+    """uint8 3 x S x S. ``resize`` None: resized straight to S x S. Else as
+    torchvision's Resize(resize) + CenterCrop(S) (the reference's transform):
+    the shorter side becomes ``resize`` (aspect kept), then the centre S x S."""
+    h, w = img_CHW.shape[1:]
+    if resize is None:
+        size = (image_size, image_size)
+    elif h <= w:
+        size = (resize, int(resize * w / h))
+    else:
+        size = (int(resize * h / w), resize)
+    if (h, w) != size:
+        img_CHW = F.interpolate(img_CHW[None].float(), size=size, mode="bilinear", antialias=True,
+                                align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+    if resize is not None:
+        top, left = int(round((size[0] - image_size) / 2)), int(round((size[1] - image_size) / 2))
+        img_CHW = img_CHW[:, top : top + image_size, left : left + image_size].contiguous()
+    return img_CHW
+
+
+def decode_sample(sample: dict, image_size: int, num_classes: int | None = None, resize: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(uint8 image 3 x S x S, float multi-hot label, global index) of one raw
-    sample; ``SampleError`` says what is wrong with it."""
+    sample (``resize``: see ``resize_image``); ``SampleError`` says what is
+    wrong with it."""
     if "json" not in sample:
         raise SampleError("no .json member (label and index)")
     try:
@@ -71,14 +92,11 @@ def decode_sample(sample: dict, image_size: int, num_classes: int | None = None
             img = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
     except Exception as e:
         raise SampleError(f"undecodable .{ext} image ({type(e).__name__}: {e})") from e
-    if img.shape[1:] != (image_size, image_size):
-        img = F.interpolate(img[None].float(), size=(image_size, image_size), mode="bilinear",
-                            antialias=True, align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
-    return img, torch.tensor(label, dtype=torch.float32), index
+    return resize_image(img, image_size, resize), torch.tensor(label, dtype=torch.float32), index
 
 
 def iter_shard(url: str, image_size: int, num_classes: int | None = None, *, expected: int | None = None,
-               on_skip=None) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+               on_skip=None, resize: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """Decoded samples of one shard, in stored order. A bad sample or an
     unreadable shard raises ``ShardError`` naming the shard and the sample
     key, unless ``on_skip(count, message)`` is given: then a bad sample is
@@ -89,7 +107,7 @@ def iter_shard(url: str, image_size: int, num_classes: int | None = None, *, exp
         for sample in wds.tariterators.tarfile_samples([{"url": url}]):
             key = sample.get("__key__")
             try:
-                item = decode_sample(sample, image_size, num_classes)
+                item = decode_sample(sample, image_size, num_classes, resize)
             except SampleError as e:
                 message = f"shard {url}: sample {key}: {e}"
                 if on_skip is None:
@@ -123,6 +141,7 @@ class StreamSpec:
     skip_corrupt: bool = False  # skip (warn, count) bad samples and the unreadable rest of a broken shard
     base_url: str | None = None  # read manifest + shards from here instead of shard_dir (see shards.file_url)
     source: DataSource | None = None  # an opened data source (else opened from shard_dir / base_url)
+    resize: int | None = None  # shorter side resized to this, then centre-cropped to image_size (see resize_image)
 
 
 class _SlotStream(torch.utils.data.IterableDataset):
@@ -160,7 +179,7 @@ class _SlotStream(torch.utils.data.IterableDataset):
                 read_in_pass += 1
                 continue
             items = list(iter_shard(self.urls[j], self.spec.image_size, self.num_classes, expected=self.counts[j],
-                                    on_skip=self._skip if self.spec.skip_corrupt else None))
+                                    on_skip=self._skip if self.spec.skip_corrupt else None, resize=self.spec.resize))
             read_in_pass += len(items)
             if self.spec.shuffle:
                 perm = np.random.default_rng([self.spec.seed, epoch, j]).permutation(len(items))
@@ -258,11 +277,11 @@ class ShardStream:
 
 
 def load_split(shard_dir: str | Path, split: str, image_size: int, base_url: str | None = None,
-               shards: list[int] | None = None) -> Batch:
+               shards: list[int] | None = None, resize: int | None = None) -> Batch:
     """A whole split (or some of its shards) in memory, ordered by global index:
     uint8 images N x 3 x S x S, float labels N x C, index N."""
     source = DataSource.open(str(shard_dir), base_url)
-    imgs, labels, index = zip(*source.batches(split, image_size, 1 << 30, shards))
+    imgs, labels, index = zip(*source.batches(split, image_size, 1 << 30, shards, resize=resize))
     imgs, labels, index = torch.cat(imgs), torch.cat(labels), torch.cat(index)
     order = torch.argsort(index)
     return imgs[order], labels[order], index[order]

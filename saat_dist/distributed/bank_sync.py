@@ -51,8 +51,8 @@ class SyncedBank:
     def labels(self) -> torch.Tensor:
         return self.bank.labels
 
-    def mainstay(self, query_labels: torch.Tensor) -> torch.Tensor:
-        return self.bank.mainstay(query_labels)
+    def mainstay(self, query_labels: torch.Tensor, weighting: str = "cosine") -> torch.Tensor:
+        return self.bank.mainstay(query_labels, weighting)
 
     def dph_stats(self):
         return self.bank.dph_stats()

@@ -54,6 +54,13 @@ def all_gather_ragged(t: torch.Tensor, with_sizes: bool = False):
     return (out, sizes) if with_sizes else out
 
 
+def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """``t`` of process ``src`` on every process, in place (same shape and dtype everywhere); returns ``t``."""
+    if is_distributed():
+        dist.broadcast(t, src)
+    return t
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from saat_dist.checkpoint import write_text_atomic
 from saat_dist.config import RunConfig
-from saat_dist.stages import evaluate_key
+from saat_dist.stages import stage_key
 
 log = logging.getLogger("saat_dist")
 
@@ -82,7 +82,8 @@ def process_group_backend(cfg: RunConfig) -> str:
     return GPU_BACKEND if cfg.distributed.use_gpu else CPU_BACKEND
 
 
-def build_trainer(cfg: RunConfig, stage: str, run_dir: Path, resume: bool = False, which: str | None = None):
+def build_trainer(cfg: RunConfig, stage: str, run_dir: Path, resume: bool = False, which: str | None = None,
+                  transfer_to: list[str] | None = None):
     """The TorchTrainer of one stage (not started): scaling, storage, failure
     handling and the process-group backend all come from the config here."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
@@ -94,10 +95,11 @@ def build_trainer(cfg: RunConfig, stage: str, run_dir: Path, resume: bool = Fals
     resources = {"CPU": d.cpus_per_worker}
     if d.use_gpu:
         resources["GPU"] = d.gpus_per_worker
-    key = stage if which is None else evaluate_key(which)
+    key = stage_key(stage, which)
     return TorchTrainer(
         worker_main,
-        train_loop_config={"run": _absolute_paths(cfg, run_dir), "stage": stage, "which": which},
+        train_loop_config={"run": _absolute_paths(cfg, run_dir), "stage": stage, "which": which,
+                           "transfer_to": transfer_to or []},
         torch_config=TorchConfig(backend=process_group_backend(cfg)),
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu, resources_per_worker=resources),
         run_config=RayRunConfig(
@@ -162,16 +164,18 @@ def describe_failure(key: str, error: BaseException) -> StageFailed:
     return StageFailed(f"{key} failed in Ray Train: {type(root).__name__}: {_last_line(str(root))}", False)
 
 
-def run_stage(cfg: RunConfig, stage: str, run_dir: Path, resume: bool = False, which: str | None = None):
-    """Run ``stage`` ('train', 'saat' or 'evaluate' with ``which``) on Ray; returns Ray's Result.
+def run_stage(cfg: RunConfig, stage: str, run_dir: Path, resume: bool = False, which: str | None = None,
+              transfer_to: list[str] | None = None):
+    """Run ``stage`` (a training stage, or 'evaluate' / 'robustness' of the
+    model folder ``which``) on Ray; returns Ray's Result.
     A failure raises ``StageFailed`` with one line naming the worker's error
     (Ray has retried ``distributed.max_failures`` times from the newest checkpoint)."""
     from ray.train import TrainingFailedError
 
     init_ray(cfg)
-    key = stage if which is None else evaluate_key(which)
+    key = stage_key(stage, which)
     try:
-        result = build_trainer(cfg, stage, run_dir, resume, which).fit()
+        result = build_trainer(cfg, stage, run_dir, resume, which, transfer_to).fit()
     except TrainingFailedError as e:
         raise describe_failure(key, e) from e
     if result.error is not None:

@@ -4,8 +4,8 @@ Training stages run the one training loop (``saat_dist.training.trainer``)
 with a DeepSpeed backend, checkpoints through ``ray.train.report`` (restored
 from ``ray.train.get_checkpoint()`` at start, so Ray's failure retries and
 ``--resume`` continue from the newest one) and Prometheus metrics. The
-evaluate stage runs the streaming evaluation with the queries and the
-database split over the workers.
+evaluate and robustness stages run the streaming evaluations with the
+queries and the database split over the workers.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from saat_dist.distributed.deepspeed_setup import DeepSpeedBackend
 from saat_dist.distributed.ray_checkpoint import RayCheckpointer
 from saat_dist.evaluation import evaluate_stage
 from saat_dist.monitoring.prometheus import WorkerMetrics
-from saat_dist.stages import TRAINING, evaluate_key
+from saat_dist.stages import TRAINING, stage_key
 from saat_dist.training.trainer import Launch, train_stage
 
 log = logging.getLogger("saat_dist")
@@ -41,7 +41,7 @@ def worker_main(config: dict) -> None:
         log.setLevel(logging.WARNING)
     device = _device(cfg)
     run_dir = Path(cfg.output_dir)
-    metrics = WorkerMetrics(rank, stage if stage != "evaluate" else evaluate_key(config["which"]))
+    metrics = WorkerMetrics(rank, stage_key(stage, config["which"]))
     if cfg.metrics.enabled:
         port = metrics.serve(cfg.metrics.bind, cfg.metrics.port, run_dir, local_rank)
         rank_log.info("rank %d (pid %d) serves metrics on %s:%d", rank, os.getpid(), cfg.metrics.bind, port)
@@ -49,6 +49,10 @@ def worker_main(config: dict) -> None:
     try:
         if stage == "evaluate":
             evaluate_stage(cfg, config["which"], run_dir, rank, world, device, source)
+        elif stage == "robustness":
+            from saat_dist.robustness import robustness_stage
+
+            robustness_stage(cfg, config["which"], run_dir, rank, world, device, source, config["transfer_to"])
         else:
             def make_backend(model, optim, micro_batch, total_steps):
                 return DeepSpeedBackend(model, optim, cfg.distributed, micro_batch, world, total_steps)

@@ -5,6 +5,7 @@ from saat_dist.metrics.retrieval import (
     mean_average_precision,
     precision_at_n,
     precision_recall_curve,
+    precision_recall_reference,
     rank_database,
 )
 
@@ -13,5 +14,6 @@ __all__ = [
     "mean_average_precision",
     "precision_at_n",
     "precision_recall_curve",
+    "precision_recall_reference",
     "rank_database",
 ]

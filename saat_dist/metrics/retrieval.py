@@ -105,6 +105,30 @@ def precision_recall_curve(query_codes, db_codes, query_labels, db_labels, num_l
     return levels, total / max(counted, 1)
 
 
+def precision_recall_reference(query_codes, db_codes, query_labels, db_labels, num_points: int = 10):
+    """The PR curve at the reference code's points (its ``cal_pr``): recall
+    r_i = i / num_points, i = 1..num_points; per query with R relevant items,
+    n_i = floor(R r_i) and precision n_i / (rank of the n_i-th relevant item)
+    (0 when n_i = 0), averaged over *all* queries (a query with no relevant
+    item counts 0). No interpolation. Returns (recall, precision) float64."""
+    _check(query_codes, db_codes, query_labels, db_labels)
+    recall = torch.arange(1, num_points + 1, dtype=torch.float64) / num_points
+    total = np.zeros(num_points)
+    relevance = _Relevance(query_labels, db_labels)
+    sub = max(1, PR_BLOCK_BYTES // (8 * len(db_codes)))
+    for s, idx in rank_database(query_codes, db_codes, None):
+        idx = idx.numpy()
+        for b in range(0, len(idx), sub):
+            for rel in relevance(s + b, idx[b : b + sub]):
+                pos = np.flatnonzero(rel) + 1  # 1-based ranks of the relevant items
+                n = (len(pos) * np.arange(1, num_points + 1)) // num_points  # exact floor(R i / points)
+                prec = np.zeros(num_points)
+                ok = n > 0
+                prec[ok] = n[ok] / pos[n[ok] - 1]
+                total += prec
+    return recall, torch.from_numpy(total / max(len(query_codes), 1))
+
+
 def precision_at_n(query_codes, db_codes, query_labels, db_labels, ns=(100, 200, 500, 1000)) -> dict[int, float]:
     """Mean precision of the top N retrieved items, for each N."""
     _check(query_codes, db_codes, query_labels, db_labels)

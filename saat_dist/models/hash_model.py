@@ -59,8 +59,24 @@ class HashModel(nn.Module):
         return torch.tanh(a * self.logits(x_BCHW).float())
 
 
+HASH_INITS = ("torch", "reference")
+
+
 def build_hash_model(
-    backbone: str, bits: int, pretrained_path: str | None = None, hash_bn: bool = True, width: int = 32
+    backbone: str, bits: int, pretrained_path: str | None = None, hash_bn: bool = True, width: int = 32,
+    hash_init: str = "torch",
 ) -> HashModel:
+    """``hash_init``: ``torch`` keeps nn.Linear's default initialisation of the
+    hash layer; ``reference`` initialises it as the SAAT reference code does:
+    N(0, 0.01) weights and a zero bias on ResNets, nn.Linear's default on
+    AlexNet and VGG (there the two agree)."""
+    if hash_init not in HASH_INITS:
+        raise ValueError(f"model.hash_init: {hash_init!r} is not one of {list(HASH_INITS)}")
     net = build_backbone(backbone, pretrained_path, width)
-    return HashModel(net, net.out_dim, bits, hash_bn)
+    model = HashModel(net, net.out_dim, bits, hash_bn)
+    if hash_init == "reference" and backbone.startswith("resnet"):
+        with torch.no_grad():
+            model.hash_layer.weight.normal_(0, 0.01)
+            if model.hash_layer.bias is not None:
+                model.hash_layer.bias.zero_()
+    return model

@@ -9,7 +9,7 @@ calls these functions unchanged. ``model`` may be a DeepSpeed engine too
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -87,26 +87,40 @@ class SAATSettings:
     iters: int = 7  # PGD iterations of the inner maximisation
     lam: float = 1.0  # weight of the adversarial (mainstay) term
     mu: float = 1e-4  # weight of the quantisation term on adversarial codes
+    mode: str = "eval"  # the model's mode during the inner attack (attacks.model_mode)
+    weighting: str = "cosine"  # guide codes: mainstay (cosine, SAAT) or centre codes (uniform, CgAT)
+
+
+def _write_codes(bank, hash_bank, index, u) -> None:
+    """The batch's sign codes into the guide bank; with a separate hash bank
+    (``hash_bank: continuous``), its continuous codes there."""
+    bank.update(index, torch.sign(u.detach()))
+    if hash_bank is not None and hash_bank is not bank:
+        hash_bank.update(index, u.detach())
 
 
 def saat_step(model, stepper, batch, bank: CodeBank, loss_fn, settings: SAATSettings, step: int,
-              generator: torch.Generator | None = None, *, check: bool = True) -> dict[str, torch.Tensor]:
+              generator: torch.Generator | None = None, *, check: bool = True,
+              hash_bank: CodeBank | None = None) -> dict[str, torch.Tensor]:
     """One SAAT minimax step, in the reference order:
     b*(y) -> inner PGD -> clean/adversarial forward -> bank update and b*
-    recompute -> outer loss = L_hash + lam * L_adv + mu * L_quant."""
+    recompute -> outer loss = L_hash + lam * L_adv + mu * L_quant.
+    ``hash_bank``: the bank the hash term reads (default: ``bank``, sign codes).
+    With ``settings.weighting='uniform'`` this is CgAT's step (``cgat_step``)."""
     x, y, index = batch
     net = hash_module(model)
     net.alpha = 1.0
-    guide = bank.mainstay(y).to(x.device)
+    guide = bank.mainstay(y, settings.weighting).to(x.device)
     # The inner attack differentiates w.r.t. the input only, through the bare
     # model: a wrapper's backward hooks (DeepSpeed's) are for the outer loss.
     x_adv = pgd_attack(net, x, guide, eps=settings.eps, step_size=settings.step_size, iters=settings.iters,
-                       targeted=False, random_start=True, alpha_schedule=None, loss="plain", generator=generator)
+                       targeted=False, random_start=True, alpha_schedule=None, loss="plain", generator=generator,
+                       mode=settings.mode)
     u = model(x)
     u_adv = model(x_adv)
-    bank.update(index, torch.sign(u.detach()))
-    guide = bank.mainstay(y).to(x.device)
-    clean_loss, _ = hash_loss(loss_fn, u, y, bank)
+    _write_codes(bank, hash_bank, index, u)
+    guide = bank.mainstay(y, settings.weighting).to(x.device)
+    clean_loss, _ = hash_loss(loss_fn, u, y, hash_bank or bank)
     adv = -(u_adv * guide).mean()
     quant = (u_adv - torch.sign(u_adv)).pow(2).mean()
     loss = clean_loss + settings.lam * adv + settings.mu * quant
@@ -114,6 +128,108 @@ def saat_step(model, stepper, batch, bank: CodeBank, loss_fn, settings: SAATSett
         check_finite(loss, "SAAT", step)
     stepper.backward(loss)
     stepper.step()
-    flipped = (torch.sign(u_adv.detach()) != torch.sign(u.detach())).float().mean()
     return {"loss": loss.detach(), "hash": clean_loss.detach(), "adv": adv.detach(), "quant": quant.detach(),
-            "bits_flipped": flipped}
+            "bits_flipped": _flipped(u, u_adv)}
+
+
+def cgat_step(model, stepper, batch, bank: CodeBank, loss_fn, settings: SAATSettings, step: int,
+              generator: torch.Generator | None = None, *, check: bool = True,
+              hash_bank: CodeBank | None = None) -> dict[str, torch.Tensor]:
+    """One CgAT step (Wang et al., WWW 2023): SAAT's step with the centre code
+    (uniform weights over relevant and irrelevant items) as the guide."""
+    return saat_step(model, stepper, batch, bank, loss_fn, replace(settings, weighting="uniform"), step,
+                     generator, check=check, hash_bank=hash_bank)
+
+
+def _flipped(u, u_adv) -> torch.Tensor:
+    return (torch.sign(u_adv.detach()) != torch.sign(u.detach())).float().mean()
+
+
+def pairwise_to_bank(u, y, bank) -> torch.Tensor:
+    """The DPH form sum_j (u . U_j / K - s_ij)^2 / (N B) of any codes against a
+    bank (N-independent when the bank keeps its statistics): ATRDH's term that
+    adversarial codes keep the clean codes' pairwise similarities."""
+    from saat_dist.hashing import DPHLoss
+
+    return hash_loss(DPHLoss(), u, y, bank)[0]
+
+
+@dataclass
+class ATRDHSettings:
+    eps: float = 8 / 255  # L-inf budget of the targeted inner attack
+    step_size: float = 2 / 255  # its PGD step
+    iters: int = 7  # its PGD iterations
+    adv_weight: float = 2.0  # weight of the adversarial pairwise term
+    mode: str = "eval"  # the model's mode during the inner attack
+
+
+def atrdh_step(model, stepper, batch, bank: CodeBank, loss_fn, settings: ATRDHSettings, step: int,
+               generator: torch.Generator | None, prototypes, *, check: bool = True,
+               hash_bank: CodeBank | None = None) -> dict[str, torch.Tensor]:
+    """One ATRDH step (Wang et al., SIGIR 2021): a PrototypeNet step on random
+    label sets against the bank's codes, PGD pulling the batch toward their
+    target codes, then L_hash(clean) + adv_weight x pairwise_to_bank(adversarial
+    codes). The PrototypeNet trains against the bank as it stands before this
+    batch's codes are written (the reference writes them first: one batch
+    later here)."""
+    x, y, index = batch
+    net = hash_module(model)
+    net.alpha = 1.0
+    _, target_codes = prototypes.step(bank.codes, bank.labels, len(x))
+    x_adv = pgd_attack(net, x, torch.sign(target_codes).to(x.device), eps=settings.eps,
+                       step_size=settings.step_size, iters=settings.iters, targeted=True, random_start=True,
+                       alpha_schedule=None, loss="plain", generator=generator, mode=settings.mode)
+    u = model(x)
+    u_adv = model(x_adv)
+    _write_codes(bank, hash_bank, index, u)
+    clean_loss, _ = hash_loss(loss_fn, u, y, hash_bank or bank)
+    adv = pairwise_to_bank(u_adv, y, hash_bank or bank)
+    loss = clean_loss + settings.adv_weight * adv
+    if check:
+        check_finite(loss, "ATRDH", step)
+    stepper.backward(loss)
+    stepper.step()
+    return {"loss": loss.detach(), "hash": clean_loss.detach(), "adv": adv.detach(), "bits_flipped": _flipped(u, u_adv)}
+
+
+@dataclass
+class PGDATSettings:
+    eps: float = 8 / 255  # L-inf budget of the inner maximisation
+    step_size: float = 2 / 255  # its PGD step
+    iters: int = 7  # its PGD iterations
+    lam: float = 1.0  # weight of the hash loss of adversarial examples
+    clean_weight: float = 1.0  # weight of the clean hash loss (0: Madry's adversarial loss only)
+    mode: str = "eval"  # the model's mode during the inner attack
+
+
+def pgd_at_step(model, stepper, batch, bank: CodeBank, loss_fn, settings: PGDATSettings, step: int,
+                generator: torch.Generator | None = None, *, check: bool = True,
+                hash_bank: CodeBank | None = None) -> dict[str, torch.Tensor]:
+    """One step of plain PGD adversarial training on the benign hash loss
+    (Madry et al.): PGD *maximises* L_hash(F(x + delta), y) against the current
+    bank, then clean_weight x L_hash(x) + lam x L_hash(x_adv)."""
+    x, y, index = batch
+    net = hash_module(model)
+    net.alpha = 1.0
+    reads = hash_bank or bank
+
+    def ascend(codes):  # pgd descends: the negated loss, spread over the batch's examples
+        return -hash_loss(loss_fn, codes, y, reads)[0].expand(len(codes)) / len(codes)
+
+    from saat_dist.attacks.mainstay_pgd import model_mode, pgd
+
+    with model_mode(net, settings.mode):
+        x_adv = pgd(net, x, ascend, eps=settings.eps, step_size=settings.step_size, iters=settings.iters,
+                    random_start=True, alpha_schedule=None, generator=generator)
+    u = model(x)
+    u_adv = model(x_adv)
+    _write_codes(bank, hash_bank, index, u)
+    clean_loss, _ = hash_loss(loss_fn, u, y, reads)
+    adv_loss, _ = hash_loss(loss_fn, u_adv, y, reads)
+    loss = settings.clean_weight * clean_loss + settings.lam * adv_loss
+    if check:
+        check_finite(loss, "PGD-AT", step)
+    stepper.backward(loss)
+    stepper.step()
+    return {"loss": loss.detach(), "hash": clean_loss.detach(), "adv": adv_loss.detach(),
+            "bits_flipped": _flipped(u, u_adv)}

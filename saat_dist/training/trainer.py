@@ -38,7 +38,16 @@ from saat_dist.models import build_hash_model
 from saat_dist.progress import Progress
 from saat_dist.stages import Stage
 from saat_dist.training.encode import encode_batches
-from saat_dist.training.steps import SAATSettings, benign_step, saat_step
+from saat_dist.training.steps import (
+    ATRDHSettings,
+    PGDATSettings,
+    SAATSettings,
+    atrdh_step,
+    benign_step,
+    cgat_step,
+    pgd_at_step,
+    saat_step,
+)
 
 log = logging.getLogger("saat_dist")
 rank_log = logging.getLogger("saat_dist.rank")  # per-rank events (restores), logged by every rank
@@ -79,7 +88,7 @@ def build_model(cfg: RunConfig, device) -> torch.nn.Module:
     """The configured hash model with the run's initial weights (same on every rank)."""
     m = cfg.model
     torch.manual_seed(cfg.seed)
-    model = build_hash_model(m.backbone, m.bits, m.pretrained_path, m.hash_bn, m.width).to(device)
+    model = build_hash_model(m.backbone, m.bits, m.pretrained_path, m.hash_bn, m.width, m.hash_init).to(device)
     if device.type == "cuda":  # every backbone is convolutional: NHWC is faster on tensor cores
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -125,14 +134,59 @@ def build_bank(cfg: RunConfig, source: DataSource, loss_fn, rank: int, world: in
     return SyncedBank(bank, cfg.distributed.bank_sync_every, on_sync=on_sync, share_codes=share)
 
 
-def fill_bank(cfg: RunConfig, source: DataSource, module, bank: SyncedBank, rank: int, world: int, device) -> None:
+def fill_bank(cfg: RunConfig, source: DataSource, module, bank: SyncedBank, rank: int, world: int, device,
+              also: SyncedBank | None = None) -> None:
     """Bank <- the model's binary codes of the training items: each rank
-    encodes its own shards (streamed, one batch of images at a time)."""
+    encodes its own shards (streamed, one batch of images at a time).
+    ``also``: a second bank (the continuous hash bank) gets the same codes."""
     index, codes = encode_batches(module, source.batches("train", cfg.data.image_size, cfg.eval.batch_size,
-                                                         source.rank_shards("train", rank, world)), device)
+                                                         source.rank_shards("train", rank, world),
+                                                         resize=cfg.data.resize), device)
     if bank.share_codes:
         index, codes = all_gather_ragged(index), all_gather_ragged(codes)
     bank.fill(index, codes)
+    if also is not None:
+        also.fill(index, codes)
+
+
+def build_prototypes(cfg: RunConfig, source: DataSource, bank: SyncedBank, rank: int, world: int, total: int,
+                     device):
+    """ATRDH's PrototypeNet, the same on every rank. When each rank holds only
+    its own items' codes, its circle loss is combined across ranks exactly
+    (see ``attacks.prototype``)."""
+    from saat_dist.attacks.prototype import PrototypeTrainer
+
+    split = world > 1 and not bank.share_codes
+    a = cfg.atrdh
+    return PrototypeTrainer(source.num_classes, cfg.model.bits, source.label_sets, total_steps=max(1, total),
+                            seed=cfg.seed + 77, device=device, lr=a.pnet_lr, betas=(0.5, 0.999),
+                            gather=all_gather_ragged if split else None,
+                            all_reduce=all_reduce_sum if split else None, world=world if split else 1)
+
+
+def make_step(stage: Stage, cfg: RunConfig, backend, bank, hash_bank, loss_fn, generator, prototypes):
+    """``step_fn(batch, step)`` of a stage: benign training or one of the defences."""
+    model, stepper = backend.model, backend.stepper
+    if stage.name == "train":
+        return lambda batch, step: benign_step(model, stepper, batch, bank, loss_fn, step, check=False)
+    tc = getattr(cfg, stage.section)
+    if stage.name in ("saat", "cgat"):
+        settings = SAATSettings(eps=tc.eps, step_size=tc.step_size, iters=tc.iters, lam=tc.lam, mu=tc.mu,
+                                mode=tc.attack_mode)
+        fn = saat_step if stage.name == "saat" else cgat_step
+        return lambda batch, step: fn(model, stepper, batch, bank, loss_fn, settings, step, generator, check=False,
+                                      hash_bank=hash_bank)
+    if stage.name == "atrdh":
+        settings = ATRDHSettings(eps=tc.eps, step_size=tc.step_size, iters=tc.iters, adv_weight=tc.adv_weight,
+                                 mode=tc.attack_mode)
+        return lambda batch, step: atrdh_step(model, stepper, batch, bank, loss_fn, settings, step, generator,
+                                              prototypes, check=False, hash_bank=hash_bank)
+    if stage.name == "pgd_at":
+        settings = PGDATSettings(eps=tc.eps, step_size=tc.step_size, iters=tc.iters, lam=tc.lam,
+                                 clean_weight=tc.clean_weight, mode=tc.attack_mode)
+        return lambda batch, step: pgd_at_step(model, stepper, batch, bank, loss_fn, settings, step, generator,
+                                               check=False, hash_bank=hash_bank)
+    raise ValueError(f"no training step for stage {stage.name!r}")
 
 
 # ---------------------------------------------------------------- train state
@@ -141,16 +195,20 @@ class TrainState:
     state, listed once: loop position and history, data position, code bank,
     RNG streams."""
 
-    def __init__(self, stream: ShardStream, bank: SyncedBank, generator: torch.Generator) -> None:
+    def __init__(self, stream: ShardStream, bank: SyncedBank, generator: torch.Generator,
+                 extras: dict | None = None) -> None:
         self.step = 0
         self.history: list[dict[str, float]] = []  # per-epoch means
         self.epoch_sums: dict[str, float] = {}  # host sums of the running epoch
         self.stream, self.bank, self.generator = stream, bank, generator
+        # what a defence adds: the continuous hash bank, ATRDH's PrototypeNet (state_dict / load_state_dict)
+        self.extras = extras or {}
 
     def state_dict(self) -> dict:
         return {"step": self.step, "history": self.history, "epoch_sums": self.epoch_sums,
                 "stream": self.stream.state_dict(), "bank": self.bank.state_dict(),
-                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
+                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "extras": {k: v.state_dict() for k, v in self.extras.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.history, self.epoch_sums = int(state["step"]), state["history"], state["epoch_sums"]
@@ -158,6 +216,12 @@ class TrainState:
         self.bank.load_state_dict(state["bank"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        saved = state.get("extras", {})
+        missing = sorted(set(self.extras) - set(saved))
+        if missing:
+            raise CheckpointError(f"checkpoint lacks the state of {missing} (saved by another stage or version)")
+        for k, v in self.extras.items():
+            v.load_state_dict(saved[k])
 
     def save(self, directory: Path, rank: int, backend) -> None:
         backend.save(directory)
@@ -192,12 +256,19 @@ def train_stage(cfg: RunConfig, stage: Stage, run_dir: Path, launch: Launch, sou
     stream = ShardStream(StreamSpec(
         shard_dir=source.shard_dir, split="train", batch_size=tc.batch_size, image_size=cfg.data.image_size,
         rank=rank, world_size=world, num_workers=cfg.data.loader_workers, seed=cfg.seed + stage.seed_offset,
-        skip_corrupt=cfg.data.skip_corrupt, base_url=source.base_url, source=source))
+        skip_corrupt=cfg.data.skip_corrupt, base_url=source.base_url, source=source, resize=cfg.data.resize))
     spe = stream.steps_per_epoch
     total = tc.epochs * spe
     backend = launch.make_backend(model, tc.optim, tc.batch_size, total)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * (rank + 1))
-    state = TrainState(stream, bank, generator)
+    extras: dict = {}
+    hash_bank = None
+    if stage.needs and tc.hash_bank == "continuous":  # the reference's U: continuous codes for the hash term
+        hash_bank = extras["hash_bank"] = build_bank(cfg, source, loss_fn, rank, world, device,
+                                                     metrics.record_bank_sync)
+    if stage.name == "atrdh":
+        extras["prototypes"] = build_prototypes(cfg, source, bank, rank, world, total, device)
+    state = TrainState(stream, bank, generator, extras)
 
     with launch.checkpointer.restore() as ckpt_dir:
         if ckpt_dir is not None:
@@ -205,18 +276,8 @@ def train_stage(cfg: RunConfig, stage: Stage, run_dir: Path, launch: Launch, sou
             rank_log.info("rank %d: restored step %d of %d from checkpoint %s", rank, state.step, total,
                           getattr(launch.checkpointer, "where", ckpt_dir))
     if state.step == 0 and stage.needs:
-        fill_bank(cfg, source, backend.module, bank, rank, world, device)
-
-    if stage.name == "saat":
-        s = cfg.saat
-        settings = SAATSettings(eps=s.eps, step_size=s.step_size, iters=s.iters, lam=s.lam, mu=s.mu)
-
-        def step_fn(batch, step):
-            return saat_step(backend.model, backend.stepper, batch, bank, loss_fn, settings, step, generator,
-                             check=False)
-    else:
-        def step_fn(batch, step):
-            return benign_step(backend.model, backend.stepper, batch, bank, loss_fn, step, check=False)
+        fill_bank(cfg, source, backend.module, bank, rank, world, device, also=hash_bank)
+    step_fn = make_step(stage, cfg, backend, bank, hash_bank, loss_fn, generator, extras.get("prototypes"))
 
     who = f"{stage.name} (rank {rank}/{world})" if world > 1 else stage.name
     progress = Progress(who, total - state.step, every_s=cfg.log_every_s if rank == 0 else 1e9)
@@ -255,6 +316,8 @@ def train_stage(cfg: RunConfig, stage: Stage, run_dir: Path, launch: Launch, sou
         if checkpoint:
             t = time.perf_counter()
             bank.sync_table()
+            if hash_bank is not None:
+                hash_bank.sync_table()
             means = state.history[-1] if epoch_end else {
                 k: v / max(1, state.step % spe) for k, v in state.epoch_sums.items()}
             launch.checkpointer.save(state.step, means, lambda directory: state.save(directory, rank, backend))

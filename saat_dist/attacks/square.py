@@ -1,0 +1,68 @@
+"""A black-box random-search attack on the Hamming objective, in the style of
+the Square attack (Andriushchenko et al., ECCV 2020), L-inf version: no
+gradients, one forward pass per iteration.
+
+Objective (minimised): the Hamming agreement of sign(F(x + delta)) with the
+guide code, sum_k sign(F_k) b_k, with 0.5 mean(F b) as a tie-break (it lies
+in (-0.5, 0.5), so it never outweighs one bit). Start: vertical stripes of
++-eps per column and channel. Each iteration, per image, a random square of
+side round(sqrt(p H W)) gets a new random +-eps per channel; the change is
+kept if the objective drops. p starts at ``p_init`` and is halved on the
+Square attack's schedule (at 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000
+of 10,000 iterations, scaled to ``iters``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from saat_dist.attacks.mainstay_pgd import model_mode
+
+_SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+
+def square_share(p_init: float, it: int, iters: int) -> float:
+    """Share of the image a square covers at iteration ``it``."""
+    t = int(it / iters * 10000)
+    return p_init / 2 ** sum(t > s for s in _SCHEDULE)
+
+
+def hamming_objective(codes_BK: torch.Tensor, guide_BK: torch.Tensor) -> torch.Tensor:
+    return (torch.sign(codes_BK) * guide_BK).sum(1) + 0.5 * (codes_BK * guide_BK).mean(1)
+
+
+@torch.no_grad()
+def square_attack(model: nn.Module, x_BCHW: torch.Tensor, guide_BK: torch.Tensor, *, eps: float, iters: int = 1000,
+                  p_init: float = 0.1, targeted: bool = False, generator: torch.Generator | None = None,
+                  mode: str = "eval") -> torch.Tensor:
+    """Adversarial images (||delta||_inf <= eps, values in [0, 1]) from forward
+    passes only. Untargeted: away from ``guide_BK`` (b*(y)); targeted: toward it."""
+    x = x_BCHW
+    b, c, h, w = x.shape
+    dev = x.device
+    guide = guide_BK.to(dev, x.dtype) * (-1.0 if targeted else 1.0)
+
+    def rand_sign(*shape):
+        return torch.randint(0, 2, shape, generator=generator, device=dev).to(x.dtype) * 2 - 1
+
+    with model_mode(model, mode):
+        delta = eps * rand_sign(b, c, 1, w).expand(b, c, h, w).clone()
+        x_adv = (x + delta).clamp(0, 1)
+        best = hamming_objective(model(x_adv, alpha=1.0), guide)
+        rows, cols = torch.arange(h, device=dev), torch.arange(w, device=dev)
+        for it in range(iters):
+            side = max(1, min(h, w, int(round((square_share(p_init, it, iters) * h * w) ** 0.5))))
+            top = torch.randint(0, h - side + 1, (b, 1), generator=generator, device=dev)
+            left = torch.randint(0, w - side + 1, (b, 1), generator=generator, device=dev)
+            in_rows = (rows >= top) & (rows < top + side)  # B x H
+            in_cols = (cols >= left) & (cols < left + side)  # B x W
+            window = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # B x 1 x H x W
+            cand_delta = torch.where(window, eps * rand_sign(b, c, 1, 1), delta)
+            cand = (x + cand_delta).clamp(0, 1)
+            score = hamming_objective(model(cand, alpha=1.0), guide)
+            better = score < best
+            delta = torch.where(better[:, None, None, None], cand_delta, delta)
+            x_adv = torch.where(better[:, None, None, None], cand, x_adv)
+            best = torch.where(better, score, best)
+    return x_adv

@@ -1,0 +1,281 @@
+"""experiment.json, experiment.md and the plots of an experiment, from its
+cells' robustness results.
+
+experiment.json::
+
+  {"table1": [{"hash", "bits", "attack", "kind", "map", "tmap", "eps", "iters", "restarts"}],   # benign model
+   "table2": [{"hash", "bits", "defence", "attack", "map"}],   # attack "none": clean; "worst_case"
+   "transfer": [{"hash", "bits", "source": "none", "target", "attack", "map"}],
+   "checks": {"<check>": false},   # true if it triggered in any evaluation
+   "check_details": [{"hash", "bits", "defence", "check", "detail"}],
+   "orderings": {"<claim>": true | false | null},
+   "settings": {...}, "plots": [...]}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from saat_dist.checkpoint import load_state, write_text_atomic
+from saat_dist.config import RunConfig
+from saat_dist.robustness import CHECKS, RETRIEVAL_IMAGES
+from saat_dist.stages import model_folder
+
+log = logging.getLogger("saat_dist")
+DEFENCE_NAMES = {"none": "no defence", "saat": "SAAT", "atrdh": "ATRDH", "cgat": "CgAT", "pgd_at": "PGD-AT"}
+ATTACK_NAMES = {"mainstay": "mainstay (ours)", "hag": "HAG", "sdha": "SDHA", "square": "random search (black-box)",
+                "bim": "BIM", "difgsm": "DI-FGSM", "nifgsm": "NI-FGSM", "sinifgsm": "SI-NI-FGSM",
+                "vmifgsm": "VMI-FGSM", "mainstay_targeted": "mainstay, targeted (ours)", "dhta": "DHTA",
+                "p2p": "P2P", "tha": "THA", "none": "clean (no attack)", "worst_case": "**worst case**"}
+
+
+def experiment_tables(cells: dict) -> dict:
+    """The rows of experiment.json from {(hash, bits): {defence: results}}."""
+    table1, table2, transfer, details = [], [], [], []
+    checks = dict.fromkeys(CHECKS, False)
+    for (h, b), by_defence in cells.items():
+        benign = by_defence.get("none")
+        if benign is not None:
+            for name, r in benign["attacks"].items():
+                table1.append({"hash": h, "bits": b, "attack": name, "kind": r["kind"], "map": r["map"],
+                               "tmap": r["tmap"], "eps": r["eps"], "iters": r["iters"], "restarts": r["restarts"]})
+            for target, per_attack in benign.get("transfer", {}).items():
+                for name, m in per_attack.items():
+                    transfer.append({"hash": h, "bits": b, "source": "none", "target": target, "attack": name, "map": m})
+        for defence, res in by_defence.items():
+            table2.append({"hash": h, "bits": b, "defence": defence, "attack": "none", "map": res["clean_map"]})
+            for name, r in res["attacks"].items():
+                table2.append({"hash": h, "bits": b, "defence": defence, "attack": name, "map": r["map"]})
+            if "worst_case" in res:
+                table2.append({"hash": h, "bits": b, "defence": defence, "attack": "worst_case",
+                               "map": res["worst_case"]["map"]})
+            for name, hit in res["checks"].items():
+                if hit:
+                    checks[name] = True
+                    details.append({"hash": h, "bits": b, "defence": defence, "check": name,
+                                    "detail": res["check_details"][name]})
+    return {"table1": table1, "table2": table2, "transfer": transfer, "checks": checks, "check_details": details,
+            "orderings": orderings(cells)}
+
+
+def orderings(cells: dict) -> dict:
+    """The paper's claims, measured per cell: true/false, null when a side is missing."""
+    out = {}
+    for (h, b), by in cells.items():
+        tag = f"{h}-{b}"
+        benign = by.get("none", {}).get("attacks", {})
+        for other in ("hag", "sdha"):
+            if "mainstay" in benign and other in benign:
+                out[f"{tag}: mainstay mAP <= {other} mAP (benign model)"] = benign["mainstay"]["map"] <= benign[other]["map"]
+        for d, res in by.items():
+            if "worst_case" in res:
+                out[f"{tag}: {d} worst case <= each of its attacks"] = all(
+                    res["worst_case"]["map"] <= r["map"] + 1e-12 for r in res["attacks"].values()
+                    if r["eps"] <= res["eps"] + 1e-12)
+        saat = by.get("saat", {}).get("worst_case")
+        for other in ("atrdh", "pgd_at", "cgat", "none"):
+            theirs = by.get(other, {}).get("worst_case")
+            if saat is not None and theirs is not None:
+                out[f"{tag}: SAAT worst case >= {other} worst case"] = saat["map"] >= theirs["map"]
+    return out
+
+
+def write_experiment_report(cfg: RunConfig, cells: dict, source) -> dict:
+    out = Path(cfg.output_dir)
+    report = experiment_tables(cells)
+    a = cfg.attack
+    report["settings"] = {
+        "name": cfg.name, "backbone": cfg.model.backbone, "image_size": cfg.data.image_size,
+        "shard_dir": cfg.data.shard_dir, "counts": {s: source.count(s) for s in ("train", "test", "database")},
+        "queries": next((r["queries"] for by in cells.values() for r in by.values()), 0),
+        "top_k": cfg.eval.top_k, "eps": a.eps, "defence_eps": {s: getattr(cfg, s).eps for s in ("saat", "cgat", "atrdh", "pgd_at")},
+    }
+    stages = out / "stages.json"
+    report["settings"]["seconds"] = json.loads(stages.read_text()) if stages.is_file() else {}
+    report["plots"] = _plots(cfg, cells, source, out)
+    write_text_atomic(out / "experiment.json", json.dumps(report, indent=1))
+    write_text_atomic(out / "experiment.md", _markdown(cfg, cells, report))
+    if any(report["checks"].values()):
+        log.warning("experiment: CHECKS TRIGGERED: %s (see experiment.md)",
+                    ", ".join(k for k, v in report["checks"].items() if v))
+    return report
+
+
+def _fmt(v) -> str:
+    return "" if v is None else f"{v:.4f}"
+
+
+def _markdown(cfg: RunConfig, cells: dict, r: dict) -> str:
+    s, a = r["settings"], cfg.attack
+    cols = [f"{h} {b}" for h, b in cells]
+    lines = [f"# Experiment `{cfg.name}`", "",
+             f"{s['backbone']} at {s['image_size']} px; data `{s['shard_dir']}` ({s['counts']['train']} train / "
+             f"{s['counts']['test']} query / {s['counts']['database']} database); {s['queries']} queries attacked; "
+             f"mAP@{s['top_k']}; attack budget eps = {a.eps * 255:.1f}/255; defences trained at "
+             + ", ".join(f"{k} {v * 255:.1f}/255" for k, v in s["defence_eps"].items()) + ".", ""]
+    # Table I
+    lines += ["## Table I: attacks on the benign model", "",
+              "mAP under each attack (lower: a stronger untargeted attack); targeted rows: mAP / **t-mAP** "
+              "(higher t-mAP: a stronger targeted attack).", "",
+              "| attack | kind | eps | iterations | " + " | ".join(cols) + " |", "|---" * (4 + len(cols)) + "|"]
+    by_attack: dict = {}
+    for row in r["table1"]:
+        by_attack.setdefault(row["attack"], {})[f"{row['hash']} {row['bits']}"] = row
+    for name, per_cell in by_attack.items():
+        any_row = next(iter(per_cell.values()))
+        vals = []
+        for c in cols:
+            row = per_cell.get(c)
+            vals.append("" if row is None else (f"{row['map']:.4f} / **{row['tmap']:.4f}**" if row["tmap"] is not None
+                                                else f"{row['map']:.4f}"))
+        its = f"{any_row['iters']}" + (f" x {any_row['restarts']} restarts" if any_row["restarts"] > 1 else "")
+        lines.append(f"| {ATTACK_NAMES.get(name, name)} | {any_row['kind']} | {any_row['eps'] * 255:.1f}/255 | {its} | "
+                     + " | ".join(vals) + " |")
+    # Table II, the paper's layout
+    defences = list(dict.fromkeys(row["defence"] for row in r["table2"]))
+    lines += ["", "## Table II: defences", "",
+              "Paper layout: mAP under the mainstay attack / under the worst case over every attack, clean mAP in "
+              "brackets (higher: more robust).", "",
+              "| defence | " + " | ".join(cols) + " |", "|---" * (1 + len(cols)) + "|"]
+    for d in defences:
+        vals = []
+        for (h, b) in cells:
+            res = cells[(h, b)].get(d)
+            if res is None:
+                vals.append("")
+                continue
+            ms = res["attacks"].get("mainstay", {}).get("map")
+            wc = res.get("worst_case", {}).get("map")
+            vals.append(f"{_fmt(ms)} / **{_fmt(wc)}** ({res['clean_map']:.4f})")
+        lines.append(f"| {DEFENCE_NAMES.get(d, d)} | " + " | ".join(vals) + " |")
+    for (h, b), by in cells.items():
+        ds = list(by)
+        lines += ["", f"Every attack, {h} {b} bits (mAP):", "",
+                  "| attack | " + " | ".join(DEFENCE_NAMES.get(d, d) for d in ds) + " |", "|---" * (1 + len(ds)) + "|"]
+        names = ["none", *next(iter(by.values()))["attacks"], "worst_case"]
+        for name in names:
+            vals = []
+            for d in ds:
+                res = by[d]
+                v = res["clean_map"] if name == "none" else (res.get("worst_case", {}).get("map") if name == "worst_case"
+                                                             else res["attacks"].get(name, {}).get("map"))
+                vals.append(_fmt(v))
+            lines.append(f"| {ATTACK_NAMES.get(name, name)} | " + " | ".join(vals) + " |")
+        lines.append(f"| random codes (floor) | " + " | ".join(f"{by[d]['random_map']:.4f}" for d in ds) + " |")
+    if r["transfer"]:
+        targets = list(dict.fromkeys(row["target"] for row in r["transfer"]))
+        lines += ["", "## Transfer: crafted on the benign model, scored on each defence (mAP)", "",
+                  "| generator | cell | " + " | ".join(DEFENCE_NAMES.get(t, t) for t in targets) + " |",
+                  "|---" * (2 + len(targets)) + "|"]
+        rows: dict = {}
+        for row in r["transfer"]:
+            rows.setdefault((row["attack"], f"{row['hash']} {row['bits']}"), {})[row["target"]] = row["map"]
+        for (name, cell), per in rows.items():
+            lines.append(f"| {ATTACK_NAMES.get(name, name)} | {cell} | " + " | ".join(_fmt(per.get(t)) for t in targets) + " |")
+    lines += ["", "## Checks", ""]
+    if any(r["checks"].values()):
+        lines += ["**Triggered:**", ""] + [f"- **{d['check']}** ({d['hash']} {d['bits']}, {d['defence']}): {d['detail']}"
+                                           for d in r["check_details"]]
+    else:
+        lines.append("No check triggered: " + ", ".join(CHECKS) + ".")
+    lines += ["", "## The paper's orderings, as measured", ""]
+    lines += [f"- {'holds' if v else ('does NOT hold' if v is not None else 'not measured')}: {k}"
+              for k, v in r["orderings"].items()]
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in r["plots"]] + [""]
+    return "\n".join(lines)
+
+
+def _plots(cfg: RunConfig, cells: dict, source, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    written = []
+    for (h, b), by in cells.items():
+        tag = f"{h}-{b}"
+        fig, ax = plt.subplots(figsize=(5.5, 4.2))
+        for d, res in by.items():
+            sw = res["eps_sweep"]
+            ax.plot([e * 255 for e in sw["eps"]], sw["map"], "-o", ms=4, label=DEFENCE_NAMES.get(d, d))
+        ax.axhline(next(iter(by.values()))["random_map"], color="gray", ls=":", label="random codes")
+        ax.set(xlabel="eps (x 1/255)", ylabel=f"mAP@{cfg.eval.top_k}", ylim=(0, 1.02),
+               title=f"mAP vs eps, mainstay attack ({tag})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        written.append(_save(fig, plots / f"map_vs_eps_{tag}.png", out))
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+        for i, (d, res) in enumerate(by.items()):
+            color = f"C{i}"
+            pr = res["pr_curve"]
+            axes[0].plot(pr["recall"], pr["clean"], "-", color=color, label=f"{DEFENCE_NAMES.get(d, d)} clean")
+            if "worst_case" in pr:
+                axes[0].plot(pr["recall"], pr["worst_case"], "--", color=color, label=f"{DEFENCE_NAMES.get(d, d)} worst case")
+            p_at = res["precision_at"]
+            ns = [int(k) for k in p_at["clean"]]
+            axes[1].plot(ns, list(p_at["clean"].values()), "-o", ms=3, color=color, label=f"{DEFENCE_NAMES.get(d, d)} clean")
+            if "worst_case" in p_at:
+                axes[1].plot(ns, list(p_at["worst_case"].values()), "--o", ms=3, color=color,
+                             label=f"{DEFENCE_NAMES.get(d, d)} worst case")
+        axes[0].set(xlabel="recall", ylabel="precision", ylim=(0, 1.02), title=f"Precision-recall ({tag})")
+        axes[1].set(xlabel="N", ylabel="precision@N", ylim=(0, 1.02), title=f"Precision@N ({tag})")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+        axes[1].legend(fontsize=7)
+        written.append(_save(fig, plots / f"pr_and_precision_at_n_{tag}.png", out))
+        written += _retrieval_pictures(cfg, tag, by, source, out, plots, plt)
+    return written
+
+
+def _retrieval_pictures(cfg, tag, by, source, out, plots, plt) -> list[str]:
+    cell_dir = Path(cfg.output_dir) / "cells" / tag
+    wanted = {i for res in by.values() for key in ("clean_top", "mainstay_top") for row in res["retrieval"].get(key, [])
+              for i in row}
+    if not wanted:
+        return []
+    db = source.images("database", wanted, cfg.data.image_size, cfg.data.resize)
+    written = []
+    for d, res in by.items():
+        ret = res["retrieval"]
+        path = cell_dir / model_folder(d) / RETRIEVAL_IMAGES
+        if not path.is_file() or "mainstay_top" not in ret:
+            continue
+        shown = load_state(path)
+        q, top = len(ret["queries"]), len(ret["clean_top"][0])
+        fig, axes = plt.subplots(2 * q, top + 1, figsize=(1.1 * (top + 1), 1.2 * 2 * q), squeeze=False)
+        for i in range(q):
+            for row, (kind, img) in enumerate((("clean", shown["clean"][i]), ("mainstay", shown["adversarial"][i]))):
+                ax = axes[2 * i + row]
+                _show(ax[0], img, "black")
+                ax[0].set_title("query" if kind == "clean" else "adversarial", fontsize=7)
+                for j, (idx, rel) in enumerate(zip(ret[f"{kind}_top"][i], ret[f"{kind}_relevant"][i])):
+                    _show(ax[j + 1], db[idx], "green" if rel else "red")
+        fig.suptitle(f"{DEFENCE_NAMES.get(d, d)} ({tag}): top {top}, clean query (upper row) and under the mainstay "
+                     "attack (lower row); green = relevant", fontsize=8)
+        written.append(_save(fig, plots / f"retrieval_{tag}_{d}.png", out))
+    return written
+
+
+def _show(ax, img: torch.Tensor, frame: str) -> None:
+    ax.imshow(img.permute(1, 2, 0).numpy())
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_edgecolor(frame)
+        spine.set_linewidth(2.5)
+
+
+def _save(fig, path: Path, out: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return str(path.relative_to(out))
