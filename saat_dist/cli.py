@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--min-digits", type=int, default=1)
     demo.add_argument("--max-digits", type=int, default=3)
     demo.add_argument("--single-label", action="store_true", help="one digit per image (one-hot labels)")
+    demo.add_argument("--colour", action="store_true", help="harder variant: random background and digit colours")
+    demo.add_argument("--clutter", type=int, default=0,
+                      help="harder variant: stroke fragments of non-label digits per mosaic")
     demo.add_argument("--shard-size", type=int, default=500)
 
     bench = sub.add_parser("bench", help="benchmarks that write JSON")
@@ -130,7 +133,8 @@ def _data(args) -> int:
 
     lo, hi = (1, 1) if args.single_label else (args.min_digits, args.max_digits)
     summary = build_demo(args.out, DemoSpec(train=args.train, query=args.query, database=args.database,
-                                            min_digits=lo, max_digits=hi, seed=args.seed, shard_size=args.shard_size))
+                                            min_digits=lo, max_digits=hi, seed=args.seed, shard_size=args.shard_size,
+                                            colour=args.colour, clutter=args.clutter))
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -34,6 +34,8 @@ class DemoDataConfig:
     grid: int = 2  # mosaic of grid x grid cells of 28 px
     seed: int = 0  # seed of the demo data (same seed: byte-identical shards)
     shard_size: int = 500  # target samples per shard
+    colour: bool = False  # harder variant: random background and digit colours
+    clutter: int = 0  # harder variant: stroke fragments of non-label digits per mosaic, in empty cells
 
 
 @dataclass
@@ -495,26 +497,53 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file's mapping; ``base: other.yaml`` (relative to the file)
+    is read first and this file's keys laid over it."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected the file name of another config, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in seen or base_path == path.resolve():
+        raise ConfigError(f"{path}: base: {base} includes itself")
+    return _merge(_read_tree(base_path, (*seen, path.resolve())), tree)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` laid onto ``base``, mappings merged key by key (lists and values replaced)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """A RunConfig from a YAML file (or the defaults) plus ``key=value`` overrides."""
+    """A RunConfig from a YAML file (or the defaults) plus ``key=value`` overrides.
+
+    A section given in part keeps its other fields' defaults *of that
+    section* (``--set saat.optim.lr=0.1`` keeps SAAT's SGD, weight decay and
+    milestones), not those of the field's type."""
     tree: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from e
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
+        tree = _read_tree(path)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value")
         key, raw = item.split("=", 1)
         _set_path(tree, key.strip(), yaml.safe_load(raw))
     try:
-        return _build(RunConfig, tree)
+        return _build(RunConfig, _merge(RunConfig().to_dict(), tree))
     except ConfigError as e:
         raise ConfigError(f"{path or 'config'}: {e}") from e
 

@@ -24,12 +24,22 @@ from torch import nn
 
 from saat_dist.attacks import choose_targets, pgd_attack
 from saat_dist.checkpoint import write_text_atomic
-from saat_dist.attacks.perceptibility import perceptibility_from_sums, perceptibility_sums
+from saat_dist.attacks.perceptibility import (
+    perceptibility_from_sums,
+    perceptibility_sums,
+    reference_perceptibility_from_sums,
+    reference_perceptibility_sums,
+)
 from saat_dist.config import RunConfig
 from saat_dist.data.source import DataSource
 from saat_dist.distributed.collectives import all_gather_ragged, all_reduce_sum, barrier
 from saat_dist.mainstay import label_set_table, mainstay_from_table
-from saat_dist.metrics import mean_average_precision, precision_at_n, precision_recall_curve
+from saat_dist.metrics import (
+    mean_average_precision,
+    precision_at_n,
+    precision_recall_curve,
+    precision_recall_reference,
+)
 from saat_dist.progress import Progress
 from saat_dist.training.encode import encode
 
@@ -113,6 +123,7 @@ def evaluate_model(cfg: RunConfig, model: nn.Module, source: DataSource, device,
                         _count_below(source, mine, n), unit="query", every_s=cfg.log_every_s if rank == 0 else 1e9)
     out = {k: [] for k in ("index", "clean", "adv", "t_index", "t", "s_index", "s")}
     pert = torch.zeros(5, dtype=torch.float64)
+    pert_ref = torch.zeros(3, dtype=torch.float64)
     for images, lab, idx in source.batches("test", cfg.data.image_size, a.batch_size, mine, keep=lambda i: i < n,
                                             resize=cfg.data.resize):
         x = images.to(device).float().div_(255)
@@ -122,6 +133,7 @@ def evaluate_model(cfg: RunConfig, model: nn.Module, source: DataSource, device,
         x_adv = attack(x, guide, g_u)
         out["adv"].append(encode(model, x_adv, device, len(x)))
         pert += perceptibility_sums(x, x_adv)
+        pert_ref += reference_perceptibility_sums(x, x_adv)
         v = valid_all[idx]
         if v.any():
             x_t = attack(x[v.to(device)], guide_of(targets_all[idx[v]]), g_t, targeted=True)
@@ -141,7 +153,7 @@ def evaluate_model(cfg: RunConfig, model: nn.Module, source: DataSource, device,
                                                  _cat(out["clean"], k), _cat(out["adv"], k))
     t_index, t_codes = _gather_sorted(torch.cat(out["t_index"]) if out["t_index"] else empty, _cat(out["t"], k))
     s_index, s_codes = _gather_sorted(torch.cat(out["s_index"]) if out["s_index"] else empty, _cat(out["s"], k))
-    pert = all_reduce_sum(pert)
+    pert = torch.cat([all_reduce_sum(pert), all_reduce_sum(pert_ref)])
     if rank != 0:
         return None
     assert torch.equal(q_index, torch.arange(n)), "every query is evaluated exactly once"
@@ -167,7 +179,8 @@ def _metrics(cfg, stage, q_codes, adv_codes, q_lab, db_codes, db_lab, guide, t_i
                  "random_map": random_map(q_lab, db_lab, cfg.model.bits, e.top_k, cfg.seed + 20)}
     log.info("%s: clean mAP@%d = %.4f", stage, e.top_k, res["clean_map"])
     res["attacked_map"] = mAP(adv_codes, q_lab)
-    res["perceptibility"] = perceptibility_from_sums(pert)
+    res["perceptibility"] = perceptibility_from_sums(pert[:5])
+    res["perceptibility_reference"] = reference_perceptibility_from_sums(pert[5:])
     res["theory_map"] = mAP(-guide, q_lab)
     log.info("%s: attacked mAP = %.4f (theory bound %.4f)", stage, res["attacked_map"], res["theory_map"])
 
@@ -190,9 +203,14 @@ def _metrics(cfg, stage, q_codes, adv_codes, q_lab, db_codes, db_lab, guide, t_i
                  stage, a.iters * a.strong_factor, a.strong_restarts, n_strong, res["attacked_map_strong"],
                  res["strong_check"]["attacked_map_same_queries"])
 
-    recall, prec_clean = precision_recall_curve(q_codes, db_codes, q_lab, db_lab, e.pr_levels)
-    _, prec_adv = precision_recall_curve(adv_codes, db_codes, q_lab, db_lab, e.pr_levels)
-    res["pr_curve"] = {"recall": recall.tolist(), "clean": prec_clean.tolist(), "attacked": prec_adv.tolist()}
+    if e.pr_points == "reference":
+        recall, prec_clean = precision_recall_reference(q_codes, db_codes, q_lab, db_lab, e.pr_levels - 1)
+        _, prec_adv = precision_recall_reference(adv_codes, db_codes, q_lab, db_lab, e.pr_levels - 1)
+    else:
+        recall, prec_clean = precision_recall_curve(q_codes, db_codes, q_lab, db_lab, e.pr_levels)
+        _, prec_adv = precision_recall_curve(adv_codes, db_codes, q_lab, db_lab, e.pr_levels)
+    res["pr_curve"] = {"points": e.pr_points, "recall": recall.tolist(), "clean": prec_clean.tolist(),
+                       "attacked": prec_adv.tolist()}
     res["precision_at"] = {
         "clean": {str(k): v for k, v in precision_at_n(q_codes, db_codes, q_lab, db_lab, e.precision_at).items()},
         "attacked": {str(k): v for k, v in precision_at_n(adv_codes, db_codes, q_lab, db_lab, e.precision_at).items()},

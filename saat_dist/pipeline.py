@@ -45,16 +45,34 @@ def ensure_data(cfg: RunConfig) -> DataSource:
     if cfg.data.base_url:  # shards and manifest are served elsewhere; nothing to build
         return DataSource.open(cfg.data.shard_dir, cfg.data.base_url)
     shard_dir = Path(cfg.data.shard_dir)
-    if not (shard_dir / MANIFEST).is_file() and cfg.data.build_demo:
-        if shard_dir.name != "shards":
-            raise ValueError(f"data.shard_dir: the demo is built as <dir>/shards, got {shard_dir}")
+    if cfg.data.build_demo:
         d = cfg.data.demo
-        log.info("building the embedded demo data set under %s", shard_dir.parent)
-        summary = build_demo(shard_dir.parent, DemoSpec(
-            train=d.train, query=d.query, database=d.database, min_digits=d.min_digits,
-            max_digits=d.max_digits, grid=d.grid, seed=d.seed, shard_size=d.shard_size))
-        log.info("demo data: %s, relevance fraction %.3f", summary["counts"], summary["relevance_fraction"])
+        spec = DemoSpec(train=d.train, query=d.query, database=d.database, min_digits=d.min_digits,
+                        max_digits=d.max_digits, grid=d.grid, seed=d.seed, shard_size=d.shard_size,
+                        colour=d.colour, clutter=d.clutter)
+        if not (shard_dir / MANIFEST).is_file():
+            if shard_dir.name != "shards":
+                raise ValueError(f"data.shard_dir: the demo is built as <dir>/shards, got {shard_dir}")
+            log.info("building the embedded demo data set under %s", shard_dir.parent)
+            summary = build_demo(shard_dir.parent, spec)
+            log.info("demo data: %s, relevance fraction %.3f", summary["counts"], summary["relevance_fraction"])
+        else:
+            _check_demo_spec(shard_dir.parent / "demo.json", spec)
     return DataSource.open(str(shard_dir))
+
+
+def _check_demo_spec(path: Path, spec: DemoSpec) -> None:
+    """A demo data set built with other parameters is used as it is, but not silently."""
+    from dataclasses import asdict
+
+    if not path.is_file():
+        return  # shards from elsewhere (data convert): nothing to compare
+    built = json.loads(path.read_text()).get("spec", {})
+    for key, value in asdict(spec).items():
+        if key in built and built[key] != value:
+            log.warning("data.demo.%s: %s was built with %s=%r, the config asks for %r; using the data as built "
+                        "(point data.shard_dir elsewhere to build the configured one)", key, path.parent / "shards",
+                        key, built[key], value)
 
 
 def _record_stage(run_dir: Path, stage: str, seconds: float) -> None:

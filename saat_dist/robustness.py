@@ -247,7 +247,7 @@ def evaluate_robustness(cfg: RunConfig, model: nn.Module, source: DataSource, de
     mine = source.rank_shards("test", rank, world)
     units = _count_below(source, mine, n) * (len(runs) + len(sweep))
     progress = Progress(f"{label} robustness (rank {rank}/{world})" if world > 1 else f"{label} robustness",
-                        units, unit="attack-query", every_s=cfg.log_every_s if rank == 0 else 1e9)
+                        units, unit="query-attack", every_s=cfg.log_every_s if rank == 0 else 1e9)
     keys = ["clean", *[r.name for r in runs], *[f"eps:{v!r}" for v in sweep],
             *[f"transfer:{t}:{r.name}" for t in (transfer_to or {}) for r in transfers]]
     codes = {k: [] for k in keys}

@@ -94,3 +94,20 @@ def test_choose_targets_flags_queries_without_disjoint_set():
     targets, valid = choose_targets(q, sets)
     assert valid.tolist() == [False, True]
     assert targets[1].tolist() == [0, 1, 1] and targets[0].sum() == 0
+
+
+def test_reference_perceptibility_is_the_reference_matrix_norms():
+    """The reference's cal_perceptibility: torch matrix norms (induced L-inf and
+    spectral) of each image channel's H x W perturbation, averaged."""
+    from saat_dist.attacks.perceptibility import reference_perceptibility_from_sums, reference_perceptibility_sums
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(5, 3, 12, 12, generator=g)
+    x_adv = (x + (torch.rand(x.shape, generator=g) - 0.5) * 0.1).clamp(0, 1)
+    got = reference_perceptibility_from_sums(reference_perceptibility_sums(x[:2], x_adv[:2])
+                                             + reference_perceptibility_sums(x[2:], x_adv[2:]))
+    d = (x_adv - x).double()
+    row_sums = d.abs().sum(-1).amax(-1)  # the induced L-inf norm: the largest row sum
+    assert got["linf_matrix_norm"] == pytest.approx(float(row_sums.mean()), rel=1e-10)
+    spectral = torch.stack([torch.linalg.svdvals(m)[0] for m in d.reshape(-1, 12, 12)])
+    assert got["spectral_norm"] == pytest.approx(float(spectral.mean()), rel=1e-10)

@@ -7,19 +7,36 @@ import pytest
 from saat_dist.cli import main
 from saat_dist.config import ConfigError, RunConfig, load_config
 
-CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(ROOT.joinpath("configs").rglob("*.yaml"))
 
 
 def test_there_are_configs():
-    assert {p.name for p in CONFIGS} >= {"demo.yaml", "tiny.yaml"}
+    names = {str(p.relative_to(ROOT / "configs")) for p in CONFIGS}
+    assert names >= {"demo.yaml", "tiny.yaml", "experiments/demo.yaml", "paper/nus-wide.yaml",
+                     "paper/flickr25k.yaml", "paper/ms-coco.yaml"}
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_shipped_config_loads_and_says_how_to_run(path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
-    first = path.read_text().splitlines()[0]
-    assert first == f"# Run: saat-dist run --config configs/{path.name}"
+    rel = path.relative_to(ROOT)
+    command = "run" if rel.parent.name == "configs" else "experiment"
+    assert path.read_text().splitlines()[0].startswith(f"# Run: saat-dist {command} --config {rel}")
+
+
+def test_a_config_extends_its_base_file(tmp_path):
+    (tmp_path / "base.yaml").write_text("seed: 3\nsaat: {epochs: 9, eps: 0.5}\n")
+    (tmp_path / "run.yaml").write_text("base: base.yaml\nsaat: {eps: 0.25}\n")
+    cfg = load_config(tmp_path / "run.yaml")
+    assert (cfg.seed, cfg.saat.epochs, cfg.saat.eps) == (3, 9, 0.25)
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "missing.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml: config file not found"):
+        load_config(tmp_path / "missing.yaml")
 
 
 def test_overrides_are_typed():
@@ -82,3 +99,19 @@ def test_options_without_effect_are_warned_about():
     (warning,) = cfg.warnings()
     assert warning.startswith("distributed.bank_sync_every=4 has no effect with distributed.num_workers=0")
     assert load_config("configs/demo.yaml").warnings() == []
+
+
+def test_a_section_given_in_part_keeps_that_sections_defaults(tmp_path):
+    """--set saat.optim.lr must not turn SAAT's SGD into the OptimConfig type's
+    Adam, nor --set attack.p2p.iters P2P's single anchor into DHTA's nine."""
+    cfg = load_config(None, ["saat.optim.lr=0.1", "attack.p2p.iters=5", "cgat.optim.momentum=0.5"])
+    assert (cfg.saat.optim.name, cfg.saat.optim.lr, cfg.saat.optim.weight_decay) == ("sgd", 0.1, 1e-5)
+    assert cfg.saat.optim.milestones == [0.5, 0.75]
+    assert (cfg.attack.p2p.iters, cfg.attack.p2p.anchors, cfg.attack.dhta.anchors) == (5, 1, 9)
+    assert (cfg.cgat.optim.name, cfg.cgat.optim.lr, cfg.cgat.optim.momentum) == ("sgd", 0.01, 0.5)
+    path = tmp_path / "c.yaml"
+    path.write_text("atrdh:\n  optim: {lr: 0.001}\n")
+    atrdh = load_config(path).atrdh.optim
+    assert (atrdh.name, atrdh.lr, atrdh.betas) == ("adam", 0.001, [0.5, 0.999])
+    with pytest.raises(ConfigError, match="unknown key 'saat.optim.lrr'"):
+        load_config(None, ["saat.optim.lrr=0.1"])

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from saat_dist.data.convert import convert, plan_shards
@@ -202,3 +203,53 @@ def test_converter_warns_about_data_that_skews_results(tmp_path, caplog):
     assert f"1 images are listed both as queries (test_img.txt) and in database_img.txt, e.g. {queries[2]} " \
            "(test_img.txt:3)" in text
     assert "train_img.txt" not in text  # no overlap with train
+
+
+def test_resize_and_centre_crop_as_torchvision():
+    """data.resize: the reference's Resize(256) + CenterCrop(224), here at a small size."""
+    import torchvision.transforms.v2 as T
+
+    from saat_dist.data.stream import resize_image
+
+    g = torch.Generator().manual_seed(0)
+    for h, w in ((40, 60), (60, 40), (48, 48)):
+        img = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+        ref = T.CenterCrop(24)(T.Resize(32, antialias=True)(img))
+        got = resize_image(img, 24, resize=32)
+        assert got.shape == (3, 24, 24) and got.dtype == torch.uint8
+        assert int((got.int() - ref.int()).abs().max()) <= 1  # rounding of the interpolation
+    assert resize_image(img, 24).shape == (3, 24, 24)  # no resize: straight to S x S
+
+
+def test_the_harder_demo_variant(tmp_path):
+    """Colours and clutter: RGB mosaics, fragments only of digits not in the
+    label and only in empty cells; the plain variant stays byte-identical."""
+    plain = DemoSpec(train=12, query=4, database=12, seed=2, shard_size=4)
+    hard = DemoSpec(train=12, query=4, database=12, seed=2, shard_size=4, colour=True, clutter=2)
+    a = build_demo(tmp_path / "a", plain)
+    b = build_demo(tmp_path / "b", hard)
+    again = build_demo(tmp_path / "c", plain)
+    same = lambda x, y: (Path(x) / "manifest.json").read_text() == (Path(y) / "manifest.json").read_text()
+    assert same(a["shard_dir"], again["shard_dir"]) and not same(a["shard_dir"], b["shard_dir"])
+    for split in ("train", "test", "database"):  # the same labels: the variant changes pixels only
+        assert (tmp_path / "a" / "list" / f"{split}_label.txt").read_text() == \
+            (tmp_path / "b" / "list" / f"{split}_label.txt").read_text()
+    im_plain = np.array(Image.open(tmp_path / "a" / "list" / "images" / "train" / "000000.png"))
+    im_hard = np.array(Image.open(tmp_path / "b" / "list" / "images" / "train" / "000000.png"))
+    assert im_plain.ndim == 2 and im_hard.shape == (56, 56, 3)
+    assert not (im_hard[..., 0] == im_hard[..., 1]).all()  # colour
+    # clutter: cells left empty by the plain mosaic now hold strokes
+    sources = json.loads((tmp_path / "a" / "list" / "sources.json").read_text())
+    n_digits = [len(s) for s in sources["train"]]
+    cells = [im_plain[r:r + 28, c:c + 28] for r in (0, 28) for c in (0, 28)]
+    empty = [i for i, cell in enumerate(cells) if cell.max() == 0]
+    assert empty and n_digits[0] == 4 - len(empty)
+    bg = im_hard[0, 0].astype(int)
+
+    def stands_out(i):
+        r, c = divmod(i, 2)
+        return np.abs(im_hard[r * 28:(r + 1) * 28, c * 28:(c + 1) * 28].astype(int) - bg).max() > 40
+
+    assert any(stands_out(i) for i in empty)  # the fragments landed in empty cells
+    with pytest.raises(ValueError, match="clutter"):
+        DemoSpec(clutter=-1)

@@ -1,4 +1,5 @@
-"""One training step each for benign hashing and SAAT (SAAT.md §5).
+"""One training step each for benign hashing, SAAT (SAAT.md §5) and the
+baseline defences CgAT, ATRDH and PGD-AT.
 
 Steps are functions of (model, stepper, batch, bank, ...). ``stepper`` is
 anything with ``backward(loss)`` and ``step()``: ``TorchStepper`` around a

@@ -1,8 +1,10 @@
 """The one training loop, for every launcher.
 
-``train_stage`` runs a training stage (benign ``train`` or ``saat``) in the
-calling process: in-process (``distributed.num_workers=0``,
-``saat_dist.training.local``) and in every Ray Train worker
+``train_stage`` runs a training stage (benign ``train``, or one of the
+defences ``saat``, ``cgat``, ``atrdh``, ``pgd_at``: modes of this one loop,
+chosen by the stage, each a step function of ``saat_dist.training.steps``)
+in the calling process: in-process (``distributed.num_workers=0``,
+``saat_dist.pipeline``) and in every Ray Train worker
 (``saat_dist.distributed.worker``) alike. What differs between launchers is
 passed in as a ``Launch``: rank and world size, the device, the backend
 (torch optimizer or DeepSpeed engine), the checkpointer (local ``step-N``
