@@ -2,7 +2,9 @@
 # GPU smoke test (< 5 min on a 1-GPU machine): the tiny config on 2 Ray
 # workers sharing one GPU (0.5 GPU each), bf16, ZeRO-2, through every stage:
 # NCCL for gradients and gloo for CPU-side collectives in one process group
-# (cpu:gloo,cuda:nccl), channels_last convolutions, the streaming evaluation.
+# (cpu:gloo,cuda:nccl), channels_last convolutions, the streaming evaluation;
+# then a small experiment (every defence and attack, the robustness stage and
+# its checks) on the same GPU.
 #   bash launch/gpu-smoke.sh [OUT_DIR]
 # Prints the report's numbers and the per-stage times; exits non-zero on failure.
 set -euo pipefail
@@ -27,5 +29,19 @@ print("stage seconds", r["stage_seconds"])
 for which in ("benign", "saat"):
     t = json.load(open(f"{sys.argv[1]}/{which}/train.json"))
     assert t["parameters_identical"], f"{which}: ranks ended with different parameters"
+PY
+gpu=(--set device=auto --set distributed.use_gpu=true --set distributed.gpus_per_worker=0.5)
+.venv/bin/saat-dist experiment --config configs/tiny.yaml "${gpu[@]}" \
+  --set output_dir="$out/experiment" --set data.shard_dir="$out/data/shards" --set experiment.bits=[16] \
+  --set experiment.num_queries=16 --set attack.hag.iters=20 --set attack.sdha.iters=20 --set attack.square.iters=50 \
+  --set attack.dhta.iters=20 --set attack.p2p.iters=20 --set attack.tha.pnet_steps=100 --set attack.transfer.iters=10 \
+  --set cgat.epochs=1 --set atrdh.epochs=1 --set pgd_at.epochs=1
+echo "[gpu-smoke] wall with the experiment $(( $(date +%s) - start )) s"
+.venv/bin/python - "$out/experiment" <<'PY'
+import json, sys
+r = json.load(open(f"{sys.argv[1]}/experiment.json"))
+print("table2", {(row["defence"], row["attack"]): round(row["map"], 3) for row in r["table2"]
+                 if row["attack"] in ("none", "mainstay", "worst_case")})
+assert not r["checks"]["nonfinite_codes"], r["check_details"]
 print("[gpu-smoke] OK")
 PY

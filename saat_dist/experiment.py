@@ -30,7 +30,7 @@ import yaml
 from saat_dist.config import ConfigError, RunConfig, config_from_dict, save_config
 from saat_dist.device import select_device
 from saat_dist.pipeline import _record_stage, _train, ensure_data
-from saat_dist.robustness import RESULTS, robustness_stage
+from saat_dist.robustness import RESULTS, RESULTS_FORMAT, robustness_stage
 from saat_dist.stages import DEFENCE_STAGES, TRAIN, model_folder
 
 log = logging.getLogger("saat_dist")
@@ -93,7 +93,7 @@ def evaluation_spec(cfg: RunConfig, cell_dir: Path, folder: str, transfer_to: li
     and the model files (a retrained model gets evaluated again)."""
     tree = cfg.to_dict()
     grid = ("hashes", "bits", "defences")
-    return {"attack": tree["attack"], "eval": tree["eval"],
+    return {"format": RESULTS_FORMAT, "attack": tree["attack"], "eval": tree["eval"],
             "experiment": {k: v for k, v in tree["experiment"].items() if k not in grid},
             "model": _file_digest(cell_dir / folder / "model.pt"),
             "transfer_to": {t: _file_digest(cell_dir / t / "model.pt") for t in transfer_to}}

@@ -8,7 +8,8 @@ experiment.json::
    "transfer": [{"hash", "bits", "source": "none", "target", "attack", "map"}],
    "checks": {"<check>": false},   # true if it triggered in any evaluation
    "check_details": [{"hash", "bits", "defence", "check", "detail"}],
-   "orderings": {"<claim>": true | false | null},
+   "orderings": {"<claim>": true | false},
+   "orderings_detail": {"<claim>": {"difference", "standard_error", "clear"}},   # paired over queries
    "settings": {...}, "plots": [...]}
 """
 
@@ -58,30 +59,50 @@ def experiment_tables(cells: dict) -> dict:
                     checks[name] = True
                     details.append({"hash": h, "bits": b, "defence": defence, "check": name,
                                     "detail": res["check_details"][name]})
+    claims, claim_detail = orderings(cells)
     return {"table1": table1, "table2": table2, "transfer": transfer, "checks": checks, "check_details": details,
-            "orderings": orderings(cells)}
+            "orderings": claims, "orderings_detail": claim_detail}
 
 
-def orderings(cells: dict) -> dict:
-    """The paper's claims, measured per cell: true/false, null when a side is missing."""
-    out = {}
+def paired(a: list[float], b: list[float]) -> dict:
+    """mean(a - b) over the same queries and its standard error; ``clear``
+    when the difference exceeds two standard errors."""
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    se = float(d.std() / len(d) ** 0.5) if len(d) > 1 else float("inf")
+    mean = float(d.mean())
+    return {"difference": mean, "standard_error": se, "clear": abs(mean) > 2 * se}
+
+
+def orderings(cells: dict) -> tuple[dict, dict]:
+    """The paper's claims, measured per cell: {claim: true/false} and, per
+    claim, the paired difference over the same queries with its standard
+    error (a claim whose difference is within two standard errors is a tie
+    at this number of queries, whichever way it falls)."""
+    out, detail = {}, {}
+
+    def claim(name, lower, upper):
+        """``lower`` <= ``upper``, as per-query AP lists."""
+        out[name] = sum(lower) <= sum(upper)
+        detail[name] = paired(lower, upper)
+
     for (h, b), by in cells.items():
         tag = f"{h}-{b}"
-        benign = by.get("none", {}).get("attacks", {})
+        benign = by.get("none", {})
+        ap = benign.get("per_query_ap", {})
         for other in ("hag", "sdha"):
-            if "mainstay" in benign and other in benign:
-                out[f"{tag}: mainstay mAP <= {other} mAP (benign model)"] = benign["mainstay"]["map"] <= benign[other]["map"]
+            if "mainstay" in ap and other in ap:
+                claim(f"{tag}: mainstay mAP <= {other} mAP (benign model)", ap["mainstay"], ap[other])
         for d, res in by.items():
             if "worst_case" in res:
                 out[f"{tag}: {d} worst case <= each of its attacks"] = all(
                     res["worst_case"]["map"] <= r["map"] + 1e-12 for r in res["attacks"].values()
                     if r["eps"] <= res["eps"] + 1e-12)
-        saat = by.get("saat", {}).get("worst_case")
+        saat = by.get("saat", {}).get("per_query_ap", {}).get("worst_case")
         for other in ("atrdh", "pgd_at", "cgat", "none"):
-            theirs = by.get(other, {}).get("worst_case")
+            theirs = by.get(other, {}).get("per_query_ap", {}).get("worst_case")
             if saat is not None and theirs is not None:
-                out[f"{tag}: SAAT worst case >= {other} worst case"] = saat["map"] >= theirs["map"]
-    return out
+                claim(f"{tag}: SAAT worst case >= {other} worst case", theirs, saat)
+    return out, detail
 
 
 def write_experiment_report(cfg: RunConfig, cells: dict, source) -> dict:
@@ -94,8 +115,12 @@ def write_experiment_report(cfg: RunConfig, cells: dict, source) -> dict:
         "queries": next((r["queries"] for by in cells.values() for r in by.values()), 0),
         "top_k": cfg.eval.top_k, "eps": a.eps, "defence_eps": {s: getattr(cfg, s).eps for s in ("saat", "cgat", "atrdh", "pgd_at")},
     }
-    stages = out / "stages.json"
-    report["settings"]["seconds"] = json.loads(stages.read_text()) if stages.is_file() else {}
+    def seconds(path: Path) -> dict:
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    report["settings"]["seconds"] = {"total": seconds(out / "stages.json").get("experiment"),
+                                     "cells": {f"{h}-{b}": seconds(out / "cells" / f"{h}-{b}" / "stages.json")
+                                               for h, b in cells}}
     report["plots"] = _plots(cfg, cells, source, out)
     write_text_atomic(out / "experiment.json", json.dumps(report, indent=1))
     write_text_atomic(out / "experiment.md", _markdown(cfg, cells, report))
@@ -117,6 +142,11 @@ def _markdown(cfg: RunConfig, cells: dict, r: dict) -> str:
              f"{s['counts']['test']} query / {s['counts']['database']} database); {s['queries']} queries attacked; "
              f"mAP@{s['top_k']}; attack budget eps = {a.eps * 255:.1f}/255; defences trained at "
              + ", ".join(f"{k} {v * 255:.1f}/255" for k, v in s["defence_eps"].items()) + ".", ""]
+    secs = s["seconds"]
+    if secs.get("total") is not None:
+        lines += [f"Wall time {secs['total'] / 60:.1f} min; per stage (s): " + "; ".join(
+            f"{cell}: " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()) for cell, stages in secs["cells"].items()),
+                  ""]
     # Table I
     lines += ["## Table I: attacks on the benign model", "",
               "mAP under each attack (lower: a stronger untargeted attack); targeted rows: mAP / **t-mAP** "
@@ -182,9 +212,14 @@ def _markdown(cfg: RunConfig, cells: dict, r: dict) -> str:
                                            for d in r["check_details"]]
     else:
         lines.append("No check triggered: " + ", ".join(CHECKS) + ".")
-    lines += ["", "## The paper's orderings, as measured", ""]
-    lines += [f"- {'holds' if v else ('does NOT hold' if v is not None else 'not measured')}: {k}"
-              for k, v in r["orderings"].items()]
+    lines += ["", "## The paper's orderings, as measured", "",
+              "Paired over the same queries: difference of mAP (lower side minus upper side) and its standard error; "
+              "within two standard errors the two are tied at this number of queries.", ""]
+    for k, v in r["orderings"].items():
+        d = r["orderings_detail"].get(k)
+        stats = "" if d is None else (f" (difference {d['difference']:+.4f} ± {d['standard_error']:.4f}"
+                                      + ("" if d["clear"] else ", a tie within noise") + ")")
+        lines.append(f"- {'holds' if v else 'does NOT hold'}: {k}{stats}")
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in r["plots"]] + [""]
     return "\n".join(lines)
 

@@ -87,6 +87,7 @@ from saat_dist.progress import Progress
 
 log = logging.getLogger("saat_dist")
 RESULTS = "robustness.json"
+RESULTS_FORMAT = "saat-dist-robustness/2"  # bumped when results change shape: older ones are recomputed
 RETRIEVAL_IMAGES = "retrieval_images.pt"
 CHECKS = ("zero_perturbation", "nonfinite_codes", "zero_input_gradient", "blackbox_beats_whitebox",
           "map_not_falling_with_eps")
@@ -372,6 +373,10 @@ def _results(cfg, label, runs, sweep, transfers, transfer_to, suite, q_lab, db_c
                  res["worst_case"]["map"], res["clean_map"])
     else:
         worst_codes = None
+    # per-query APs, for paired comparisons between attacks and between models on the same queries
+    res["per_query_ap"] = {"clean": [round(float(v), 6) for v in clean_ap],
+                           **{name: [round(float(v), 6) for v in aps] for name, aps in per_query.items()},
+                           **({"worst_case": [round(float(v), 6) for v in worst]} if eligible else {})}
     sweep_map = {}
     for v in x_cfg.eps_sweep:
         if v == 0:

@@ -53,6 +53,11 @@ def test_experiment_json_has_the_documented_shape(experiment):
     assert {row["attack"] for row in r["table2"]} == attacks | {"none", "worst_case"}
     assert set(r["checks"]) == set(CHECKS) and all(isinstance(v, bool) for v in r["checks"].values())
     assert {row["target"] for row in r["transfer"]} == {"saat", "atrdh", "cgat", "pgd_at"}
+    assert "dph-16: mainstay mAP <= sdha mAP (benign model)" in r["orderings"]
+    for claim, d in r["orderings_detail"].items():  # paired over the same queries
+        assert claim in r["orderings"] and set(d) == {"difference", "standard_error", "clear"}
+        assert d["clear"] == (abs(d["difference"]) > 2 * d["standard_error"])
+        assert (d["difference"] <= 0) == r["orderings"][claim]
     md = (out / "experiment.md").read_text()
     assert "## Table I" in md and "## Table II" in md and "worst case" in md
     for png in r["plots"]:
@@ -68,6 +73,10 @@ def test_worst_case_is_at_most_every_attack_and_per_query(experiment):
         worst = res["worst_case"]["map"]
         assert all(worst <= r["map"] + 1e-12 for r in res["attacks"].values())
         assert sum(res["worst_case"]["lowest_by"].values()) == res["queries"] == 16
+        ap = res["per_query_ap"]
+        assert len(ap["clean"]) == 16 and set(ap) == {"clean", "worst_case", *res["attacks"]}
+        assert ap["worst_case"] == [min(ap[a][i] for a in res["worst_case"]["attacks"]) for i in range(16)]
+        assert sum(ap["mainstay"]) / 16 == pytest.approx(res["attacks"]["mainstay"]["map"], abs=1e-5)
         assert res["eps_sweep"]["map"][0] == res["clean_map"]
         for r in res["attacks"].values():  # every attack kept its budget
             assert r["perceptibility"]["linf"] <= r["eps"] + 1e-6
