@@ -19,7 +19,6 @@ the cells' results (``saat_dist.experiment_report``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from saat_dist.checkpoint import file_sha256, write_text_atomic
 from saat_dist.config import ConfigError, RunConfig, config_from_dict, save_config
 from saat_dist.device import select_device
 from saat_dist.pipeline import _record_stage, _train, ensure_data
@@ -80,14 +80,6 @@ def _first_difference(old, new, key):
     return None if old == new else (key, old, new)
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def evaluation_spec(cfg: RunConfig, cell_dir: Path, folder: str, transfer_to: list[str]) -> dict:
     """What a model's robustness results depend on: the evaluation settings
     and the model files (a retrained model gets evaluated again)."""
@@ -95,8 +87,8 @@ def evaluation_spec(cfg: RunConfig, cell_dir: Path, folder: str, transfer_to: li
     grid = ("hashes", "bits", "defences")
     return {"format": RESULTS_FORMAT, "attack": tree["attack"], "eval": tree["eval"],
             "experiment": {k: v for k, v in tree["experiment"].items() if k not in grid},
-            "model": _file_digest(cell_dir / folder / "model.pt"),
-            "transfer_to": {t: _file_digest(cell_dir / t / "model.pt") for t in transfer_to}}
+            "model": file_sha256(cell_dir / folder / "model.pt"),
+            "transfer_to": {t: file_sha256(cell_dir / t / "model.pt") for t in transfer_to}}
 
 
 def run_cell(cfg: RunConfig, cell_dir: Path) -> dict[str, dict]:
@@ -136,8 +128,6 @@ def run_cell(cfg: RunConfig, cell_dir: Path) -> dict[str, dict]:
             robustness_stage(cfg, folder, cell_dir, 0, 1, select_device(cfg.device), ensure_data(cfg), transfer_to)
         done = json.loads(path.read_text())
         done["spec"] = spec
-        from saat_dist.checkpoint import write_text_atomic
-
         write_text_atomic(path, json.dumps(done, indent=1))
         _record_stage(cell_dir, f"robustness_{folder}", time.monotonic() - t)
         results[defence] = done

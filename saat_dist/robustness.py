@@ -296,11 +296,11 @@ def evaluate_robustness(cfg: RunConfig, model: nn.Module, source: DataSource, de
             finite[f"eps:{v!r}"].append(f)
             progress.update(len(x))
 
-    k = cfg.model.bits
-    empty_i = torch.zeros(0, dtype=torch.int64)
-    local_index = torch.cat(index) if index else empty_i
-    cat = lambda parts, shape, dtype=torch.float32: torch.cat(parts) if parts else torch.zeros(shape, dtype=dtype)
-    gathered = _gather_sorted(local_index, *[cat(codes[key], (0, k)) for key in keys],
+    def cat(parts, shape, dtype=torch.float32):  # a rank may have no queries at all
+        return torch.cat(parts) if parts else torch.zeros(shape, dtype=dtype)
+
+    k, size = cfg.model.bits, cfg.data.image_size
+    gathered = _gather_sorted(cat(index, (0,), torch.int64), *[cat(codes[key], (0, k)) for key in keys],
                               *[cat(finite[key], (0,), torch.bool) for key in keys],
                               *[cat(zero_pert[r.name], (0,), torch.bool) for r in runs],
                               cat(zero_grad, (0,), torch.bool))
@@ -313,9 +313,8 @@ def evaluate_robustness(cfg: RunConfig, model: nn.Module, source: DataSource, de
     pert_ref = {name: all_reduce_sum(v) for name, v in pert_ref.items()}
     seconds_all = {name: all_gather_ragged(torch.tensor([v], dtype=torch.float64)).tolist() for name, v in seconds.items()}
     shown_index, shown_clean, shown_adv = _gather_sorted(
-        cat(shown["index"], (0,), torch.int64), cat(shown["clean"], (0, 3, cfg.data.image_size, cfg.data.image_size),
-                                                     torch.uint8),
-        cat(shown["adv"], (0, 3, cfg.data.image_size, cfg.data.image_size), torch.uint8))
+        cat(shown["index"], (0,), torch.int64), cat(shown["clean"], (0, 3, size, size), torch.uint8),
+        cat(shown["adv"], (0, 3, size, size), torch.uint8))
     attack_seconds = time.monotonic() - t0
     if rank != 0:
         return None

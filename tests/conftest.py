@@ -22,6 +22,19 @@ def tiny_demo(tmp_path_factory):
     return out, summary
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _ray_down_after_module():
+    """A test that runs the CLI in this process starts Ray here: shut it down
+    with the module. A later test's `ray stop --force` would otherwise kill
+    that Ray's raylet, and a driver whose raylet dies exits at once: pytest."""
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

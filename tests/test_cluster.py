@@ -27,7 +27,7 @@ from tests.conftest import need
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 MONITORING = CLUSTER / "monitoring"
-OVERLAYS = ["cpu-small", "multi-gpu"]
+OVERLAYS = ["cpu-small", "multi-gpu", "experiment-cpu"]
 VENV_BIN = Path(sys.executable).parent
 K8S_VERSION = "1.33"  # built-in kinds are validated against this Kubernetes API version
 
@@ -278,7 +278,7 @@ def test_ray_token_auth_is_on(overlay):
 
 def _entry_config(job) -> tuple[list[str], Path]:
     argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[:2] == ["saat-dist", "run"], argv
+    assert argv[0] == "saat-dist" and argv[1] in ("run", "experiment"), argv
     path = argv[argv.index("--config") + 1]
     assert path.startswith("/app/configs/"), "the image holds the configs under /app/configs"
     return argv, ROOT / "configs" / path.removeprefix("/app/configs/")

@@ -45,15 +45,6 @@ def odd_shards(tiny_demo, tmp_path_factory):
     return str(out)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _ray_down_after_module():
-    yield
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-
-
 def base_args(run_dir, shards, *extra):
     args = ["--config", "configs/tiny.yaml", "--set", f"output_dir={run_dir}", "--set", f"data.shard_dir={shards}",
             "--set", "data.build_demo=false"]

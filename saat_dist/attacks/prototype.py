@@ -67,8 +67,10 @@ class PrototypeTrainer:
     def __init__(self, num_classes: int, bits: int, label_sets: torch.Tensor, *, total_steps: int, seed: int,
                  device, lr: float = 1e-4, betas: tuple[float, float] = (0.5, 0.999), gather=None, all_reduce=None,
                  world: int = 1) -> None:
-        torch.manual_seed(seed)  # the same initial weights on every process
-        self.net = PrototypeNet(num_classes, bits).to(device)
+        with torch.random.fork_rng(devices=[]):  # the same initial weights on every process; global RNG untouched
+            torch.manual_seed(seed)
+            self.net = PrototypeNet(num_classes, bits)
+        self.net.to(device)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr, betas=betas)
         milestones = sorted({max(1, int(total_steps * m)) for m in (0.5, 0.75)})
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=milestones, gamma=0.1)

@@ -17,6 +17,7 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
+from saat_dist.checkpoint import file_sha256
 from saat_dist.data.listformat import SPLITS, DataFormatError, SplitList, read_split
 from saat_dist.data.shards import FORMAT, IMAGE_EXTS, MANIFEST, VERSION, sample_key, shard_name
 
@@ -75,14 +76,6 @@ def _check_out_dir(out: Path, source_fp: str) -> None:
     others = [p.name for p in out.iterdir() if p not in ours]
     if others:
         raise DataFormatError(f"{out}: not empty and not a saat-dist shard directory (holds {others[:3]})")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write_shard(path: Path, root: Path, lst: SplitList, exts: list[str], lo: int, hi: int) -> None:
@@ -159,7 +152,7 @@ def convert(root: str | Path, out: str | Path, shard_size: int = 1000, shard_mul
         for i, size in enumerate(sizes):
             path = out / shard_name(split, i)
             _write_shard(path, root, lst, exts, lo, lo + size)
-            shards.append({"name": path.name, "count": size, "first_index": lo, "sha256": _sha256(path)})
+            shards.append({"name": path.name, "count": size, "first_index": lo, "sha256": file_sha256(path)})
             lo += size
         label_sets.update(map(tuple, lst.labels.tolist()))
         sizes_seen = Counter(f"{w}x{h}" for _, (w, h) in infos[split])
