@@ -26,6 +26,25 @@ def test_shipped_config_loads_and_says_how_to_run(path):
     assert path.read_text().splitlines()[0].startswith(f"# Run: saat-dist {command} --config {rel}")
 
 
+
+@pytest.mark.parametrize("name", ["nus-wide", "flickr25k", "ms-coco"])
+def test_paper_presets_hold_the_reference_settings(name):
+    """The issue's list of the reference code's settings, for each data set."""
+    cfg = load_config(ROOT / "configs" / "paper" / f"{name}.yaml")
+    m, d, t = cfg.model, cfg.data, cfg.train
+    assert (m.backbone, d.image_size, d.resize, m.hash_bn, m.hash_init) == ("alexnet", 224, 256, False, "reference")
+    assert m.pretrained_path and not d.build_demo  # local ImageNet weights, the user's shards
+    assert cfg.attack.eps == pytest.approx(8 / 255) and cfg.eval.pr_points == "reference"
+    assert (t.epochs, t.batch_size, t.optim.name, t.optim.lr, t.optim.momentum, t.optim.weight_decay) == (
+        100, 32, "sgd", 0.01, 0.9, 5e-4)
+    s = cfg.saat
+    assert (s.epochs, s.batch_size, s.optim.name) == (20, 32, "sgd")
+    assert s.step_size == pytest.approx(2 / 255)
+    for section in ("saat", "cgat", "atrdh", "pgd_at"):
+        c = getattr(cfg, section)
+        assert (c.attack_mode, c.hash_bank, c.eps) == ("train", "continuous", pytest.approx(8 / 255)), section
+    assert cfg.experiment.defences == ["none", "saat", "atrdh", "cgat", "pgd_at"]
+
 def test_a_config_extends_its_base_file(tmp_path):
     (tmp_path / "base.yaml").write_text("seed: 3\nsaat: {epochs: 9, eps: 0.5}\n")
     (tmp_path / "run.yaml").write_text("base: base.yaml\nsaat: {eps: 0.25}\n")
