@@ -153,7 +153,7 @@ def evaluate_model(cfg: RunConfig, model: nn.Module, source: DataSource, device,
                                                  _cat(out["clean"], k), _cat(out["adv"], k))
     t_index, t_codes = _gather_sorted(torch.cat(out["t_index"]) if out["t_index"] else empty, _cat(out["t"], k))
     s_index, s_codes = _gather_sorted(torch.cat(out["s_index"]) if out["s_index"] else empty, _cat(out["s"], k))
-    pert = torch.cat([all_reduce_sum(pert), all_reduce_sum(pert_ref)])
+    pert = all_reduce_sum(torch.cat([pert, pert_ref]))  # one collective for both
     if rank != 0:
         return None
     assert torch.equal(q_index, torch.arange(n)), "every query is evaluated exactly once"

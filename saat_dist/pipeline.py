@@ -27,6 +27,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from saat_dist.checkpoint import write_text_atomic
@@ -63,8 +64,6 @@ def ensure_data(cfg: RunConfig) -> DataSource:
 
 def _check_demo_spec(path: Path, spec: DemoSpec) -> None:
     """A demo data set built with other parameters is used as it is, but not silently."""
-    from dataclasses import asdict
-
     if not path.is_file():
         return  # shards from elsewhere (data convert): nothing to compare
     built = json.loads(path.read_text()).get("spec", {})

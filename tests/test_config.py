@@ -26,7 +26,6 @@ def test_shipped_config_loads_and_says_how_to_run(path):
     assert path.read_text().splitlines()[0].startswith(f"# Run: saat-dist {command} --config {rel}")
 
 
-
 @pytest.mark.parametrize("name", ["nus-wide", "flickr25k", "ms-coco"])
 def test_paper_presets_hold_the_reference_settings(name):
     """The issue's list of the reference code's settings, for each data set."""
@@ -44,6 +43,7 @@ def test_paper_presets_hold_the_reference_settings(name):
         c = getattr(cfg, section)
         assert (c.attack_mode, c.hash_bank, c.eps) == ("train", "continuous", pytest.approx(8 / 255)), section
     assert cfg.experiment.defences == ["none", "saat", "atrdh", "cgat", "pgd_at"]
+
 
 def test_a_config_extends_its_base_file(tmp_path):
     (tmp_path / "base.yaml").write_text("seed: 3\nsaat: {epochs: 9, eps: 0.5}\n")

@@ -222,8 +222,8 @@ def test_resize_and_centre_crop_as_torchvision():
 
 
 def test_the_harder_demo_variant(tmp_path):
-    """Colours and clutter: RGB mosaics, fragments only of digits not in the
-    label and only in empty cells; the plain variant stays byte-identical."""
+    """Colours and clutter: RGB mosaics with the same labels, strokes in the
+    cells the plain mosaic leaves empty; the plain variant stays byte-identical."""
     plain = DemoSpec(train=12, query=4, database=12, seed=2, shard_size=4)
     hard = DemoSpec(train=12, query=4, database=12, seed=2, shard_size=4, colour=True, clutter=2)
     a = build_demo(tmp_path / "a", plain)
