@@ -173,7 +173,7 @@ class THAConfig:
     iters: int = 100  # PGD iterations toward the PrototypeNet's target code
     step_size: float = 1 / 255  # PGD step
     pnet_steps: int = 30000  # PrototypeNet training steps (the reference: 100 epochs x 300)
-    pnet_batch: int = 32  # label sets per PrototypeNet step
+    pnet_batch: int = 128  # label sets per PrototypeNet step, drawn from the database's label sets (the reference: its attack batch, 128)
     pnet_lr: float = 1e-4  # Adam learning rate (betas 0.5, 0.999; x 0.1 at 50 % and 75 %)
 
 
@@ -261,7 +261,8 @@ TRANSFER_ATTACKS = ("bim", "difgsm", "nifgsm", "sinifgsm", "vmifgsm")
 @dataclass
 class ChecksConfig:
     blackbox_margin: float = 0.0  # 'black-box beats white-box' triggers when the black-box mAP is below every white-box untargeted mAP by more than this
-    eps_tolerance: float = 0.01  # 'mAP not falling as eps grows' triggers when a larger eps gives a mAP higher by more than this
+    min_drop: float = 0.005  # 'mAP not falling as eps grows' triggers when a step of experiment.eps_sweep to a larger eps lowers mAP by less than this ...
+    floor_margin: float = 0.05  # ... while mAP is still more than this above both the theory bound and the random-code floor
 
 
 @dataclass
@@ -378,7 +379,8 @@ class RunConfig:
             ("experiment.num_queries", x.num_queries >= 0, "must be >= 0 (0: all)"),
             ("experiment.retrieval_queries", x.retrieval_queries >= 0, "must be >= 0"),
             ("experiment.retrieval_top", x.retrieval_top >= 1, "must be >= 1"),
-            ("experiment.checks.eps_tolerance", x.checks.eps_tolerance >= 0, "must be >= 0"),
+            ("experiment.checks.min_drop", x.checks.min_drop >= 0, "must be >= 0"),
+            ("experiment.checks.floor_margin", x.checks.floor_margin >= 0, "must be >= 0"),
             ("experiment.checks.blackbox_margin", x.checks.blackbox_margin >= 0, "must be >= 0"),
         ]
         for section in ("train", *ADV_SECTIONS):

@@ -2,13 +2,19 @@
 
 No process holds a split's images. Each rank streams its own shards
 (``DataSource.rank_shards``) of the database and train splits and encodes
-them batch by batch; then it streams its queries and, batch by batch,
-encodes them, attacks them (untargeted mainstay attack, targeted attack,
-and on the first ``attack.strong_queries`` queries the strong check) and
-encodes the adversarial images. Only codes, labels and global indices are
-gathered across ranks; rank 0 computes the metrics: clean mAP, mAP under
-the attacks, t-mAP, the theory bounds, PR curves, precision@N, the
-perturbation's perceptibility and the random-code floor.
+them batch by batch; then it takes its share of the global query batches
+(``query_batches``) and, batch by batch, encodes them, attacks them
+(untargeted mainstay attack, targeted attack, and on the first
+``attack.strong_queries`` queries the strong check) and encodes the
+adversarial images. Only codes, labels, global indices and per-query
+perturbation norms are gathered across ranks; rank 0 computes the metrics:
+clean mAP, mAP under the attacks, t-mAP, the theory bounds, PR curves,
+precision@N, the perturbation's perceptibility and the random-code floor.
+
+The numbers do not depend on the number of workers: a query's batch is a
+global one, every random start is keyed by the query's index
+(``attack_keys``), encoding batches never span shards, and rank 0 sums in
+query order.
 """
 
 from __future__ import annotations
@@ -24,15 +30,11 @@ from torch import nn
 
 from saat_dist.attacks import choose_targets, pgd_attack
 from saat_dist.checkpoint import write_text_atomic
-from saat_dist.attacks.perceptibility import (
-    perceptibility_from_sums,
-    perceptibility_sums,
-    reference_perceptibility_from_sums,
-    reference_perceptibility_sums,
-)
+from saat_dist.attacks.perceptibility import perceptibility_from_rows, perceptibility_rows
 from saat_dist.config import RunConfig
 from saat_dist.data.source import DataSource
-from saat_dist.distributed.collectives import all_gather_ragged, all_reduce_sum, barrier
+from saat_dist.distributed.collectives import all_gather_ragged, barrier
+from saat_dist.keyed_random import ItemKeys
 from saat_dist.mainstay import label_set_table, mainstay_from_table
 from saat_dist.metrics import (
     mean_average_precision,
@@ -54,7 +56,7 @@ def random_map(query_labels: torch.Tensor, db_labels: torch.Tensor, bits: int, t
     return mean_average_precision(q, db, query_labels, db_labels, top_k)
 
 
-def _gather_sorted(index: torch.Tensor, *rows: torch.Tensor) -> list[torch.Tensor]:
+def gather_sorted(index: torch.Tensor, *rows: torch.Tensor) -> list[torch.Tensor]:
     """Gather (index, rows...) from every rank and order them by global index."""
     index = all_gather_ragged(index)
     order = torch.argsort(index)
@@ -68,7 +70,8 @@ def _cat(parts: list[torch.Tensor], width: int, dtype=torch.float32) -> torch.Te
 def encode_split(model: nn.Module, source: DataSource, split: str, cfg: RunConfig, device, rank: int,
                  world: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes N x K, labels N x C) of a whole split ordered by global index, on
-    every rank; each rank encodes its own shards, one batch at a time."""
+    every rank; each rank encodes its own shards, one batch at a time (a batch
+    never spans two shards, so a code does not depend on the worker count)."""
     shards = source.rank_shards(split, rank, world)
     n = sum(source.counts(split)[j] for j in shards)
     # Filled in place: per-batch results kept in lists would pin the freed
@@ -85,8 +88,37 @@ def encode_split(model: nn.Module, source: DataSource, split: str, cfg: RunConfi
         labels[filled : filled + b] = lab
         index[filled : filled + b] = idx
         filled += b
-    _, codes_NK, labels_NC = _gather_sorted(index[:filled], codes[:filled], labels[:filled])
+    _, codes_NK, labels_NC = gather_sorted(index[:filled], codes[:filled], labels[:filled])
     return codes_NK, labels_NC
+
+
+def query_batches(n: int, batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's share of the first ``n`` queries: they are cut, in index
+    order, into global batches of ``batch_size`` and batch b goes to rank
+    b % world. A query's batch, and so everything computed on it, is the
+    same whatever the number of workers."""
+    starts = range(0, n, batch_size)
+    return [list(range(s, min(n, s + batch_size))) for b, s in enumerate(starts) if b % world == rank]
+
+
+def query_labels(source: DataSource, n: int | None = None) -> torch.Tensor:
+    """Labels of the first ``n`` queries (all: None) in index order, from the metadata only."""
+    index, labels = source.labels("test")
+    labels = labels[torch.argsort(index)]
+    return labels if n is None else labels[:n]
+
+
+def iter_query_batches(source: DataSource, cfg: RunConfig, batches: list[list[int]]):
+    """(uint8 images, labels, index) of each of these query batches, reading
+    only the query shards that hold them."""
+    for batch in batches:
+        yield source.read_items("test", batch, cfg.data.image_size, cfg.data.resize)
+
+
+def attack_keys(cfg: RunConfig, index: torch.Tensor, attack: str) -> ItemKeys:
+    """The keys of an attack's random draws for these queries: the same in
+    every evaluation (run, experiment) of every model, whatever the worker."""
+    return ItemKeys.of(index, cfg.seed, "attack", attack)
 
 
 def evaluate_model(cfg: RunConfig, model: nn.Module, source: DataSource, device, stage: str,
@@ -102,70 +134,57 @@ def evaluate_model(cfg: RunConfig, model: nn.Module, source: DataSource, device,
 
     # Targets are drawn once from all query labels (labels only: no images), so
     # they do not depend on how queries are split over ranks.
-    q_index_all, q_lab_all = source.labels("test")
-    order = torch.argsort(q_index_all)
-    n = min(e.num_queries or len(order), len(order))
-    q_lab_all = q_lab_all[order][:n]
+    q_lab_all = query_labels(source)
+    n = min(e.num_queries or len(q_lab_all), len(q_lab_all))
+    q_lab_all = q_lab_all[:n]
     targets_all, valid_all = choose_targets(q_lab_all, torch.unique(db_lab, dim=0),
                                             torch.Generator().manual_seed(cfg.seed + 11))
     n_strong = min(a.strong_queries or n, n) if strong else 0
 
-    def attack(x, guide, gen, *, targeted=False, iters=a.iters, restarts=1):
+    def attack(x, guide, keys, *, targeted=False, iters=a.iters, restarts=1):
         return pgd_attack(model, x, guide.to(device), eps=a.eps, step_size=a.step_size, iters=iters,
-                          targeted=targeted, loss=a.loss, restarts=restarts, generator=gen)
+                          targeted=targeted, loss=a.loss, restarts=restarts, keys=keys.to(device))
 
-    def gen(offset):
-        return torch.Generator(device=device).manual_seed(cfg.seed + offset + 1000 * rank)
-
-    g_u, g_t, g_s = gen(10), gen(12), gen(13)
-    mine = source.rank_shards("test", rank, world)
+    batches = query_batches(n, a.batch_size, rank, world)
     progress = Progress(f"{stage} attacks (rank {rank}/{world})" if world > 1 else f"{stage} attacks",
-                        _count_below(source, mine, n), unit="query", every_s=cfg.log_every_s if rank == 0 else 1e9)
-    out = {k: [] for k in ("index", "clean", "adv", "t_index", "t", "s_index", "s")}
-    pert = torch.zeros(5, dtype=torch.float64)
-    pert_ref = torch.zeros(3, dtype=torch.float64)
-    for images, lab, idx in source.batches("test", cfg.data.image_size, a.batch_size, mine, keep=lambda i: i < n,
-                                            resize=cfg.data.resize):
+                        sum(map(len, batches)), unit="query", every_s=cfg.log_every_s if rank == 0 else 1e9)
+    out = {k: [] for k in ("index", "clean", "adv", "pert", "t_index", "t", "s_index", "s")}
+    for images, lab, idx in iter_query_batches(source, cfg, batches):
         x = images.to(device).float().div_(255)
         guide = guide_of(lab)
         out["index"].append(idx)
         out["clean"].append(encode(model, x, device, len(x)))
-        x_adv = attack(x, guide, g_u)
+        x_adv = attack(x, guide, attack_keys(cfg, idx, "mainstay"))
         out["adv"].append(encode(model, x_adv, device, len(x)))
-        pert += perceptibility_sums(x, x_adv)
-        pert_ref += reference_perceptibility_sums(x, x_adv)
+        out["pert"].append(perceptibility_rows(x, x_adv))
         v = valid_all[idx]
         if v.any():
-            x_t = attack(x[v.to(device)], guide_of(targets_all[idx[v]]), g_t, targeted=True)
+            x_t = attack(x[v.to(device)], guide_of(targets_all[idx[v]]), attack_keys(cfg, idx[v], "mainstay_targeted"),
+                         targeted=True)
             out["t_index"].append(idx[v])
             out["t"].append(encode(model, x_t, device, len(x_t)))
         s = idx < n_strong
         if s.any():
             # the strong check: strong_factor x iters, strong_restarts random starts, worst case per query
-            x_s = attack(x[s.to(device)], guide[s], g_s, iters=a.iters * a.strong_factor, restarts=a.strong_restarts)
+            x_s = attack(x[s.to(device)], guide[s], attack_keys(cfg, idx[s], "mainstay_strong"),
+                         iters=a.iters * a.strong_factor, restarts=a.strong_restarts)
             out["s_index"].append(idx[s])
             out["s"].append(encode(model, x_s, device, len(x_s)))
         progress.update(len(x))
 
     k = cfg.model.bits
     empty = torch.zeros(0, dtype=torch.int64)
-    q_index, q_codes, adv_codes = _gather_sorted(torch.cat(out["index"]) if out["index"] else empty,
-                                                 _cat(out["clean"], k), _cat(out["adv"], k))
-    t_index, t_codes = _gather_sorted(torch.cat(out["t_index"]) if out["t_index"] else empty, _cat(out["t"], k))
-    s_index, s_codes = _gather_sorted(torch.cat(out["s_index"]) if out["s_index"] else empty, _cat(out["s"], k))
-    pert = all_reduce_sum(torch.cat([pert, pert_ref]))  # one collective for both
+    q_index, q_codes, adv_codes, pert = gather_sorted(torch.cat(out["index"]) if out["index"] else empty,
+                                                      _cat(out["clean"], k), _cat(out["adv"], k),
+                                                      _cat(out["pert"], 7, torch.float64))
+    t_index, t_codes = gather_sorted(torch.cat(out["t_index"]) if out["t_index"] else empty, _cat(out["t"], k))
+    s_index, s_codes = gather_sorted(torch.cat(out["s_index"]) if out["s_index"] else empty, _cat(out["s"], k))
     if rank != 0:
         return None
     assert torch.equal(q_index, torch.arange(n)), "every query is evaluated exactly once"
     targets = targets_all[t_index]
     return _metrics(cfg, stage, q_codes, adv_codes, q_lab_all, db_codes, db_lab, guide_of(q_lab_all),
                     t_index, t_codes, targets, guide_of(targets), int(valid_all.sum()), s_codes, n_strong, pert)
-
-
-def _count_below(source: DataSource, shards: list[int], n: int) -> int:
-    """Queries with global index < n in ``shards`` (for progress; labels only)."""
-    index, _ = source.labels("test", shards)
-    return int((index < n).sum())
 
 
 def _metrics(cfg, stage, q_codes, adv_codes, q_lab, db_codes, db_lab, guide, t_index, t_codes, targets,
@@ -179,8 +198,7 @@ def _metrics(cfg, stage, q_codes, adv_codes, q_lab, db_codes, db_lab, guide, t_i
                  "random_map": random_map(q_lab, db_lab, cfg.model.bits, e.top_k, cfg.seed + 20)}
     log.info("%s: clean mAP@%d = %.4f", stage, e.top_k, res["clean_map"])
     res["attacked_map"] = mAP(adv_codes, q_lab)
-    res["perceptibility"] = perceptibility_from_sums(pert[:5])
-    res["perceptibility_reference"] = reference_perceptibility_from_sums(pert[5:])
+    res["perceptibility"], res["perceptibility_reference"] = perceptibility_from_rows(pert)
     res["theory_map"] = mAP(-guide, q_lab)
     log.info("%s: attacked mAP = %.4f (theory bound %.4f)", stage, res["attacked_map"], res["theory_map"])
 

@@ -13,7 +13,7 @@ import torch
 from saat_dist.cli import main
 from saat_dist.config import load_config
 from saat_dist.data.source import DataSource
-from saat_dist.robustness import CHECKS, _checks, evaluate_robustness
+from saat_dist.robustness import CHECKS, SINGLE_RUN, attack_plan, evaluate_robustness, not_moved, run_checks
 
 # A few iterations of every attack: the numbers show the machinery works, not who wins.
 FAST = ["experiment.num_queries=16", "experiment.bits=[16]", "attack.restarts=2", "attack.hag.iters=8",
@@ -43,7 +43,7 @@ def test_experiment_json_has_the_documented_shape(experiment):
     assert {"table1", "table2", "checks"} <= set(r)
     attacks = {"mainstay", "hag", "sdha", "square", "bim", "difgsm", "nifgsm", "sinifgsm", "vmifgsm",
                "mainstay_targeted", "dhta", "p2p", "tha"}
-    assert {row["attack"] for row in r["table1"]} == attacks
+    assert {row["attack"] for row in r["table1"]} == attacks | {SINGLE_RUN}
     for row in r["table1"]:
         assert {"hash", "bits", "attack", "kind", "map", "tmap"} <= set(row)
         assert (row["hash"], row["bits"]) == ("dph", 16) and 0 <= row["map"] <= 1
@@ -51,13 +51,17 @@ def test_experiment_json_has_the_documented_shape(experiment):
     defences = {"none", "saat", "atrdh", "cgat", "pgd_at"}
     assert {row["defence"] for row in r["table2"]} == defences
     assert {row["attack"] for row in r["table2"]} == attacks | {"none", "worst_case"}
-    assert set(r["checks"]) == set(CHECKS) and all(isinstance(v, bool) for v in r["checks"].values())
+    assert set(r["checks"]) == set(CHECKS) and all(v is None or isinstance(v, bool) for v in r["checks"].values())
     assert {row["target"] for row in r["transfer"]} == {"saat", "atrdh", "cgat", "pgd_at"}
-    assert "dph-16: mainstay mAP <= sdha mAP (benign model)" in r["orderings"]
+    # one run each, the budgets named: the mainstay attack's first restart (4 steps) against SDHA's 8
+    assert "dph-16: mainstay mAP <= sdha mAP (benign model; one run each, 4 vs 8 gradient steps)" in r["orderings"]
+    assert not any("worst case <= each" in claim for claim in r["orderings"])  # true by construction: not printed
     for claim, d in r["orderings_detail"].items():  # paired over the same queries
-        assert claim in r["orderings"] and set(d) == {"difference", "standard_error", "clear"}
+        assert claim in r["orderings"] and {"difference", "standard_error", "clear", "like_for_like"} <= set(d)
         assert d["clear"] == (abs(d["difference"]) > 2 * d["standard_error"])
         assert (d["difference"] <= 0) == r["orderings"][claim]
+    single = [row for row in r["table1"] if row["attack"] == SINGLE_RUN]
+    assert len(single) == 1 and single[0]["restarts"] == 1
     md = (out / "experiment.md").read_text()
     assert "## Table I" in md and "## Table II" in md and "worst case" in md
     for png in r["plots"]:
@@ -74,10 +78,14 @@ def test_worst_case_is_at_most_every_attack_and_per_query(experiment):
         assert all(worst <= r["map"] + 1e-12 for r in res["attacks"].values())
         assert sum(res["worst_case"]["lowest_by"].values()) == res["queries"] == 16
         ap = res["per_query_ap"]
-        assert len(ap["clean"]) == 16 and set(ap) == {"clean", "worst_case", *res["attacks"]}
+        assert len(ap["clean"]) == 16 and set(ap) == {"clean", "worst_case", SINGLE_RUN, *res["attacks"]}
         assert ap["worst_case"] == [min(ap[a][i] for a in res["worst_case"]["attacks"]) for i in range(16)]
         assert sum(ap["mainstay"]) / 16 == pytest.approx(res["attacks"]["mainstay"]["map"], abs=1e-5)
         assert res["eps_sweep"]["map"][0] == res["clean_map"]
+        # the sweep runs one restart at every budget: at attack.eps that is the mainstay attack's first restart
+        assert res["eps_sweep"]["restarts"] == 1
+        assert res["eps_sweep"]["map"][-1] == res["attacks"]["mainstay"]["single_run_map"]
+        assert sum(ap[SINGLE_RUN]) / 16 == pytest.approx(res["attacks"]["mainstay"]["single_run_map"], abs=1e-5)
         for r in res["attacks"].values():  # every attack kept its budget
             assert r["perceptibility"]["linf"] <= r["eps"] + 1e-6
         ret = res["retrieval"]
@@ -123,20 +131,79 @@ class RoundedInput(torch.nn.Module):
         return self.model(torch.round(x * 4) / 4, alpha=alpha)
 
 
+def masked_config(out, shards, *extra):
+    return load_config("configs/tiny.yaml", [f"output_dir={out}", f"data.shard_dir={shards}", *FAST, "model.bits=16",
+                                             *extra])
+
+
 def test_checks_trigger_on_a_gradient_masked_model(experiment, trained_small):
     out, shards = experiment
     model, _ = trained_small
-    cfg = load_config("configs/tiny.yaml", [f"output_dir={out}", f"data.shard_dir={shards}", *FAST,
-                                            "model.bits=16", "experiment.attacks=[mainstay,hag,bim,square]",
-                                            "attack.square.iters=60"])
+    cfg = masked_config(out, shards, "experiment.attacks=[mainstay,hag,bim,square]", "attack.square.iters=60")
     res = evaluate_robustness(cfg, RoundedInput(model), DataSource.open(shards), torch.device("cpu"), "masked")
     assert res["checks"]["zero_input_gradient"] and "16 of 16" in res["check_details"]["zero_input_gradient"]
-    assert res["checks"]["zero_perturbation"]  # HAG and BIM start at x and never move
-    assert "hag" in res["check_details"]["zero_perturbation"] and "bim" in res["check_details"]["zero_perturbation"]
-    assert not res["checks"]["nonfinite_codes"]
-    # the same model without the quantiser trips nothing of this
+    # HAG and BIM start at x and never move; the mainstay attack never leaves its own random start
+    assert res["checks"]["zero_perturbation"]
+    for name in ("hag", "bim", "mainstay"):
+        assert res["attacks"][name]["zero_perturbation"] == 16, name
+    assert res["attacks"]["square"]["zero_perturbation"] < 16  # the random search moves without gradients
+    # the curve stays near the clean mAP, far above both floors: it stops falling
+    assert res["checks"]["map_not_falling_with_eps"], res["eps_sweep"]
+    assert res["checks"]["nonfinite_codes"] is False
+    # the same model without the quantiser trips none of these
     clean = evaluate_robustness(cfg, model, DataSource.open(shards), torch.device("cpu"), "plain")
-    assert not clean["checks"]["zero_input_gradient"] and not clean["checks"]["zero_perturbation"]
+    assert clean["checks"]["zero_input_gradient"] is False and clean["checks"]["zero_perturbation"] is False
+    assert clean["checks"]["map_not_falling_with_eps"] is False, clean["eps_sweep"]
+
+
+class Saturated(torch.nn.Module):
+    """A hash model whose tanh saturates: logits scaled by 1e4, so every
+    input gradient underflows to zero while the codes stay the model's."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def logits(self, x):
+        return 1e4 * self.model.logits(x)
+
+    def forward(self, x, alpha=None):
+        return torch.tanh((1.0 if alpha is None else alpha) * self.logits(x).float())
+
+
+def test_a_saturated_output_trips_the_input_gradient_check(experiment, trained_small):
+    out, shards = experiment
+    model, _ = trained_small
+    cfg = masked_config(out, shards, "experiment.attacks=[mainstay]", "experiment.eps_sweep=[0,0.0627451]")
+    res = evaluate_robustness(cfg, Saturated(model), DataSource.open(shards), torch.device("cpu"), "saturated")
+    assert res["checks"]["zero_input_gradient"] and "16 of 16" in res["check_details"]["zero_input_gradient"]
+    assert res["checks"]["nonfinite_codes"] is False
+
+
+class InfiniteLogits(torch.nn.Module):
+    """Infinite logits on bright images: tanh makes them a clean-looking +-1."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def logits(self, x):
+        z = self.model.logits(x)
+        return torch.where(x.flatten(1).mean(1, keepdim=True) > 0.05, z * float("inf"), z)
+
+    def forward(self, x, alpha=None):
+        return torch.tanh((1.0 if alpha is None else alpha) * self.logits(x).float())
+
+
+def test_infinite_logits_are_caught_before_the_tanh(experiment, trained_small):
+    out, shards = experiment
+    model, _ = trained_small
+    cfg = masked_config(out, shards, "experiment.attacks=[mainstay]", "experiment.eps_sweep=[0]")
+    wrapped = InfiniteLogits(model)
+    x = torch.rand(4, 3, 32, 32)
+    assert torch.isfinite(wrapped(x)).all()  # what a check after the tanh would see
+    res = evaluate_robustness(cfg, wrapped, DataSource.open(shards), torch.device("cpu"), "inf")
+    assert res["checks"]["nonfinite_codes"] and "clean" in res["check_details"]["nonfinite_codes"]
 
 
 class NaNOnBrightImages(torch.nn.Module):
@@ -152,31 +219,52 @@ class NaNOnBrightImages(torch.nn.Module):
 def test_nonfinite_codes_are_caught_not_hidden_by_the_sign(experiment, trained_small):
     out, shards = experiment
     model, _ = trained_small
-    cfg = load_config("configs/tiny.yaml", [f"output_dir={out}", f"data.shard_dir={shards}", *FAST,
-                                            "model.bits=16", "experiment.attacks=[mainstay]", "experiment.eps_sweep=[0]"])
+    cfg = masked_config(out, shards, "experiment.attacks=[mainstay]", "experiment.eps_sweep=[0]")
     res = evaluate_robustness(cfg, NaNOnBrightImages(model), DataSource.open(shards), torch.device("cpu"), "nan")
     assert res["checks"]["nonfinite_codes"] and "clean" in res["check_details"]["nonfinite_codes"]
+    # one budget only: the sweep cannot be judged and says so
+    assert res["checks"]["map_not_falling_with_eps"] is None
+    assert res["check_details"]["map_not_falling_with_eps"].startswith("not run")
+
+
+def test_an_attack_that_returns_its_input_or_its_random_start_is_caught():
+    x = torch.rand(3, 3, 8, 8)
+    start = (x + 0.01).clamp(0, 1)
+    moved = (x + 0.02).clamp(0, 1)
+    adv = torch.stack([x[0], start[1], moved[2]])
+    assert not_moved(adv, [x, start]).tolist() == [True, True, False]
+
+
+def sweep_result(maps, theory=0.2, rnd=0.3, **attacks):
+    return {"attacks": {k: {"map": v} for k, v in attacks.items()},
+            "eps_sweep": {"eps": [0.0, 0.01, 0.02, 0.04][: len(maps)], "map": maps, "theory_map": theory,
+                          "random_map": rnd}}
 
 
 def test_blackbox_and_eps_checks_by_hand():
     cfg = load_config("configs/tiny.yaml", ["experiment.attacks=[mainstay,hag,square]"])
-    from saat_dist.robustness import attack_plan
-
     runs = attack_plan(cfg)
-    # the black-box attack below every white-box one; mAP up by 0.005 with eps (within the 0.01 tolerance)
-    res = {"attacks": {"mainstay": {"map": 0.40}, "hag": {"map": 0.45}, "square": {"map": 0.30}},
-           "eps_sweep": {"eps": [0.0, 0.01, 0.02], "map": [0.8, 0.5, 0.505]}}
-    empty = {"clean": torch.ones(3, dtype=torch.bool)}
+    finite = {"clean": torch.ones(3, dtype=torch.bool)}
     none = torch.zeros(3, dtype=torch.bool)
-    checks, details = _checks(cfg, runs, res, empty, {"mainstay": none}, none)
-    assert checks["blackbox_beats_whitebox"] and "square" in details["blackbox_beats_whitebox"]
-    assert not checks["map_not_falling_with_eps"]
-    res["attacks"]["square"]["map"] = 0.41
-    checks, _ = _checks(cfg, runs, res, empty, {"mainstay": none}, none)
-    assert not checks["blackbox_beats_whitebox"] and not checks["map_not_falling_with_eps"]
-    res["eps_sweep"]["map"] = [0.8, 0.5, 0.6]
-    checks, details = _checks(cfg, runs, res, empty, {"mainstay": none}, none)
-    assert checks["map_not_falling_with_eps"] and "0.5000 -> 0.6000" in details["map_not_falling_with_eps"]
+
+    def checks(res, runs=runs):
+        return run_checks(cfg, runs, res, finite, {"mainstay": none}, none)
+
+    # the black-box attack below every white-box one; a curve that falls to the floor
+    c, d = checks(sweep_result([0.8, 0.5, 0.32, 0.31], mainstay=0.40, hag=0.45, square=0.30))
+    assert c["blackbox_beats_whitebox"] and "square" in d["blackbox_beats_whitebox"]
+    assert c["map_not_falling_with_eps"] is False  # 0.32 -> 0.31 is flat, but at the random floor (0.3 + 0.05)
+    c, _ = checks(sweep_result([0.8, 0.5, 0.32, 0.31], mainstay=0.40, hag=0.45, square=0.41))
+    assert c["blackbox_beats_whitebox"] is False
+    # a plateau far above both floors, and a rise
+    c, d = checks(sweep_result([0.8, 0.6, 0.598, 0.5], mainstay=0.40, hag=0.45, square=0.41))
+    assert c["map_not_falling_with_eps"] and "0.6000 -> 0.5980" in d["map_not_falling_with_eps"]
+    c, d = checks(sweep_result([0.8, 0.5, 0.6], mainstay=0.40, hag=0.45, square=0.41))
+    assert c["map_not_falling_with_eps"] and "0.5000 -> 0.6000" in d["map_not_falling_with_eps"]
+    # without a black-box attack the comparison is not run, and says so: never "passed"
+    white = [r for r in runs if r.name != "square"]
+    c, d = checks(sweep_result([0.8, 0.5], mainstay=0.40, hag=0.45), runs=white)
+    assert c["blackbox_beats_whitebox"] is None and d["blackbox_beats_whitebox"].startswith("not run")
 
 
 @pytest.mark.slow

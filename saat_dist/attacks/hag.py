@@ -9,9 +9,10 @@ m_k = 1[|u_k - sign(h_k)| < 1 + t]; then
 
 minimised by SGD with momentum 0.9 on the image itself (lr 100), each step
 followed by projection onto the eps-ball and [0, 1]; alpha follows the
-10-phase schedule. The reference averages the loss over its batches of 32
-images; here every image gets the gradient it would get in such a batch
-(``REFERENCE_BATCH``), so results do not depend on the batch size.
+10-phase schedule. The reference (xandery-geek/SAAT ``attack.py``) attacks in
+batches of 128 and averages the loss over the batch; here every image gets
+the gradient it would get in such a batch (``REFERENCE_BATCH``), so its step
+is the reference's and results do not depend on the batch size.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 
 from saat_dist.attacks.mainstay_pgd import ALPHA_SCHEDULE, alpha_at, model_mode, project
 
-REFERENCE_BATCH = 32
+REFERENCE_BATCH = 128  # attack.py's --batch_size default
 
 
 def hag_loss(u_BK: torch.Tensor, clean_BK: torch.Tensor, threshold: float = 0.5, beta: float = 1.0) -> torch.Tensor:

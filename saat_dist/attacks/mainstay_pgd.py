@@ -6,6 +6,12 @@ PGD: uniform random start in [-eps, eps], signed-gradient steps, projection
 onto the eps-ball and [0, 1]; the model's tanh temperature alpha follows a
 schedule over the iterations (10 equal phases). ``restarts`` > 1 runs
 independent random starts and keeps, per example, the strongest one.
+
+Random starts come from ``keys`` (``saat_dist.keyed_random.ItemKeys``: each
+example's start depends only on the stream and its own global index, so a
+result does not depend on the batch or the worker it ran in; restart r uses
+``keys.child("restart", r)``) or, without keys, from ``generator`` (then the
+start of an example depends on its place in the batch).
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import contextlib
 
 import torch
 from torch import nn
+
+from saat_dist.keyed_random import ItemKeys
 
 ALPHA_SCHEDULE = (0.1, 0.1, 0.1, 0.1, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 
@@ -70,16 +78,30 @@ def project(x: torch.Tensor, x_adv: torch.Tensor, eps: float) -> torch.Tensor:
     return (x + (x_adv - x).clamp(-eps, eps)).clamp(0, 1)
 
 
+def random_start_delta(x: torch.Tensor, eps: float, keys: ItemKeys | None = None,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """A uniform start in [-eps, eps] per pixel: keyed by item when ``keys`` is given."""
+    if keys is not None:
+        return (keys.uniform(tuple(x.shape[1:]), x.device).to(x.dtype) * 2 - 1) * eps
+    return torch.empty_like(x).uniform_(-eps, eps, generator=generator)
+
+
+def start_point(x: torch.Tensor, eps: float, random_start: bool, keys: ItemKeys | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Where PGD starts: x, or x plus a random start, clipped to [0, 1]."""
+    if not random_start:
+        return x.detach().clone()
+    return (x + random_start_delta(x, eps, keys, generator)).clamp(0, 1).detach()
+
+
 def pgd(model, x, objective, *, eps: float, step_size: float, iters: int, random_start: bool = True,
-        alpha_schedule: tuple[float, ...] | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        alpha_schedule: tuple[float, ...] | None = None, generator: torch.Generator | None = None,
+        keys: ItemKeys | None = None) -> torch.Tensor:
     """Signed-gradient descent on ``objective(codes_BK) -> (B,)`` (one value per
     example) over x + delta, ||delta||_inf <= eps, values in [0, 1]; uniform
-    random start in [-eps, eps] when ``random_start``. The model is called as
-    is (set its mode outside)."""
-    delta = torch.zeros_like(x)
-    if random_start:
-        delta.uniform_(-eps, eps, generator=generator)
-    delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
+    random start in [-eps, eps] when ``random_start`` (keyed by item with
+    ``keys``). The model is called as is (set its mode outside)."""
+    delta = (start_point(x, eps, random_start, keys, generator) - x).requires_grad_(True)
     for it in range(iters):
         codes = model(x + delta, alpha=alpha_at(it, iters, alpha_schedule))
         obj = objective(codes).sum()  # per-example gradients stay independent
@@ -106,14 +128,30 @@ def pgd_attack(
     restarts: int = 1,
     generator: torch.Generator | None = None,
     mode: str = "eval",
+    keys: ItemKeys | None = None,
 ) -> torch.Tensor:
     """Adversarial images x + delta with ||delta||_inf <= eps and values in [0, 1].
 
     ``guide_BK`` is b*(y) (untargeted) or b*(y_t) (targeted). With restarts,
     the kept run per example is the one with the lowest plain attack loss at
     alpha = 1. Only the input gets gradients; model parameters are untouched.
-    ``mode``: the model's mode during the attack (``model_mode``).
+    ``mode``: the model's mode during the attack (``model_mode``). ``keys``:
+    random starts keyed by item (see the module docstring).
     """
+    return pgd_restarts(model, x_BCHW, guide_BK, eps=eps, step_size=step_size, iters=iters, targeted=targeted,
+                        random_start=random_start, alpha_schedule=alpha_schedule, loss=loss, restarts=restarts,
+                        generator=generator, mode=mode, keys=keys)[0]
+
+
+def pgd_restarts(model: nn.Module, x_BCHW: torch.Tensor, guide_BK: torch.Tensor, *, eps: float, step_size: float,
+                 iters: int, targeted: bool = False, random_start: bool = True,
+                 alpha_schedule: tuple[float, ...] | None = ALPHA_SCHEDULE, loss: str = "sharp", restarts: int = 1,
+                 generator: torch.Generator | None = None, mode: str = "eval", keys: ItemKeys | None = None,
+                 keep_first: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``pgd_attack``'s work: (the strongest run per example, the first run)
+    (the first only with ``keep_first``, else None). The first run is a
+    one-restart attack on its own: with ``keys`` it equals
+    ``pgd_attack(..., restarts=1, keys=keys)``."""
     if iters < 1 or eps < 0 or step_size <= 0:
         raise ValueError("pgd_attack: need iters >= 1, eps >= 0, step_size > 0")
     guide = guide_BK.to(x_BCHW.device, x_BCHW.dtype)
@@ -121,13 +159,16 @@ def pgd_attack(
     def objective(codes):
         return attack_loss(codes, guide, targeted, loss)
 
-    best, best_score = None, None
+    best, best_score, first = None, None, None
     with model_mode(model, mode):
-        for _ in range(max(1, restarts)):
+        for r in range(max(1, restarts)):
             x_adv = pgd(model, x_BCHW, objective, eps=eps, step_size=step_size, iters=iters,
-                        random_start=random_start, alpha_schedule=alpha_schedule, generator=generator)
+                        random_start=random_start, alpha_schedule=alpha_schedule, generator=generator,
+                        keys=None if keys is None else keys.child("restart", r))
+            if r == 0 and keep_first:
+                first = x_adv.clone()
             if restarts <= 1:
-                return x_adv
+                return x_adv, first
             with torch.no_grad():
                 score = attack_loss(model(x_adv, alpha=1.0), guide, targeted, "plain")
             if best is None:
@@ -135,4 +176,11 @@ def pgd_attack(
             else:
                 better = score < best_score
                 best[better], best_score[better] = x_adv[better], score[better]
-    return best
+    return best, first
+
+
+def pgd_starts(x_BCHW: torch.Tensor, eps: float, restarts: int, keys: ItemKeys, random_start: bool = True
+               ) -> list[torch.Tensor]:
+    """The starting points of every restart of a keyed PGD attack (for the
+    check that an attack moved its examples away from where it started)."""
+    return [start_point(x_BCHW, eps, random_start, keys.child("restart", r)) for r in range(max(1, restarts))]

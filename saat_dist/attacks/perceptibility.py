@@ -48,3 +48,26 @@ def reference_perceptibility_from_sums(sums: torch.Tensor) -> dict[str, float]:
     linf, spectral, matrices = sums.tolist()
     matrices = max(matrices, 1.0)
     return {"linf_matrix_norm": linf / matrices, "spectral_norm": spectral / matrices}
+
+
+def perceptibility_rows(x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+    """Per image (float64 B x 7, CPU): the terms behind both perceptibility
+    reports, [L-inf, L2, sum of squares, pixel values, sum over channels of
+    the L-inf matrix norm, of the spectral norm, channels]. Summed in query
+    order they give the same figures whichever process attacked which query."""
+    d = (x_adv - x).double()
+    flat = d.flatten(1)
+    linf_m = torch.linalg.matrix_norm(d, ord=float("inf")).sum(1)
+    spec = torch.linalg.matrix_norm(d, ord=2).sum(1)
+    n = torch.full((len(d),), float(flat.shape[1]), dtype=torch.float64, device=d.device)
+    ch = torch.full((len(d),), float(d.shape[1]), dtype=torch.float64, device=d.device)
+    return torch.stack([flat.abs().amax(1), flat.norm(dim=1), flat.pow(2).sum(1), n, linf_m, spec, ch], 1).cpu()
+
+
+def perceptibility_from_rows(rows: torch.Tensor) -> tuple[dict[str, float], dict[str, float]]:
+    """(``perceptibility`` figures, the reference's figures) of the rows of ``perceptibility_rows``."""
+    s = rows.to(torch.float64).sum(0) if len(rows) else torch.zeros(7, dtype=torch.float64)
+    images = float(len(rows))
+    own = perceptibility_from_sums(torch.stack([s[0], s[1], s[2], torch.tensor(images, dtype=torch.float64), s[3]]))
+    ref = reference_perceptibility_from_sums(torch.stack([s[4], s[5], s[6]]))
+    return own, ref

@@ -10,7 +10,10 @@ items (the query's own clean sign code when it has none), p_k = q_k r_jk:
     L     = mse(x + delta, x) - (weight / K) mean_i mean_j w_j dis_j
 
 minimised by Adam (lr 0.01) on the image, projected onto the eps-ball and
-[0, 1] after each step; alpha follows the 10-phase schedule. The surrogate's
+[0, 1] after each step; alpha follows the 10-phase schedule. The reference
+averages both terms over its batches of 128 queries; here each image's terms
+are divided by that batch size (``REFERENCE_BATCH``), so every image gets the
+gradient it would get there and results do not depend on the batch it is in. The surrogate's
 gradient is accumulated over chunks of the training codes against a detached
 copy of q and then pushed through the model once, so memory stays bounded
 whatever the number of relevant items.
@@ -23,6 +26,7 @@ from torch import nn
 
 from saat_dist.attacks.mainstay_pgd import ALPHA_SCHEDULE, alpha_at, model_mode, project
 
+REFERENCE_BATCH = 128  # the reference's attack batch (attack.py --batch_size)
 CHUNK_VALUES = 1 << 22  # B x chunk x K values per surrogate chunk
 
 
@@ -75,9 +79,10 @@ def sdha_attack(model: nn.Module, x_BCHW: torch.Tensor, y_BC: torch.Tensor, pool
         for it in range(iters):
             q = model(x_adv, alpha=alpha_at(it, iters, alpha_schedule))
             qd = q.detach().requires_grad_(True)
-            sur = -(weight / k) * sdha_surrogate(qd, relevant, pool, own, sigma, z).mean()
+            # per image, as in a reference batch of REFERENCE_BATCH: no term couples the images
+            sur = -(weight / k) * sdha_surrogate(qd, relevant, pool, own, sigma, z).sum() / REFERENCE_BATCH
             (grad_q,) = torch.autograd.grad(sur, qd)
-            mse = (x_adv - x_BCHW).pow(2).mean()
+            mse = (x_adv - x_BCHW).pow(2).flatten(1).mean(1).sum() / REFERENCE_BATCH
             (x_adv.grad,) = torch.autograd.grad([mse, q], x_adv, grad_outputs=[None, grad_q])
             opt.step()
             with torch.no_grad():

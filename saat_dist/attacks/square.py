@@ -10,6 +10,10 @@ side round(sqrt(p H W)) gets a new random +-eps per channel; the change is
 kept if the objective drops. p starts at ``p_init`` and is halved on the
 Square attack's schedule (at 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000
 of 10,000 iterations, scaled to ``iters``).
+
+With ``keys`` every image draws its stripes, squares and signs from its own
+keyed stream (iteration ``it``: ``keys.child("it", it)``), so its result does
+not depend on the batch or worker it ran in; without, from ``generator``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from torch import nn
 
 from saat_dist.attacks.mainstay_pgd import model_mode
+from saat_dist.keyed_random import ItemKeys
 
 _SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
@@ -28,6 +33,16 @@ def square_share(p_init: float, it: int, iters: int) -> float:
     return p_init / 2 ** sum(t > s for s in _SCHEDULE)
 
 
+def _keyed_stripes(keys: ItemKeys, x: torch.Tensor) -> torch.Tensor:
+    c, w = x.shape[1], x.shape[3]
+    return (keys.child("stripes").uniform((c, 1, w), x.device) < 0.5).to(x.dtype) * 2 - 1
+
+
+def square_start(x_BCHW: torch.Tensor, eps: float, keys: ItemKeys) -> torch.Tensor:
+    """Where a keyed ``square_attack`` starts: vertical stripes of +-eps."""
+    return (x_BCHW + eps * _keyed_stripes(keys, x_BCHW).expand_as(x_BCHW)).clamp(0, 1)
+
+
 def hamming_objective(codes_BK: torch.Tensor, guide_BK: torch.Tensor) -> torch.Tensor:
     return (torch.sign(codes_BK) * guide_BK).sum(1) + 0.5 * (codes_BK * guide_BK).mean(1)
 
@@ -35,7 +50,7 @@ def hamming_objective(codes_BK: torch.Tensor, guide_BK: torch.Tensor) -> torch.T
 @torch.no_grad()
 def square_attack(model: nn.Module, x_BCHW: torch.Tensor, guide_BK: torch.Tensor, *, eps: float, iters: int = 1000,
                   p_init: float = 0.1, targeted: bool = False, generator: torch.Generator | None = None,
-                  mode: str = "eval") -> torch.Tensor:
+                  mode: str = "eval", keys: ItemKeys | None = None) -> torch.Tensor:
     """Adversarial images (||delta||_inf <= eps, values in [0, 1]) from forward
     passes only. Untargeted: away from ``guide_BK`` (b*(y)); targeted: toward it."""
     x = x_BCHW
@@ -46,19 +61,29 @@ def square_attack(model: nn.Module, x_BCHW: torch.Tensor, guide_BK: torch.Tensor
     def rand_sign(*shape):
         return torch.randint(0, 2, shape, generator=generator, device=dev).to(x.dtype) * 2 - 1
 
+    def draws(it: int, side: int):
+        """(top B x 1, left B x 1, signs B x C x 1 x 1) of iteration ``it``."""
+        if keys is None:
+            return (torch.randint(0, h - side + 1, (b, 1), generator=generator, device=dev),
+                    torch.randint(0, w - side + 1, (b, 1), generator=generator, device=dev), rand_sign(b, c, 1, 1))
+        u = keys.child("it", it).uniform((2 + c,), dev)
+        top = (u[:, :1] * (h - side + 1)).long().clamp_max(h - side)
+        left = (u[:, 1:2] * (w - side + 1)).long().clamp_max(w - side)
+        return top, left, ((u[:, 2:] < 0.5).to(x.dtype) * 2 - 1).view(b, c, 1, 1)
+
     with model_mode(model, mode):
-        delta = eps * rand_sign(b, c, 1, w).expand(b, c, h, w).clone()
+        stripes = rand_sign(b, c, 1, w) if keys is None else _keyed_stripes(keys, x)
+        delta = eps * stripes.expand(b, c, h, w).clone()
         x_adv = (x + delta).clamp(0, 1)
         best = hamming_objective(model(x_adv, alpha=1.0), guide)
         rows, cols = torch.arange(h, device=dev), torch.arange(w, device=dev)
         for it in range(iters):
             side = max(1, min(h, w, int(round((square_share(p_init, it, iters) * h * w) ** 0.5))))
-            top = torch.randint(0, h - side + 1, (b, 1), generator=generator, device=dev)
-            left = torch.randint(0, w - side + 1, (b, 1), generator=generator, device=dev)
+            top, left, signs = draws(it, side)
             in_rows = (rows >= top) & (rows < top + side)  # B x H
             in_cols = (cols >= left) & (cols < left + side)  # B x W
             window = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # B x 1 x H x W
-            cand_delta = torch.where(window, eps * rand_sign(b, c, 1, 1), delta)
+            cand_delta = torch.where(window, eps * signs, delta)
             cand = (x + cand_delta).clamp(0, 1)
             score = hamming_objective(model(cand, alpha=1.0), guide)
             better = score < best

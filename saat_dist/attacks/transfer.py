@@ -24,6 +24,12 @@ along -sign(m):
 
 ``transfer_codes`` encodes examples crafted on one model with others: the
 transfer evaluation (crafted on model A, scored on model B).
+
+With ``keys`` (``saat_dist.keyed_random.ItemKeys``) every random draw is the
+image's own: DI-FGSM's start and its transform (drawn per image: its own
+coin, size and offset each step, where the reference draws one transform
+per batch) and VMI-FGSM's neighbours; a result then does not depend on the
+batch or the worker. Without keys they come from ``generator``, per batch.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from saat_dist.attacks.mainstay_pgd import ALPHA_SCHEDULE, alpha_at, attack_loss, model_mode, project
+from saat_dist.keyed_random import ItemKeys
 
 GENERATORS = ("bim", "difgsm", "nifgsm", "sinifgsm", "vmifgsm")
 
@@ -68,24 +75,58 @@ def input_diversity(x: torch.Tensor, resize: float, prob: float, generator: torc
     return F.pad(shrunk, [left, rem - left, top, rem - top], value=0)
 
 
+def keyed_input_diversity(x: torch.Tensor, resize: float, prob: float, keys: ItemKeys) -> torch.Tensor:
+    """DI-FGSM's transform with each image's own draws (coin, side, offsets)."""
+    size = x.shape[-1]
+    low = int(size * resize)
+    u = keys.uniform((4,), x.device).tolist()
+    out = []
+    for i, (coin, side_u, top_u, left_u) in enumerate(u):
+        xi = x[i : i + 1]
+        if coin >= prob:
+            out.append(xi)
+            continue
+        side = min(size - 1, low + int(side_u * (size - low))) if low < size else size
+        rem = size - side
+        top, left = min(rem, int(top_u * (rem + 1))), min(rem, int(left_u * (rem + 1)))
+        shrunk = F.interpolate(xi, size=(side, side), mode="bilinear", align_corners=False)
+        out.append(F.pad(shrunk, [left, rem - left, top, rem - top], value=0))
+    return torch.cat(out)
+
+
+def transfer_start(name: str, x_BCHW: torch.Tensor, eps: float, keys: ItemKeys) -> torch.Tensor:
+    """Where a keyed ``transfer_attack`` starts: x, or DI-FGSM's random start."""
+    if name != "difgsm":
+        return x_BCHW.clone()
+    noise = keys.child("start").uniform(tuple(x_BCHW.shape[1:]), x_BCHW.device).to(x_BCHW.dtype) * (2 * eps) - eps
+    return project(x_BCHW, x_BCHW + noise, eps)
+
+
 def transfer_attack(name: str, model: nn.Module, x_BCHW: torch.Tensor, guide_BK: torch.Tensor, *, eps: float,
                     step_size: float = 1 / 255, iters: int = 100, targeted: bool = False, loss: str = "sharp",
                     decay: float = 1.0, di_prob: float = 0.5, di_resize: float = 0.9, si_copies: int = 5,
                     vmi_neighbours: int = 5, vmi_beta: float = 1.5,
                     alpha_schedule: tuple[float, ...] | None = ALPHA_SCHEDULE,
-                    generator: torch.Generator | None = None, mode: str = "eval") -> torch.Tensor:
+                    generator: torch.Generator | None = None, mode: str = "eval",
+                    keys: ItemKeys | None = None) -> torch.Tensor:
     """Adversarial images from generator ``name`` (one of ``GENERATORS``)."""
     if name not in GENERATORS:
         raise ValueError(f"transfer generator {name!r} is not one of {list(GENERATORS)}")
     x = x_BCHW
     guide = guide_BK.to(x.device, x.dtype)
     # DI-FGSM's random numbers come from a CPU generator (shapes and offsets)
-    cpu_gen = None if generator is None else torch.Generator().manual_seed(int(torch.randint(
+    cpu_gen = None if generator is None or keys is not None else torch.Generator().manual_seed(int(torch.randint(
         0, 2**62, (1,), generator=generator, device=generator.device)))
+
+    def uniform(low: float, high: float, *parts) -> torch.Tensor:  # a draw of x's shape
+        if keys is None:
+            return torch.empty_like(x).uniform_(low, high, generator=generator)
+        return keys.child(*parts).uniform(tuple(x.shape[1:]), x.device).to(x.dtype) * (high - low) + low
+
     with model_mode(model, mode):
         x_adv = x.clone()
         if name == "difgsm":
-            x_adv = project(x, x + torch.empty_like(x).uniform_(-eps, eps, generator=generator), eps)
+            x_adv = project(x, x + uniform(-eps, eps, "start"), eps)
         m = torch.zeros_like(x)
         v = torch.zeros_like(x)
         for it in range(iters):
@@ -96,8 +137,13 @@ def transfer_attack(name: str, model: nn.Module, x_BCHW: torch.Tensor, guide_BK:
                 x_adv = project(x, x_adv - step_size * g.sign(), eps)
                 continue
             if name == "difgsm":
-                g = _loss_grad(model, guide, targeted, loss, alpha,
-                               lambda t: input_diversity(t, di_resize, di_prob, cpu_gen))(x_adv)
+                if keys is None:
+                    def diversity(t):
+                        return input_diversity(t, di_resize, di_prob, cpu_gen)
+                else:
+                    def diversity(t, k=keys.child("it", it)):
+                        return keyed_input_diversity(t, di_resize, di_prob, k)
+                g = _loss_grad(model, guide, targeted, loss, alpha, diversity)(x_adv)
                 m = _normalised(g)  # decay 0 (no momentum), as the reference
             elif name in ("nifgsm", "sinifgsm"):
                 nes = x_adv - decay * step_size * m
@@ -109,9 +155,8 @@ def transfer_attack(name: str, model: nn.Module, x_BCHW: torch.Tensor, guide_BK:
             else:  # vmifgsm
                 g = grad(x_adv)
                 m = decay * m + _normalised(g + v)
-                neighbours = sum(grad(x_adv + torch.empty_like(x).uniform_(-vmi_beta * eps, vmi_beta * eps,
-                                                                             generator=generator))
-                                 for _ in range(vmi_neighbours))
+                neighbours = sum(grad(x_adv + uniform(-vmi_beta * eps, vmi_beta * eps, "it", it, "nb", k))
+                                 for k in range(vmi_neighbours))
                 v = neighbours / vmi_neighbours - g
             x_adv = project(x, x_adv - step_size * m.sign(), eps)
     return x_adv.detach()

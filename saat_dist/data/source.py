@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import webdataset as wds
@@ -28,6 +28,7 @@ class DataSource:
     shard_dir: str
     base_url: str | None
     manifest: dict
+    _shard_items: dict = field(default_factory=dict, compare=False, repr=False)  # split -> global indices per shard
 
     @classmethod
     def open(cls, shard_dir: str, base_url: str | None = None) -> "DataSource":
@@ -83,13 +84,16 @@ class DataSource:
                 keep=None, resize: int | None = None) -> Iterator[Batch]:
         """uint8 images B x 3 x S x S, labels and index of the chosen shards, in
         stored order, ``batch_size`` at a time: at most one batch of images is
-        in memory. ``keep(index) -> bool`` filters samples by global index;
-        ``resize`` as ``stream.resize_image``."""
+        in memory. A batch never spans two shards, so what a batch holds does
+        not depend on which other shards a process reads (batched float sums
+        differ in their last bits with the batch's company). ``keep(index) ->
+        bool`` filters samples by global index; ``resize`` as
+        ``stream.resize_image``."""
         from saat_dist.data.stream import iter_shard
 
         urls = self.urls(split)
-        buf: list = []
         for j in (range(len(urls)) if shards is None else shards):
+            buf: list = []
             for img, label, i in iter_shard(urls[j], image_size, resize=resize):
                 if keep is not None and not keep(i):
                     continue
@@ -97,8 +101,45 @@ class DataSource:
                 if len(buf) == batch_size:
                     yield _stack(buf)
                     buf = []
-        if buf:
-            yield _stack(buf)
+            if buf:
+                yield _stack(buf)
+
+    def shard_items(self, split: str) -> list[range | list[int]]:
+        """The global indices each shard of ``split`` holds: from the
+        manifest's ``first_index`` (``data convert`` writes shards in index
+        order), else read once from the shards' metadata members."""
+        if split not in self._shard_items:
+            shards = self.manifest["splits"][split]["shards"]
+            if all("first_index" in s for s in shards):
+                self._shard_items[split] = [range(int(s["first_index"]), int(s["first_index"]) + int(s["count"]))
+                                            for s in shards]
+            else:
+                self._shard_items[split] = [self.labels(split, [j])[0].tolist() for j in range(len(shards))]
+        return self._shard_items[split]
+
+    def read_items(self, split: str, indices: list[int], image_size: int, resize: int | None = None) -> Batch:
+        """uint8 images, labels and index of the items with these global
+        indices, in the order given, reading only the shards that hold them."""
+        from saat_dist.data.stream import SampleError, ShardError, decode_sample
+
+        wanted = {int(i): k for k, i in enumerate(indices)}
+        found: dict[int, tuple] = {}
+        urls = self.urls(split)
+        for j, held in enumerate(self.shard_items(split)):
+            if not any(i in wanted for i in held):
+                continue
+            for sample in wds.tariterators.tarfile_samples([{"url": urls[j]}]):
+                try:  # only the wanted samples are decoded
+                    if int(json.loads(sample["json"])["index"]) in wanted:
+                        img, label, i = decode_sample(sample, image_size, self.num_classes, resize)
+                        found[i] = (img, label, i)
+                except (KeyError, ValueError, TypeError, SampleError) as e:
+                    raise ShardError(f"shard {urls[j]}: sample {sample.get('__key__')}: {e}") from e
+        missing = [i for i in wanted if i not in found]
+        if missing:
+            raise ShardError(f"{self.base_url or self.shard_dir}: split {split!r} has no item with index "
+                             f"{missing[0]} ({len(missing)} missing)")
+        return _stack([found[int(i)] for i in indices])
 
     def images(self, split: str, indices, image_size: int, resize: int | None = None) -> dict[int, torch.Tensor]:
         """uint8 images 3 x S x S of the items with these global indices (one
