@@ -45,7 +45,8 @@ class DataConfig:
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)  # demo data parameters
     image_size: int = 32  # images are resized to image_size x image_size
     resize: int | None = None  # if set: resize the shorter side to this, then centre-crop image_size (the reference: 256 then 224); None: resize straight to image_size x image_size
-    loader_workers: int = 0  # DataLoader worker processes per rank (0: read in the training process)
+    loader_workers: int = 0  # DataLoader worker processes per rank (0: read in the training process); they change the speed, never the samples of a step
+    canonical_slots: int = 0  # the training order is defined over this many slots of the train shards (0: one per shard); any worker count that divides it sees the same global batches (data.order)
     skip_corrupt: bool = False  # skip corrupt samples (and the unreadable rest of a broken shard) with a warning, counted in saat_skipped_samples_total and the report; off: stop with one line naming shard and sample
     base_url: str | None = None  # read manifest + shards from here instead of shard_dir: a prefix (http://host/shards) or a template with {name} (pipe:aws s3 cp s3://b/shards/{name} -)
 
@@ -63,19 +64,23 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: Literal["adam", "sgd"] = "adam"  # optimizer
-    lr: float = 1e-3  # learning rate
+    lr: float = 1e-3  # learning rate (at base_batch, when lr_scaling is not none)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam's betas (ATRDH: 0.5, 0.999)
     momentum: float = 0.0  # SGD momentum
     weight_decay: float = 0.0  # L2 weight decay
     milestones: list[float] = field(default_factory=list)  # fractions of all steps where lr is multiplied by gamma
+    milestone_epochs: list[int] = field(default_factory=list)  # or: epochs (0-based) at whose start lr is multiplied by gamma; overrides milestones (the reference's benign schedule: [34, 67] of 100)
     gamma: float = 0.1  # lr factor at each milestone
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"  # rule for a global batch other than base_batch: lr x (batch / base_batch) (linear, Goyal et al. 2017) or its square root (sqrt); none: lr as given at any batch
+    base_batch: int | None = None  # the global batch lr was set for (null: lr_scaling has nothing to scale)
+    warmup_epochs: float = 0.0  # with a scaled lr: ramp linearly from the unscaled lr to the scaled one over this many epochs (Goyal et al.: 5)
 
 
 @dataclass
 class TrainConfig:
     loss: Literal["dph", "dpsh", "hashnet", "csq", "dpn", "hswd", "ortho"] = "dph"  # benign hashing loss
-    epochs: int = 6  # training epochs
-    batch_size: int = 64  # batch size per step
+    epochs: int = 6  # training epochs (of split count // batch_size steps, at any worker count)
+    batch_size: int = 64  # the global batch: samples per optimizer step over all workers (each takes batch_size / workers)
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer of benign training
 
 
@@ -85,7 +90,7 @@ class AdvTrainConfig:
     a training stage from the benign model with an inner PGD of ``iters`` steps."""
 
     epochs: int = 6  # adversarial training epochs, starting from the benign model
-    batch_size: int = 64  # batch size per step (per worker)
+    batch_size: int = 64  # the global batch: samples per optimizer step over all workers (each takes batch_size / workers)
     eps: float = 16 / 255  # L-inf budget of the inner maximisation
     step_size: float = 4 / 255  # inner PGD step
     iters: int = 7  # inner PGD iterations
@@ -234,7 +239,8 @@ class DistributedConfig:
     gpus_per_worker: float = 1.0  # GPUs Ray reserves per worker when use_gpu
     zero_stage: int = 0  # DeepSpeed ZeRO stage: 0, 1, 2 or 3
     precision: Literal["fp32", "bf16"] = "fp32"  # training precision of the Ray/DeepSpeed workers (bf16 is tested with ZeRO 2; in-process training stays fp32) and of evaluation
-    grad_accum: int = 1  # gradient accumulation steps (global batch = batch_size x grad_accum x workers)
+    grad_accum: int = 1  # micro-batches per step: each worker's share of the global batch goes through in this many forward/backward passes, for memory; the global batch stays, but the bank then sees each micro-batch's codes before the next one's loss and BatchNorm normalises per micro-batch, so the numbers move slightly
+    sync_batchnorm: bool = True  # BatchNorm statistics over the whole global batch (all workers' shares; an all-gather per BatchNorm layer per training forward); false: each worker's share, as DDP's default, and the answer then depends on the worker count
     gradient_clipping: float = 0.0  # clip gradients to this global norm, both launchers (0: off, as the reference; DeepSpeed's own default would be 1.0)
     bank_sync_every: int = 1  # all-reduce the code bank's label-set table every N steps (and at epoch ends)
     checkpoint_every: int = 0  # also checkpoint every N steps (0: only at epoch ends)
@@ -383,12 +389,25 @@ class RunConfig:
             ("experiment.checks.floor_margin", x.checks.floor_margin >= 0, "must be >= 0"),
             ("experiment.checks.blackbox_margin", x.checks.blackbox_margin >= 0, "must be >= 0"),
         ]
+        workers = max(1, d.num_workers)
         for section in ("train", *ADV_SECTIONS):
             tc = getattr(self, section)
             o = tc.optim
+            share = tc.batch_size // workers // d.grad_accum
             checks += [
                 (f"{section}.epochs", tc.epochs >= 0, "must be >= 0"),
                 (f"{section}.batch_size", tc.batch_size >= 2, "must be >= 2 (BatchNorm needs two samples)"),
+                (f"{section}.batch_size", tc.batch_size % (workers * d.grad_accum) == 0,
+                 f"the global batch {tc.batch_size} must split evenly into {workers} worker(s) x {d.grad_accum} "
+                 "micro-batch(es) (distributed.num_workers x distributed.grad_accum)"),
+                (f"{section}.batch_size", share * (workers if d.sync_batchnorm else 1) >= 2,
+                 f"BatchNorm would normalise over {share * (workers if d.sync_batchnorm else 1)} sample(s) "
+                 "(a micro-batch, over every worker with distributed.sync_batchnorm): it needs two"),
+                (f"{section}.optim.base_batch", o.base_batch is None or o.base_batch >= 1, "must be >= 1 (or null)"),
+                (f"{section}.optim.warmup_epochs", 0 <= o.warmup_epochs <= tc.epochs or tc.epochs == 0,
+                 f"must be in [0, {section}.epochs]"),
+                (f"{section}.optim.milestone_epochs", all(0 < m < max(tc.epochs, 1) for m in o.milestone_epochs),
+                 f"epochs in (0, {section}.epochs), got {o.milestone_epochs}"),
                 (f"{section}.optim.lr", o.lr > 0, "must be > 0"),
                 (f"{section}.optim.momentum", 0 <= o.momentum < 1, "must be in [0, 1)"),
                 (f"{section}.optim.weight_decay", o.weight_decay >= 0, "must be >= 0"),
@@ -419,7 +438,7 @@ class RunConfig:
         d, default = self.distributed, DistributedConfig()
         out = []
         if d.num_workers == 0:
-            for key in ("bank_sync_every", "zero_stage", "grad_accum", "use_gpu", "max_failures",
+            for key in ("bank_sync_every", "zero_stage", "use_gpu", "max_failures",
                         "storage_path", "address"):
                 if getattr(d, key) != getattr(default, key):
                     out.append(f"distributed.{key}={getattr(d, key)!r} has no effect with distributed.num_workers=0 "
@@ -428,6 +447,18 @@ class RunConfig:
             out.append("distributed.local_cpus has no effect when joining a cluster (distributed.address is set)")
         if self.train.loss == "csq" and d.bank_sync_every != 1 and self.saat.epochs == 0:
             out.append("distributed.bank_sync_every has no effect: CSQ reads no code bank and no SAAT stage runs")
+        for section in ("train", *ADV_SECTIONS):
+            o = getattr(self, section).optim
+            if o.lr_scaling != "none" and o.base_batch is None:
+                out.append(f"{section}.optim.lr_scaling={o.lr_scaling!r} has no effect without {section}.optim.base_batch")
+            if o.warmup_epochs and (o.lr_scaling == "none" or o.base_batch in (None, getattr(self, section).batch_size)):
+                out.append(f"{section}.optim.warmup_epochs has no effect: the lr is not scaled "
+                           "(it ramps from the unscaled lr to the scaled one)")
+            if o.milestone_epochs and o.milestones:
+                out.append(f"{section}.optim.milestones has no effect: {section}.optim.milestone_epochs is set")
+        if self.model.backbone != "small_cnn" and not self.model.pretrained_path:
+            out.append(f"model.pretrained_path is not set: {self.model.backbone} starts from random weights "
+                       "(the paper's models start from ImageNet weights, read from a local file)")
         return out
 
     def to_dict(self) -> dict:

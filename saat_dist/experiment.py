@@ -29,7 +29,7 @@ import yaml
 from saat_dist.checkpoint import file_sha256, write_text_atomic
 from saat_dist.config import ConfigError, RunConfig, config_from_dict, save_config
 from saat_dist.device import select_device
-from saat_dist.pipeline import _record_stage, _train, ensure_data
+from saat_dist.pipeline import _record_stage, _train, check_layout, ensure_data
 from saat_dist.robustness import RESULTS, RESULTS_FORMAT, robustness_stage
 from saat_dist.stages import DEFENCE_STAGES, TRAIN, model_folder
 
@@ -140,6 +140,7 @@ def run_experiment(cfg: RunConfig) -> dict:
 
     t0 = time.monotonic()
     source = ensure_data(cfg)  # untrusted manifests are checked before anything is written
+    check_layout(cfg, source, [TRAIN, *(DEFENCE_STAGES[d] for d in cfg.experiment.defences if d != "none")])
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")

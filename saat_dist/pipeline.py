@@ -74,6 +74,22 @@ def _check_demo_spec(path: Path, spec: DemoSpec) -> None:
                         key, built[key], value)
 
 
+def check_layout(cfg: RunConfig, source: DataSource, stages: list[Stage]) -> None:
+    """Fail before any worker starts when a training stage's global batch or
+    worker count does not fit the train split (a ``ConfigError`` naming the key)."""
+    from saat_dist.config import ConfigError
+    from saat_dist.data.stream import stream_layout_error
+
+    workers = max(1, cfg.distributed.num_workers)
+    for stage in stages:
+        tc = getattr(cfg, stage.section)
+        why = stream_layout_error(source.count("train"), len(source.counts("train")), tc.batch_size,
+                                  cfg.data.canonical_slots, workers, cfg.distributed.grad_accum)
+        if why:
+            key = "distributed.num_workers" if "canonical slots" in why else f"{stage.section}.batch_size"
+            raise ConfigError(f"{key}: {why}")
+
+
 def _record_stage(run_dir: Path, stage: str, seconds: float) -> None:
     path = run_dir / "stages.json"
     times = json.loads(path.read_text()) if path.is_file() else {}
@@ -109,8 +125,8 @@ def _train_in_process(cfg: RunConfig, stage: Stage, run_dir: Path, source: DataS
     metrics = _metrics_sink(cfg, stage.name, run_dir)
     try:
         launch = Launch(0, 1, select_device(cfg.device),
-                        lambda model, optim, micro_batch, total: LocalBackend(
-                            model, optim, total, cfg.distributed.gradient_clipping),
+                        lambda model, optim, schedule: LocalBackend(
+                            model, optim, schedule, cfg.distributed.gradient_clipping),
                         LocalCheckpointer(ckpt_root, cfg.distributed.num_to_keep, resume), metrics)
         train_stage(cfg, stage, run_dir, launch, source)
     finally:
@@ -120,6 +136,7 @@ def _train_in_process(cfg: RunConfig, stage: Stage, run_dir: Path, source: DataS
 
 def _train(cfg: RunConfig, stage: Stage, run_dir: Path, resume: bool) -> None:
     source = ensure_data(cfg)
+    check_layout(cfg, source, [stage])
     if stage.needs and not (run_dir / stage.needs / "model.pt").is_file():
         raise FileNotFoundError(f"{run_dir / stage.needs / 'model.pt'}: run the stage that writes it first")
     t = time.monotonic()
@@ -169,7 +186,8 @@ def run_all(cfg: RunConfig, resume: bool = False) -> dict:
     from saat_dist.report import write_report
 
     t0 = time.monotonic()
-    ensure_data(cfg)  # untrusted manifests are checked before anything is written
+    source = ensure_data(cfg)  # untrusted manifests are checked before anything is written
+    check_layout(cfg, source, [TRAIN, SAAT])
     run_dir = prepare_run_dir(cfg)
     _record_stage(run_dir, "data", time.monotonic() - t0)
     # --resume skips stages whose outputs exist and resumes an interrupted one

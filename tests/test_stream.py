@@ -1,4 +1,5 @@
-"""The streaming reader: rank/worker splitting, equal steps, resume, corrupt shards."""
+"""The streaming reader: one global order at any worker and loader count, resume (also at another
+worker count), corrupt shards."""
 
 import itertools
 from pathlib import Path
@@ -12,11 +13,11 @@ from tests.test_data import make_dataset
 
 
 @pytest.fixture(scope="module")
-def five_shards(tmp_path_factory):
-    """A train split of 50 samples in 5 shards of 10: 5 does not divide by 2 ranks."""
-    tmp = tmp_path_factory.mktemp("five")
-    root = make_dataset(tmp / "src", n=(50, 3, 4), size=(12, 12))
-    convert(root, tmp / "out", shard_size=10, shard_multiple=1)
+def twelve_shards(tmp_path_factory):
+    """A train split of 120 samples in 12 shards of 10 (indices 10 j .. 10 j + 9 in shard j)."""
+    tmp = tmp_path_factory.mktemp("twelve")
+    root = make_dataset(tmp / "src", n=(120, 3, 4), size=(12, 12))
+    convert(root, tmp / "out", shard_size=10, shard_multiple=12)
     return str(tmp / "out")
 
 
@@ -26,55 +27,99 @@ def spec(shard_dir, **kw):
     return StreamSpec(**base)
 
 
-def test_batches_have_the_promised_form(five_shards):
-    x, y, idx = next(iter(ShardStream(spec(five_shards))))
+def test_batches_have_the_promised_form(twelve_shards):
+    x, y, idx = next(iter(ShardStream(spec(twelve_shards))))
     assert x.dtype == torch.float32 and x.shape == (4, 3, 12, 12)
     assert 0 <= float(x.min()) and float(x.max()) <= 1
     assert y.shape == (4, 4) and set(y.unique().tolist()) <= {0.0, 1.0}
     assert idx.dtype == torch.int64
 
 
+def steps(shards, world, steps, **kw):
+    """Per step, every rank's samples (ranks in order): rank r's share of the global batch."""
+    streams = [ShardStream(spec(shards, rank=r, world_size=world, **kw)) for r in range(world)]
+    out = []
+    for _ in range(steps):
+        per_rank = []
+        for s in streams:
+            per_rank.append(torch.cat([next(s)[2] for _ in range(s.spec.micro_batches)]).tolist())
+        out.append(per_rank)
+    return out
+
+
+@pytest.mark.parametrize("world, workers, micro", [(2, 0, 1), (3, 2, 1), (4, 1, 2), (6, 0, 1), (2, 3, 2)])
+def test_the_global_batch_is_the_same_at_any_worker_and_loader_count(twelve_shards, world, workers, micro):
+    """Step t holds the same samples at 1, 2, 3, 4 or 6 workers, with 0-3
+    loader processes and 1-2 micro-batches; rank r holds the global batch's
+    positions r, r + W, ... and reads only its own shards (j % W == r)."""
+    ref = steps(twelve_shards, 1, 16, batch_size=24)  # 3+ epochs of 5 steps
+    got = steps(twelve_shards, world, 16, batch_size=24, num_workers=workers, micro_batches=micro)
+    for t, (one, many) in enumerate(zip(ref, got)):
+        (order,) = one
+        assert sorted(order) == sorted(i for share in many for i in share), t
+        for r, share in enumerate(many):
+            assert share == order[r::world], (t, r)  # position order, this rank's positions
+            assert all((i // 10) % world == r for i in share), (t, r)  # only its own shards
+
+
+def test_every_sample_once_per_epoch_and_epochs_differ(twelve_shards):
+    s = ShardStream(spec(twelve_shards, batch_size=8))
+    assert s.steps_per_epoch == 15
+    first = [i for _, _, idx in s.epoch() for i in idx.tolist()]
+    second = [i for _, _, idx in s.epoch() for i in idx.tolist()]
+    assert sorted(first) == sorted(second) == list(range(120))
+    assert first != second
+
+
+def test_fewer_canonical_slots_than_shards(twelve_shards):
+    """4 slots of 3 shards each: 2 and 4 workers read the same batches as 1."""
+    ref = steps(twelve_shards, 1, 20, batch_size=8, slots=4)
+    for world in (2, 4):
+        got = steps(twelve_shards, world, 20, batch_size=8, slots=4)
+        assert [sorted(i for share in g for i in share) for g in got] == [sorted(r[0]) for r in ref]
+    with pytest.raises(ValueError, match="3 workers do not divide the 4 canonical slots"):
+        ShardStream(spec(twelve_shards, world_size=3, slots=4))
+
+
+def test_a_worker_count_that_does_not_divide_the_slots_is_a_clear_error(twelve_shards):
+    with pytest.raises(ValueError, match="5 workers do not divide the 12 canonical slots"):
+        ShardStream(spec(twelve_shards, world_size=5, batch_size=10))
+    with pytest.raises(ValueError, match="global batch 6 does not split into 4 workers x 1 micro-batches"):
+        ShardStream(spec(twelve_shards, world_size=4, batch_size=6))
+    with pytest.raises(ValueError, match="at most one slot per shard"):
+        ShardStream(spec(twelve_shards, slots=13))
+
+
 @pytest.mark.parametrize("workers", [0, 2])
-def test_every_rank_gets_the_same_steps_and_never_runs_dry(five_shards, workers):
-    """5 shards over 2 ranks (x 2 loader workers: 4 slots): no rank runs dry."""
-    streams = [ShardStream(spec(five_shards, rank=r, world_size=2, num_workers=workers)) for r in range(2)]
-    assert streams[0].steps_per_epoch == streams[1].steps_per_epoch == (50 // 2) // 4
-    seen = [[], []]
-    for epoch in range(4):  # several epochs: rank 0 holds 3 shards in some, 2 in others
-        for r, s in enumerate(streams):
-            batches = list(s.epoch())
-            assert len(batches) == s.steps_per_epoch
-            for _, _, idx in batches:
-                seen[r].extend(idx.tolist())
-    # the first batches (every slot's first shard) come from disjoint shards
-    first0, first1 = set(seen[0][:8]), set(seen[1][:8])
-    assert not (first0 & first1)
-    # over the epochs every sample is read
-    assert set(seen[0]) | set(seen[1]) == set(range(50))
-
-
-def test_too_few_shards_is_a_clear_error(five_shards):
-    with pytest.raises(ValueError, match="fewer than ranks x loader workers = 6"):
-        ShardStream(spec(five_shards, world_size=3, num_workers=2))
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_continues_exactly(five_shards, workers):
-    ref = ShardStream(spec(five_shards, num_workers=workers))
-    reference = [idx.tolist() for _, _, idx in itertools.islice(ref, 30)]
-    first = ShardStream(spec(five_shards, num_workers=workers))
+def test_resume_continues_exactly(twelve_shards, workers):
+    ref = ShardStream(spec(twelve_shards, num_workers=workers))
+    reference = [idx.tolist() for _, _, idx in itertools.islice(ref, 40)]
+    first = ShardStream(spec(twelve_shards, num_workers=workers))
     taken = [idx.tolist() for _, _, idx in itertools.islice(first, 13)]
     state = first.state_dict()
-    resumed = ShardStream(spec(five_shards, num_workers=workers))
+    resumed = ShardStream(spec(twelve_shards, num_workers=workers))
     resumed.load_state_dict(state)
-    rest = [idx.tolist() for _, _, idx in itertools.islice(resumed, 17)]
+    rest = [idx.tolist() for _, _, idx in itertools.islice(resumed, 27)]
     assert taken + rest == reference
 
 
-def test_resume_refuses_another_layout(five_shards):
-    s = ShardStream(spec(five_shards, world_size=2))
-    other = ShardStream(spec(five_shards, world_size=1))
-    with pytest.raises(ValueError, match="world_size"):
+def test_a_position_saved_at_one_worker_count_resumes_at_another(twelve_shards):
+    one = ShardStream(spec(twelve_shards, batch_size=8))
+    before = [next(one)[2].tolist() for _ in range(7)]
+    state = one.state_dict()
+    after_one = [next(one)[2].tolist() for _ in range(9)]
+    two = [ShardStream(spec(twelve_shards, batch_size=8, rank=r, world_size=2)) for r in range(2)]
+    for s in two:
+        s.load_state_dict(state)
+    after_two = [[next(s)[2].tolist() for s in two] for _ in range(9)]
+    assert len(before) == 7
+    assert [sorted(a) for a in after_one] == [sorted(x + y) for x, y in after_two]
+
+
+def test_resume_refuses_another_global_order(twelve_shards):
+    s = ShardStream(spec(twelve_shards, batch_size=4))
+    other = ShardStream(spec(twelve_shards, batch_size=8))
+    with pytest.raises(ValueError, match="global_batch"):
         other.load_state_dict(s.state_dict())
 
 
@@ -85,9 +130,11 @@ def test_corrupt_shard_reported_or_skipped(tmp_path):
     bad.write_bytes(b"this is not a tar file" * 100)
     with pytest.raises(ShardError, match="train-000002.tar"):
         list(itertools.islice(ShardStream(spec(str(tmp_path / "out"), shuffle=False)), 10))
-    s = ShardStream(spec(str(tmp_path / "out"), shuffle=False, skip_corrupt=True))
+    # two canonical slots of two shards: the bad shard's slot moves on to its other shard
+    s = ShardStream(spec(str(tmp_path / "out"), shuffle=False, skip_corrupt=True, slots=2))
     idx = torch.cat([b[2] for b in itertools.islice(s, 15)])
     assert not any(20 <= i < 30 for i in idx.tolist())  # the bad shard's samples never appear
+    assert s.skipped == 20  # 30 samples of its slot: 3 passes over shard 0, meeting shard 2 after the first two
 
 
 @pytest.fixture()
@@ -189,5 +236,5 @@ def test_a_rank_whose_shards_are_all_unreadable_stops_instead_of_spinning(tmp_pa
     for shard in (tmp_path / "out").glob("train-*.tar"):
         shard.write_bytes(b"garbage" * 50)
     s = ShardStream(spec(str(tmp_path / "out"), skip_corrupt=True))
-    with pytest.raises(ShardError, match="none of its shards of split 'train' holds a readable sample"):
+    with pytest.raises(ShardError, match=r"none of the shards \[0\] of canonical slot 0 of split 'train' holds a "):
         next(s)

@@ -33,16 +33,21 @@ def deepspeed_config(d: DistributedConfig, micro_batch: int, world_size: int) ->
     return cfg
 
 
-def build_engine(model: torch.nn.Module, optim: OptimConfig, d: DistributedConfig, micro_batch: int,
-                 world_size: int, total_micro_steps: int):
-    """(engine, scheduler): the engine is the model wrapper and the stepper."""
+def build_engine(model: torch.nn.Module, optim: OptimConfig, d: DistributedConfig, schedule, world_size: int):
+    """(engine, scheduler): the engine is the model wrapper and the stepper.
+    ``schedule``: the stage's ``trainer.Schedule``; DeepSpeed's global batch
+    is its global batch (micro batch x grad_accum x workers, checked here)."""
     import deepspeed
 
-    optimizer = build_optimizer(model.parameters(), optim)
-    scheduler = build_scheduler(optimizer, optim, max(1, total_micro_steps // d.grad_accum))
+    if schedule.micro_batch * schedule.grad_accum * world_size != schedule.global_batch:
+        raise ValueError(f"micro batch {schedule.micro_batch} x {schedule.grad_accum} x {world_size} workers "
+                         f"is not the global batch {schedule.global_batch}")
+    optimizer = build_optimizer(model.parameters(), optim, schedule.global_batch)
+    scheduler = build_scheduler(optimizer, optim, schedule.total_steps, schedule.steps_per_epoch,
+                                schedule.global_batch)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(d, micro_batch, world_size))
+        config=deepspeed_config(d, schedule.micro_batch, world_size))
     return engine, scheduler
 
 
@@ -54,9 +59,9 @@ class DeepSpeedBackend:
 
     TAG = "engine"
 
-    def __init__(self, model: torch.nn.Module, optim: OptimConfig, d: DistributedConfig, micro_batch: int,
-                 world_size: int, total_steps: int) -> None:
-        self.engine, _ = build_engine(model, optim, d, micro_batch, world_size, total_steps)
+    def __init__(self, model: torch.nn.Module, optim: OptimConfig, d: DistributedConfig, schedule,
+                 world_size: int) -> None:
+        self.engine, _ = build_engine(model, optim, d, schedule, world_size)
         self.model = self.stepper = self.engine
         self.module = self.engine.module
         self.zero_stage = d.zero_stage

@@ -54,8 +54,8 @@ def worker_main(config: dict) -> None:
 
             robustness_stage(cfg, config["which"], run_dir, rank, world, device, source, config["transfer_to"])
         else:
-            def make_backend(model, optim, micro_batch, total_steps):
-                return DeepSpeedBackend(model, optim, cfg.distributed, micro_batch, world, total_steps)
+            def make_backend(model, optim, schedule):
+                return DeepSpeedBackend(model, optim, cfg.distributed, schedule, world)
 
             train_stage(cfg, TRAINING[stage], run_dir,
                         Launch(rank, world, device, make_backend, RayCheckpointer(), metrics), source)

@@ -26,10 +26,13 @@ STATE_FILE = "model-optimizer.pt"
 
 
 class LocalBackend:
-    def __init__(self, model: nn.Module, optim: OptimConfig, total_steps: int, gradient_clipping: float = 0.0) -> None:
+    def __init__(self, model: nn.Module, optim: OptimConfig, schedule, gradient_clipping: float = 0.0) -> None:
+        """``schedule``: the stage's ``trainer.Schedule`` (global batch, micro-batches, steps)."""
         self.model = self.module = model
-        optimizer = build_optimizer(model.parameters(), optim)
-        self.stepper = TorchStepper(optimizer, build_scheduler(optimizer, optim, total_steps), clip=gradient_clipping)
+        optimizer = build_optimizer(model.parameters(), optim, schedule.global_batch)
+        scheduler = build_scheduler(optimizer, optim, schedule.total_steps, schedule.steps_per_epoch,
+                                    schedule.global_batch)
+        self.stepper = TorchStepper(optimizer, scheduler, clip=gradient_clipping, accumulate=schedule.grad_accum)
 
     def save(self, directory: Path) -> None:
         s = self.stepper

@@ -6,6 +6,10 @@ anything with ``backward(loss)`` and ``step()``: ``TorchStepper`` around a
 torch optimizer here, or a DeepSpeed engine as is, so a distributed trainer
 calls these functions unchanged. ``model`` may be a DeepSpeed engine too
 (its ``module`` is the hash model).
+
+The inner attacks' random starts come from ``keys`` (an ``ItemKeys`` of the
+batch's items and the step: the trainer's choice, so that a sample draws the
+same start whichever worker trains it) or, without keys, from ``generator``.
 """
 
 from __future__ import annotations
@@ -16,21 +20,29 @@ import torch
 from torch import nn
 
 from saat_dist.attacks.mainstay_pgd import pgd_attack
+from saat_dist.keyed_random import ItemKeys
 from saat_dist.mainstay import CodeBank
 
 
 class TorchStepper:
-    """backward/step over a plain torch optimizer, an optional LR scheduler and
+    """backward/step over a plain torch optimizer, an optional LR scheduler,
     optional gradient clipping by global norm (``clip`` > 0; as DeepSpeed's
-    ``gradient_clipping``)."""
+    ``gradient_clipping``) and gradient accumulation over ``accumulate``
+    micro-batches (as DeepSpeed's engine: each backward scales the loss by
+    1 / accumulate, and only every accumulate-th ``step()`` updates)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, scheduler=None, *, clip: float = 0.0) -> None:
-        self.optimizer, self.scheduler, self.clip = optimizer, scheduler, clip
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler=None, *, clip: float = 0.0,
+                 accumulate: int = 1) -> None:
+        self.optimizer, self.scheduler, self.clip, self.accumulate = optimizer, scheduler, clip, accumulate
+        self.micro_steps = 0
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        (loss / self.accumulate if self.accumulate > 1 else loss).backward()
 
     def step(self) -> None:
+        self.micro_steps += 1
+        if self.micro_steps % self.accumulate:
+            return
         if self.clip > 0:
             params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.clip)
@@ -102,7 +114,7 @@ def _write_codes(bank, hash_bank, index, u) -> None:
 
 def saat_step(model, stepper, batch, bank: CodeBank, loss_fn, settings: SAATSettings, step: int,
               generator: torch.Generator | None = None, *, check: bool = True,
-              hash_bank: CodeBank | None = None) -> dict[str, torch.Tensor]:
+              hash_bank: CodeBank | None = None, keys: ItemKeys | None = None) -> dict[str, torch.Tensor]:
     """One SAAT minimax step, in the reference order:
     b*(y) -> inner PGD -> clean/adversarial forward -> bank update and b*
     recompute -> outer loss = L_hash + lam * L_adv + mu * L_quant.
@@ -116,7 +128,7 @@ def saat_step(model, stepper, batch, bank: CodeBank, loss_fn, settings: SAATSett
     # model: a wrapper's backward hooks (DeepSpeed's) are for the outer loss.
     x_adv = pgd_attack(net, x, guide, eps=settings.eps, step_size=settings.step_size, iters=settings.iters,
                        targeted=False, random_start=True, alpha_schedule=None, loss="plain", generator=generator,
-                       mode=settings.mode)
+                       mode=settings.mode, keys=keys)
     u = model(x)
     u_adv = model(x_adv)
     _write_codes(bank, hash_bank, index, u)
@@ -135,11 +147,11 @@ def saat_step(model, stepper, batch, bank: CodeBank, loss_fn, settings: SAATSett
 
 def cgat_step(model, stepper, batch, bank: CodeBank, loss_fn, settings: SAATSettings, step: int,
               generator: torch.Generator | None = None, *, check: bool = True,
-              hash_bank: CodeBank | None = None) -> dict[str, torch.Tensor]:
+              hash_bank: CodeBank | None = None, keys: ItemKeys | None = None) -> dict[str, torch.Tensor]:
     """One CgAT step (Wang et al., WWW 2023): SAAT's step with the centre code
     (uniform weights over relevant and irrelevant items) as the guide."""
     return saat_step(model, stepper, batch, bank, loss_fn, replace(settings, weighting="uniform"), step,
-                     generator, check=check, hash_bank=hash_bank)
+                     generator, check=check, hash_bank=hash_bank, keys=keys)
 
 
 def _flipped(u, u_adv) -> torch.Tensor:
@@ -166,25 +178,35 @@ class ATRDHSettings:
 
 def atrdh_step(model, stepper, batch, bank: CodeBank, loss_fn, settings: ATRDHSettings, step: int,
                generator: torch.Generator | None, prototypes, *, check: bool = True,
-               hash_bank: CodeBank | None = None) -> dict[str, torch.Tensor]:
+               hash_bank: CodeBank | None = None, keys: ItemKeys | None = None, adv_bank: CodeBank | None = None,
+               targets: tuple[int, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """One ATRDH step (Wang et al., SIGIR 2021): a PrototypeNet step on random
     label sets against the bank's codes, PGD pulling the batch toward their
     target codes, then L_hash(clean) + adv_weight x pairwise_to_bank(adversarial
     codes). The PrototypeNet trains against the bank as it stands before this
     batch's codes are written (the reference writes them first: one batch
-    later here)."""
+    later here). ``adv_bank``: the bank of the pairwise term (the reference's
+    U_ben, continuous codes starting at zeros; default: the hash term's).
+    ``targets`` = (n, rows): the PrototypeNet steps on the n label sets of the
+    whole (global) batch and this process attacks toward those at ``rows``
+    (default: n = this batch, every row)."""
     x, y, index = batch
     net = hash_module(model)
     net.alpha = 1.0
-    _, target_codes = prototypes.step(bank.codes, bank.labels, len(x))
+    n, rows = targets if targets is not None else (len(x), None)
+    _, target_codes = prototypes.step(bank.codes, bank.labels, n)
+    if rows is not None:
+        target_codes = target_codes[rows.to(target_codes.device)]
     x_adv = pgd_attack(net, x, torch.sign(target_codes).to(x.device), eps=settings.eps,
                        step_size=settings.step_size, iters=settings.iters, targeted=True, random_start=True,
-                       alpha_schedule=None, loss="plain", generator=generator, mode=settings.mode)
+                       alpha_schedule=None, loss="plain", generator=generator, mode=settings.mode, keys=keys)
     u = model(x)
     u_adv = model(x_adv)
     _write_codes(bank, hash_bank, index, u)
+    if adv_bank is not None and adv_bank is not hash_bank:
+        adv_bank.update(index, u.detach())
     clean_loss, _ = hash_loss(loss_fn, u, y, hash_bank or bank)
-    adv = pairwise_to_bank(u_adv, y, hash_bank or bank)
+    adv = pairwise_to_bank(u_adv, y, adv_bank or hash_bank or bank)
     loss = clean_loss + settings.adv_weight * adv
     if check:
         check_finite(loss, "ATRDH", step)
@@ -205,7 +227,7 @@ class PGDATSettings:
 
 def pgd_at_step(model, stepper, batch, bank: CodeBank, loss_fn, settings: PGDATSettings, step: int,
                 generator: torch.Generator | None = None, *, check: bool = True,
-                hash_bank: CodeBank | None = None) -> dict[str, torch.Tensor]:
+                hash_bank: CodeBank | None = None, keys: ItemKeys | None = None) -> dict[str, torch.Tensor]:
     """One step of plain PGD adversarial training on the benign hash loss
     (Madry et al.): PGD *maximises* L_hash(F(x + delta), y) against the current
     bank, then clean_weight x L_hash(x) + lam x L_hash(x_adv)."""
@@ -221,7 +243,8 @@ def pgd_at_step(model, stepper, batch, bank: CodeBank, loss_fn, settings: PGDATS
 
     with model_mode(net, settings.mode):
         x_adv = pgd(net, x, ascend, eps=settings.eps, step_size=settings.step_size, iters=settings.iters,
-                    random_start=True, alpha_schedule=None, generator=generator)
+                    random_start=True, alpha_schedule=None, generator=generator,
+                    keys=None if keys is None else keys.child("restart", 0))
     u = model(x)
     u_adv = model(x_adv)
     _write_codes(bank, hash_bank, index, u)

@@ -15,6 +15,15 @@ contents, the final model file) is written once, here.
 Host syncs (``.item()``, finiteness checks) happen on log steps only: a
 step's outputs stay on the device until the next log step, when they are
 read back in one transfer and checked.
+
+Scale changes the speed, never the answer: ``batch_size`` is the global
+batch, each of W workers takes its share of it (in ``grad_accum``
+micro-batches), an epoch is split count // global batch steps at any W, the
+global order of the samples (``saat_dist.data.order``) puts the same samples
+in step t's batch at any W, BatchNorm normalises over the global batch
+(``distributed.sync_batchnorm``), every random start of an inner attack is
+keyed by (stage, step, item), and the epoch history is the mean over all
+workers.
 """
 
 from __future__ import annotations
@@ -34,7 +43,9 @@ from saat_dist.data.source import DataSource
 from saat_dist.data.stream import ShardStream, StreamSpec
 from saat_dist.distributed.bank_sync import SyncedBank
 from saat_dist.distributed.collectives import all_gather_ragged, all_reduce_sum, barrier
+from saat_dist.distributed.sync_batchnorm import convert_sync_batchnorm
 from saat_dist.hashing import build_hash_loss
+from saat_dist.keyed_random import ItemKeys
 from saat_dist.mainstay import CodeBank, label_set_counts
 from saat_dist.models import build_hash_model
 from saat_dist.progress import Progress
@@ -80,9 +91,20 @@ class Launch:
     rank: int
     world: int
     device: torch.device
-    make_backend: Callable  # (model, optim_cfg, micro_batch, total_steps) -> backend
+    make_backend: Callable  # (model, optim_cfg, Schedule) -> backend
     checkpointer: object  # .restore() context, .save(step, metrics, write)
     metrics: object = field(default_factory=NullMetrics)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A stage's batch and step plan, the same at any worker count."""
+
+    global_batch: int  # samples per optimizer step, over all workers
+    micro_batch: int  # samples per forward/backward pass on one worker
+    grad_accum: int  # micro-batches per step and worker
+    steps_per_epoch: int  # split count // global batch
+    total_steps: int  # optimizer steps of the stage
 
 
 # ---------------------------------------------------------------- model files
@@ -166,28 +188,40 @@ def build_prototypes(cfg: RunConfig, source: DataSource, bank: SyncedBank, rank:
                             all_reduce=all_reduce_sum if split else None, world=world if split else 1)
 
 
-def make_step(stage: Stage, cfg: RunConfig, backend, bank, hash_bank, loss_fn, generator, prototypes):
-    """``step_fn(batch, step)`` of a stage: benign training or one of the defences."""
+def make_step(stage: Stage, cfg: RunConfig, backend, bank, hash_bank, loss_fn, prototypes, adv_bank=None,
+              rank: int = 0, world: int = 1, schedule: Schedule | None = None):
+    """``step_fn(batch, step, micro)`` of a stage: benign training or one of
+    the defences. Inner attacks start from draws keyed by (seed, stage, step,
+    item): the same for a sample whichever worker trains it."""
     model, stepper = backend.model, backend.stepper
     if stage.name == "train":
-        return lambda batch, step: benign_step(model, stepper, batch, bank, loss_fn, step, check=False)
+        return lambda batch, step, micro: benign_step(model, stepper, batch, bank, loss_fn, step, check=False)
     tc = getattr(cfg, stage.section)
+
+    def keys(batch, step):
+        return ItemKeys.of(batch[2], cfg.seed, stage.name, step)
+
     if stage.name in ("saat", "cgat"):
         settings = SAATSettings(eps=tc.eps, step_size=tc.step_size, iters=tc.iters, lam=tc.lam, mu=tc.mu,
                                 mode=tc.attack_mode)
         fn = saat_step if stage.name == "saat" else cgat_step
-        return lambda batch, step: fn(model, stepper, batch, bank, loss_fn, settings, step, generator, check=False,
-                                      hash_bank=hash_bank)
+        return lambda batch, step, micro: fn(model, stepper, batch, bank, loss_fn, settings, step, check=False,
+                                             hash_bank=hash_bank, keys=keys(batch, step))
     if stage.name == "atrdh":
         settings = ATRDHSettings(eps=tc.eps, step_size=tc.step_size, iters=tc.iters, adv_weight=tc.adv_weight,
                                  mode=tc.attack_mode)
-        return lambda batch, step: atrdh_step(model, stepper, batch, bank, loss_fn, settings, step, generator,
-                                              prototypes, check=False, hash_bank=hash_bank)
+        # the PrototypeNet steps on the label sets of the whole global micro-batch, the same on every
+        # rank; rank r's samples are that micro-batch's positions r, r + W, ... (data.order)
+        n = schedule.global_batch // schedule.grad_accum
+        rows = torch.arange(rank, n, world)
+        return lambda batch, step, micro: atrdh_step(model, stepper, batch, bank, loss_fn, settings, step, None,
+                                                     prototypes, check=False, hash_bank=hash_bank,
+                                                     keys=keys(batch, step), adv_bank=adv_bank, targets=(n, rows))
     if stage.name == "pgd_at":
         settings = PGDATSettings(eps=tc.eps, step_size=tc.step_size, iters=tc.iters, lam=tc.lam,
                                  clean_weight=tc.clean_weight, mode=tc.attack_mode)
-        return lambda batch, step: pgd_at_step(model, stepper, batch, bank, loss_fn, settings, step, generator,
-                                               check=False, hash_bank=hash_bank)
+        return lambda batch, step, micro: pgd_at_step(model, stepper, batch, bank, loss_fn, settings, step,
+                                                      check=False, hash_bank=hash_bank, keys=keys(batch, step))
     raise ValueError(f"no training step for stage {stage.name!r}")
 
 
@@ -197,26 +231,24 @@ class TrainState:
     state, listed once: loop position and history, data position, code bank,
     RNG streams."""
 
-    def __init__(self, stream: ShardStream, bank: SyncedBank, generator: torch.Generator,
-                 extras: dict | None = None) -> None:
+    def __init__(self, stream: ShardStream, bank: SyncedBank, extras: dict | None = None) -> None:
         self.step = 0
-        self.history: list[dict[str, float]] = []  # per-epoch means
-        self.epoch_sums: dict[str, float] = {}  # host sums of the running epoch
-        self.stream, self.bank, self.generator = stream, bank, generator
-        # what a defence adds: the continuous hash bank, ATRDH's PrototypeNet (state_dict / load_state_dict)
+        self.history: list[dict[str, float]] = []  # per-epoch means over every worker
+        self.epoch_sums: dict[str, float] = {}  # this rank's host sums of the running epoch
+        self.stream, self.bank = stream, bank
+        # what a defence adds: the continuous hash banks, ATRDH's PrototypeNet (state_dict / load_state_dict)
         self.extras = extras or {}
 
     def state_dict(self) -> dict:
         return {"step": self.step, "history": self.history, "epoch_sums": self.epoch_sums,
                 "stream": self.stream.state_dict(), "bank": self.bank.state_dict(),
-                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "torch_rng": torch.get_rng_state(),
                 "extras": {k: v.state_dict() for k, v in self.extras.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.history, self.epoch_sums = int(state["step"]), state["history"], state["epoch_sums"]
         self.stream.load_state_dict(state["stream"])
         self.bank.load_state_dict(state["bank"])
-        self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         saved = state.get("extras", {})
         missing = sorted(set(self.extras) - set(saved))
@@ -253,24 +285,30 @@ def train_stage(cfg: RunConfig, stage: Stage, run_dir: Path, launch: Launch, sou
         model = load_model(cfg, run_dir / stage.needs / "model.pt", device)
     else:
         model = build_model(cfg, device)
+    if d.sync_batchnorm and world > 1:  # statistics of the global batch, as one process would see it
+        model = convert_sync_batchnorm(model)
     loss_fn = build_hash_loss(cfg.train.loss, source.num_classes, cfg.model.bits, cfg.seed)
     bank = build_bank(cfg, source, loss_fn, rank, world, device, metrics.record_bank_sync)
     stream = ShardStream(StreamSpec(
         shard_dir=source.shard_dir, split="train", batch_size=tc.batch_size, image_size=cfg.data.image_size,
         rank=rank, world_size=world, num_workers=cfg.data.loader_workers, seed=cfg.seed + stage.seed_offset,
-        skip_corrupt=cfg.data.skip_corrupt, base_url=source.base_url, source=source, resize=cfg.data.resize))
+        skip_corrupt=cfg.data.skip_corrupt, base_url=source.base_url, source=source, resize=cfg.data.resize,
+        slots=cfg.data.canonical_slots, micro_batches=d.grad_accum))
     spe = stream.steps_per_epoch
-    total = tc.epochs * spe
-    backend = launch.make_backend(model, tc.optim, tc.batch_size, total)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * (rank + 1))
+    schedule = Schedule(tc.batch_size, stream.micro_batch, d.grad_accum, spe, tc.epochs * spe)
+    total = schedule.total_steps
+    backend = launch.make_backend(model, tc.optim, schedule)
     extras: dict = {}
-    hash_bank = None
+    hash_bank = adv_bank = None
     if stage.needs and tc.hash_bank == "continuous":  # the reference's U: continuous codes for the hash term
         hash_bank = extras["hash_bank"] = build_bank(cfg, source, loss_fn, rank, world, device,
                                                      metrics.record_bank_sync)
+        if stage.name == "atrdh":  # its pairwise term's U_ben: continuous codes from zeros, as the reference
+            adv_bank = extras["adv_bank"] = build_bank(cfg, source, loss_fn, rank, world, device,
+                                                       metrics.record_bank_sync)
     if stage.name == "atrdh":
-        extras["prototypes"] = build_prototypes(cfg, source, bank, rank, world, total, device)
-    state = TrainState(stream, bank, generator, extras)
+        extras["prototypes"] = build_prototypes(cfg, source, bank, rank, world, total * d.grad_accum, device)
+    state = TrainState(stream, bank, extras)
 
     with launch.checkpointer.restore() as ckpt_dir:
         if ckpt_dir is not None:
@@ -279,8 +317,24 @@ def train_stage(cfg: RunConfig, stage: Stage, run_dir: Path, launch: Launch, sou
                           getattr(launch.checkpointer, "where", ckpt_dir))
     if state.step == 0 and stage.needs:
         fill_bank(cfg, source, backend.module, bank, rank, world, device, also=hash_bank)
-    step_fn = make_step(stage, cfg, backend, bank, hash_bank, loss_fn, generator, extras.get("prototypes"))
+    step_fn = make_step(stage, cfg, backend, bank, hash_bank, loss_fn, extras.get("prototypes"), adv_bank,
+                        rank, world, schedule)
+    t0 = time.monotonic()
+    log_records, epoch_rss = _loop(cfg, stage, state, schedule, step_fn, backend, launch)
+    seconds = time.monotonic() - t0
+    _finish(cfg, stage, run_dir, state, schedule, backend, launch, log_records, epoch_rss)
+    return TrainResult(state.step, seconds, state.history, log_records)
 
+
+def _loop(cfg: RunConfig, stage: Stage, state: TrainState, schedule: Schedule, step_fn, backend,
+          launch: Launch) -> tuple[list[dict[str, float]], list[list[float]]]:
+    """Steps until the stage's last, with epoch ends, log lines and checkpoints;
+    returns the log records (this rank's view: means since the previous
+    record) and every rank's resident memory at each epoch end."""
+    rank, world, device, metrics = launch.rank, launch.world, launch.device, launch.metrics
+    d, spe, total, accum = cfg.distributed, schedule.steps_per_epoch, schedule.total_steps, schedule.grad_accum
+    stream, bank = state.stream, state.bank
+    tc = getattr(cfg, stage.section)
     who = f"{stage.name} (rank {rank}/{world})" if world > 1 else stage.name
     progress = Progress(who, total - state.step, every_s=cfg.log_every_s if rank == 0 else 1e9)
     channels_last = device.type == "cuda"  # as build_model laid out the weights
@@ -291,10 +345,11 @@ def train_stage(cfg: RunConfig, stage: Stage, run_dir: Path, launch: Launch, sou
     epoch_rss: list[list[float]] = []
     backend.model.train()
     while state.step < total:
-        x, y, index = (t.to(device, non_blocking=True) for t in next(stream))
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        pending.append(step_fn((x, y, index), state.step))
+        for micro in range(accum):
+            x, y, index = (t.to(device, non_blocking=True) for t in next(stream))
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            pending.append(step_fn((x, y, index), state.step, micro))
         state.step += 1
         epoch_end = state.step % spe == 0
         checkpoint = epoch_end or (d.checkpoint_every and state.step % d.checkpoint_every == 0)
@@ -303,12 +358,12 @@ def train_stage(cfg: RunConfig, stage: Stage, run_dir: Path, launch: Launch, sou
             metrics.record_skipped(stream.skipped - skipped_reported)
             skipped_reported = stream.skipped
         if checkpoint or now - last_log >= cfg.log_every_s:
-            means = _flush(pending, state, stage.name, tc.batch_size, now - t_interval, metrics, spe)
+            means = _flush(pending, state, stage.name, schedule.micro_batch, now - t_interval, metrics, spe, accum)
             log_records.append({"step": state.step, **means})
-            progress.update(len(pending), epoch=(state.step - 1) // spe, loss=means["loss"])
+            progress.update(len(pending) // accum, epoch=(state.step - 1) // spe, loss=means["loss"])
             pending, last_log, t_interval = [], now, time.monotonic()
         if epoch_end:
-            state.history.append({k: v / spe for k, v in state.epoch_sums.items()})
+            state.history.append(_epoch_means(state.epoch_sums, spe * accum, world))
             state.epoch_sums = {}
             # resident memory of every rank at each epoch end: flat across epochs in a healthy run
             epoch_rss.append(all_gather_ragged(torch.tensor([_rss_mib()], dtype=torch.float64)).tolist())
@@ -317,30 +372,62 @@ def train_stage(cfg: RunConfig, stage: Stage, run_dir: Path, launch: Launch, sou
                          " ".join(f"{k}={v:.4g}" for k, v in state.history[-1].items()))
         if checkpoint:
             t = time.perf_counter()
-            bank.sync_table()
-            if hash_bank is not None:
-                hash_bank.sync_table()
+            for b in (bank, *(v for v in state.extras.values() if isinstance(v, SyncedBank))):
+                b.sync_table()
             means = state.history[-1] if epoch_end else {
-                k: v / max(1, state.step % spe) for k, v in state.epoch_sums.items()}
+                k: v / max(1, (state.step % spe) * accum) for k, v in state.epoch_sums.items()}
             launch.checkpointer.save(state.step, means, lambda directory: state.save(directory, rank, backend))
             metrics.record_checkpoint(time.perf_counter() - t)
+    return log_records, epoch_rss
 
+
+def _epoch_means(sums: dict[str, float], entries: int, world: int) -> dict[str, float]:
+    """The epoch's mean of each loss term over every worker's micro-batches
+    (one all-reduce per epoch): the same history at any worker count."""
+    keys = sorted(sums)
+    total = all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+    return {k: float(v) / (entries * world) for k, v in zip(keys, total.tolist())}
+
+
+def _finish(cfg: RunConfig, stage: Stage, run_dir: Path, state: TrainState, schedule: Schedule, backend,
+            launch: Launch, log_records: list[dict[str, float]], epoch_rss: list[list[float]]) -> None:
+    """The model file and train.json (rank 0), with every rank's parameter digest."""
+    from saat_dist.training.optim import lr_factor
+
+    rank, world = launch.rank, launch.world
     digests = [bytes(r.tolist()).hex() for r in all_gather_ragged(
         torch.tensor(list(bytes.fromhex(backend.parameter_digest())), dtype=torch.uint8)[None])]
-    skipped = all_gather_ragged(torch.tensor([stream.skipped], dtype=torch.int64)).tolist()
+    skipped = all_gather_ragged(torch.tensor([state.stream.skipped], dtype=torch.int64)).tolist()
     weights = backend.full_state_dict()  # collective under ZeRO-3
     if rank == 0:
         same = all(x == digests[0] for x in digests)
         if world > 1:
             log.info("%s: parameters %s across %d ranks", stage.name, "identical" if same else "DIFFER", world)
         out = run_dir / stage.out
+        optim = getattr(cfg, stage.section).optim
         save_model(cfg, out / "model.pt", weights, state.step)
         write_text_atomic(out / "train.json", json.dumps(
-            {"history": state.history, "steps": state.step, "parameter_checksums": digests,
-             "parameters_identical": same, "skipped_samples_per_rank": skipped,
-             "epoch_rss_mib_per_rank": epoch_rss, "log": log_records}, indent=1))
+            {"history": state.history, "steps": state.step, "schedule": {
+                **{k: getattr(schedule, k) for k in ("global_batch", "micro_batch", "grad_accum",
+                                                     "steps_per_epoch", "total_steps")},
+                "workers": world, "lr": optim.lr * lr_factor(optim, schedule.global_batch),
+                "lr_rule": _lr_rule(optim, schedule.global_batch),
+                "sync_batchnorm": cfg.distributed.sync_batchnorm},
+             "parameter_checksums": digests, "parameters_identical": same,
+             "skipped_samples_per_rank": skipped, "epoch_rss_mib_per_rank": epoch_rss,
+             "log": log_records}, indent=1))
     barrier()
-    return TrainResult(state.step, progress.elapsed, state.history, log_records)
+
+
+def _lr_rule(optim, global_batch: int) -> str:
+    """The lr rule in words, for train.json and the reports."""
+    from saat_dist.training.optim import lr_factor
+
+    if optim.lr_scaling == "none" or optim.base_batch is None:
+        return f"lr {optim.lr:g} as configured (lr_scaling: none)"
+    f = lr_factor(optim, global_batch)
+    return (f"lr {optim.lr:g} at batch {optim.base_batch}, x {f:.4g} ({optim.lr_scaling} scaling) at the global "
+            f"batch {global_batch}" + (f", warm-up over {optim.warmup_epochs:g} epochs" if optim.warmup_epochs else ""))
 
 
 def _rss_mib() -> float:
@@ -350,18 +437,20 @@ def _rss_mib() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def _flush(pending, state: TrainState, what: str, batch: int, seconds: float, metrics, spe: int) -> dict:
-    """Read the pending steps' outputs back to the host in one transfer, stop
-    on a non-finite loss, add them to the epoch sums; returns their means."""
+def _flush(pending, state: TrainState, what: str, batch: int, seconds: float, metrics, spe: int,
+           accum: int = 1) -> dict:
+    """Read the pending micro-batches' outputs back to the host in one
+    transfer, stop on a non-finite loss, add them to the epoch sums; returns
+    their means. ``batch``: samples per micro-batch on this rank."""
     keys = list(pending[0])
     values = torch.stack([torch.stack([o[k].float() for k in keys]) for o in pending]).cpu()
-    first = state.step - len(pending)
+    first = state.step - len(pending) // accum
     bad = (~torch.isfinite(values[:, keys.index("loss")])).nonzero()
     if len(bad):
-        raise FloatingPointError(f"{what} loss is not finite at step {first + int(bad[0])}: stopping the run")
+        raise FloatingPointError(f"{what} loss is not finite at step {first + int(bad[0]) // accum}: stopping the run")
     sums = values.sum(0).tolist()
     for k, v in zip(keys, sums):
         state.epoch_sums[k] = state.epoch_sums.get(k, 0.0) + v
     means = {k: v / len(pending) for k, v in zip(keys, sums)}
-    metrics.record_step(means, batch * len(pending), seconds, (state.step - 1) // spe, steps=len(pending))
+    metrics.record_step(means, batch * len(pending), seconds, (state.step - 1) // spe, steps=len(pending) // accum)
     return means
