@@ -404,10 +404,9 @@ class RunConfig:
                  f"BatchNorm would normalise over {share * (workers if d.sync_batchnorm else 1)} sample(s) "
                  "(a micro-batch, over every worker with distributed.sync_batchnorm): it needs two"),
                 (f"{section}.optim.base_batch", o.base_batch is None or o.base_batch >= 1, "must be >= 1 (or null)"),
-                (f"{section}.optim.warmup_epochs", 0 <= o.warmup_epochs <= tc.epochs or tc.epochs == 0,
-                 f"must be in [0, {section}.epochs]"),
-                (f"{section}.optim.milestone_epochs", all(0 < m < max(tc.epochs, 1) for m in o.milestone_epochs),
-                 f"epochs in (0, {section}.epochs), got {o.milestone_epochs}"),
+                (f"{section}.optim.warmup_epochs", o.warmup_epochs >= 0, "must be >= 0"),
+                (f"{section}.optim.milestone_epochs", all(m > 0 for m in o.milestone_epochs),
+                 f"epochs > 0, got {o.milestone_epochs}"),
                 (f"{section}.optim.lr", o.lr > 0, "must be > 0"),
                 (f"{section}.optim.momentum", 0 <= o.momentum < 1, "must be in [0, 1)"),
                 (f"{section}.optim.weight_decay", o.weight_decay >= 0, "must be >= 0"),
@@ -456,6 +455,13 @@ class RunConfig:
                            "(it ramps from the unscaled lr to the scaled one)")
             if o.milestone_epochs and o.milestones:
                 out.append(f"{section}.optim.milestones has no effect: {section}.optim.milestone_epochs is set")
+            if o.warmup_epochs > getattr(self, section).epochs:
+                out.append(f"{section}.optim.warmup_epochs={o.warmup_epochs:g} is longer than the stage: "
+                           "the lr never reaches its scaled value")
+            late = [m for m in o.milestone_epochs if m >= getattr(self, section).epochs]
+            if late:
+                out.append(f"{section}.optim.milestone_epochs {late} have no effect: the stage has "
+                           f"{getattr(self, section).epochs} epochs")
         if self.model.backbone != "small_cnn" and not self.model.pretrained_path:
             out.append(f"model.pretrained_path is not set: {self.model.backbone} starts from random weights "
                        "(the paper's models start from ImageNet weights, read from a local file)")

@@ -19,15 +19,15 @@ the cells' results (``saat_dist.experiment_report``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
 from pathlib import Path
 
-import yaml
-
 from saat_dist.checkpoint import file_sha256, write_text_atomic
 from saat_dist.config import ConfigError, RunConfig, config_from_dict, save_config
+from saat_dist.data.source import DataSource
 from saat_dist.device import select_device
 from saat_dist.pipeline import _record_stage, _train, check_layout, ensure_data
 from saat_dist.robustness import RESULTS, RESULTS_FORMAT, robustness_stage
@@ -35,10 +35,18 @@ from saat_dist.stages import DEFENCE_STAGES, TRAIN, model_folder
 
 log = logging.getLogger("saat_dist")
 
-# Config sections that determine a cell's trained models (and may not change under them) ...
-TRAINING_KEYS = ("seed", "data", "model", "train", "saat", "cgat", "atrdh", "pgd_at")
-# ... except these, which change how, not what, is trained.
-NOT_TRAINING = ("data.loader_workers", "data.build_demo", "data.skip_corrupt")
+# What determines a cell's trained models (and may not change under them): these sections ...
+TRAINING_SECTIONS = ("seed", "data", "model", "train", "saat", "cgat", "atrdh", "pgd_at")
+# ... but not these keys, which change where the data is or how fast it is read, not what is trained
+# (the data itself is the manifest's digest) ...
+NOT_TRAINING = ("data.loader_workers", "data.build_demo", "data.skip_corrupt", "data.shard_dir", "data.base_url")
+# ... and these distributed settings, which do change numbers (ZeRO stages and the worker and loader
+# counts do not: measured identical, or within float order with sync_batchnorm; see the README).
+TRAINING_DISTRIBUTED = ("precision", "grad_accum", "gradient_clipping", "bank_sync_every", "sync_batchnorm")
+# What the evaluation's numbers depend on besides the model files.
+EVALUATION_SECTIONS = ("seed", "attack", "eval")
+EVALUATION_DATA = ("image_size", "resize")
+GRID = ("hashes", "bits", "defences")  # which cells and models exist, not what one evaluation gives
 
 
 def cell_name(hash_loss: str, bits: int) -> str:
@@ -55,49 +63,97 @@ def cell_config(cfg: RunConfig, hash_loss: str, bits: int) -> RunConfig:
     return config_from_dict(tree)
 
 
-def _check_cell(cfg: RunConfig, cell_dir: Path) -> None:
+def manifest_digest(source: DataSource) -> str:
+    """sha256 of the data set's manifest (counts, label sets, every shard's sha256): the data's identity."""
+    return hashlib.sha256(json.dumps(source.manifest, sort_keys=True).encode()).hexdigest()
+
+
+def _device_kind(cfg: RunConfig, workers: bool) -> str:
+    """Where the work runs: float results differ between a CPU and a GPU."""
+    if workers:
+        return "cuda" if cfg.distributed.use_gpu else "cpu"
+    return select_device(cfg.device).type
+
+
+def training_settings(cfg: RunConfig, source: DataSource) -> dict:
+    """Every setting that can change a cell's trained models, and nothing
+    that cannot: the training sections (less where the data lives and how
+    fast it is read), the data's manifest digest, the distributed settings
+    that change numbers, the worker count only when BatchNorm statistics
+    are per worker (``sync_batchnorm: false``), and the device kind."""
+    tree, d = cfg.to_dict(), cfg.distributed
+    out = {key: _without(tree[key], key, NOT_TRAINING) for key in TRAINING_SECTIONS}
+    out["data_manifest"] = manifest_digest(source)
+    out["distributed"] = {k: getattr(d, k) for k in TRAINING_DISTRIBUTED}
+    if not d.sync_batchnorm:
+        out["distributed"]["num_workers"] = max(1, d.num_workers)
+    out["device"] = _device_kind(cfg, d.num_workers > 0)
+    return out
+
+
+def evaluation_settings(cfg: RunConfig, source: DataSource) -> dict:
+    """Every setting that can change a model's robustness results besides its
+    file: seed (the attacks' draws), attack, eval, the experiment's own keys
+    (less the grid), the images (size, resize, the data's digest), the
+    precision and the device kind. Worker, loader and port settings are not
+    in it: they do not change a number (tests/test_scale_invariance.py)."""
+    tree = cfg.to_dict()
+    out = {key: tree[key] for key in EVALUATION_SECTIONS}
+    out["experiment"] = {k: v for k, v in tree["experiment"].items() if k not in GRID}
+    out["data"] = {k: tree["data"][k] for k in EVALUATION_DATA}
+    out["data_manifest"] = manifest_digest(source)
+    out["precision"] = cfg.distributed.precision
+    out["device"] = _device_kind(cfg, cfg.distributed.num_workers > 0)
+    return out
+
+
+def _without(tree, key: str, dropped: tuple[str, ...]):
+    if not isinstance(tree, dict):
+        return tree
+    return {k: _without(v, f"{key}.{k}", dropped) for k, v in tree.items() if f"{key}.{k}" not in dropped}
+
+
+SETTINGS = "training_settings.json"
+
+
+def _check_cell(cfg: RunConfig, cell_dir: Path, settings: dict) -> None:
     """Refuse to continue a cell that was trained with other training settings."""
-    path = cell_dir / "config.yaml"
+    path = cell_dir / SETTINGS
     if not path.is_file():
         return
-    old, new = yaml.safe_load(path.read_text()) or {}, cfg.to_dict()
-    for key in TRAINING_KEYS:
-        diff = _first_difference(old.get(key), new[key], key)
-        if diff:
-            raise ConfigError(f"{cell_dir}: this cell was trained with {diff[0]} = {diff[1]!r}, the config now says "
-                              f"{diff[2]!r}; use another experiment output_dir (or remove the cell to retrain it)")
+    diff = _first_difference(json.loads(path.read_text()), settings, "")
+    if diff:
+        raise ConfigError(f"{cell_dir}: this cell was trained with {diff[0]} = {diff[1]!r}, the config now says "
+                          f"{diff[2]!r}; use another experiment output_dir (or remove the cell to retrain it)")
 
 
 def _first_difference(old, new, key):
-    if key in NOT_TRAINING:
-        return None
     if isinstance(old, dict) and isinstance(new, dict):
         for k in sorted(set(old) | set(new)):
-            d = _first_difference(old.get(k), new.get(k), f"{key}.{k}")
+            d = _first_difference(old.get(k), new.get(k), f"{key}.{k}" if key else k)
             if d:
                 return d
         return None
     return None if old == new else (key, old, new)
 
 
-def evaluation_spec(cfg: RunConfig, cell_dir: Path, folder: str, transfer_to: list[str]) -> dict:
+def evaluation_spec(cfg: RunConfig, source: DataSource, cell_dir: Path, folder: str, transfer_to: list[str]) -> dict:
     """What a model's robustness results depend on: the evaluation settings
     and the model files (a retrained model gets evaluated again)."""
-    tree = cfg.to_dict()
-    grid = ("hashes", "bits", "defences")
-    return {"format": RESULTS_FORMAT, "attack": tree["attack"], "eval": tree["eval"],
-            "experiment": {k: v for k, v in tree["experiment"].items() if k not in grid},
+    return {"format": RESULTS_FORMAT, "settings": evaluation_settings(cfg, source),
             "model": file_sha256(cell_dir / folder / "model.pt"),
             "transfer_to": {t: file_sha256(cell_dir / t / "model.pt") for t in transfer_to}}
 
 
-def run_cell(cfg: RunConfig, cell_dir: Path) -> dict[str, dict]:
+def run_cell(cfg: RunConfig, cell_dir: Path, source: DataSource) -> dict[str, dict]:
     """Train and evaluate every model of one cell (skipping finished work);
     returns each defence's robustness results."""
     x = cfg.experiment
-    _check_cell(cfg, cell_dir)
+    settings = training_settings(cfg, source)
+    _check_cell(cfg, cell_dir, settings)
     cell_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, cell_dir / "config.yaml")
+    write_text_atomic(cell_dir / SETTINGS, json.dumps(settings, indent=1))
     defences = [d for d in x.defences if d != "none"]
     for stage in [TRAIN] + [DEFENCE_STAGES[d] for d in defences]:
         if (cell_dir / stage.out / "model.pt").is_file():
@@ -109,7 +165,7 @@ def run_cell(cfg: RunConfig, cell_dir: Path) -> dict[str, dict]:
     for defence in x.defences:
         folder = model_folder(defence)
         transfer_to = [model_folder(d) for d in defences] if defence == "none" and x.transfer else []
-        spec = evaluation_spec(cfg, cell_dir, folder, transfer_to)
+        spec = evaluation_spec(cfg, source, cell_dir, folder, transfer_to)
         path = cell_dir / folder / RESULTS
         if path.is_file():
             done = json.loads(path.read_text())
@@ -125,7 +181,7 @@ def run_cell(cfg: RunConfig, cell_dir: Path) -> dict[str, dict]:
 
             run_stage(cfg, "robustness", cell_dir, which=folder, transfer_to=transfer_to)
         else:
-            robustness_stage(cfg, folder, cell_dir, 0, 1, select_device(cfg.device), ensure_data(cfg), transfer_to)
+            robustness_stage(cfg, folder, cell_dir, 0, 1, select_device(cfg.device), source, transfer_to)
         done = json.loads(path.read_text())
         done["spec"] = spec
         write_text_atomic(path, json.dumps(done, indent=1))
@@ -149,6 +205,6 @@ def run_experiment(cfg: RunConfig) -> dict:
         for bits in cfg.experiment.bits:
             cc = cell_config(cfg, hash_loss, bits)
             log.info("experiment cell %s", cell_name(hash_loss, bits))
-            cells[(hash_loss, bits)] = run_cell(cc, Path(cc.output_dir))
+            cells[(hash_loss, bits)] = run_cell(cc, Path(cc.output_dir), source)
     _record_stage(out, "experiment", time.monotonic() - t0)
     return write_experiment_report(cfg, cells, source)

@@ -48,10 +48,13 @@ def mainstay_from_table(
     set_sums L x K (sum of codes of the items of each set), set_counts L.
     Returns B x K float codes in {-1, 0, +1} on query_labels' device.
 
-    ``weighting``: ``cosine`` (SAAT's w+ proportional to cos(y, y_i)) or
-    ``uniform`` (every relevant item alike: CgAT's centre code, the sign of the
-    mean code of relevant items minus that of irrelevant ones; the reference
-    computes Jaccard weights there but then keeps only whether they are > 0).
+    ``weighting``: ``cosine`` (SAAT's w+ proportional to cos(y, y_i); a side
+    without items has weight 0, as in SAAT's reference) or ``uniform`` (every
+    relevant item alike: CgAT's centre code, the sign of the mean code of
+    relevant items minus that of irrelevant ones; the reference computes
+    Jaccard weights there but then keeps only whether they are > 0, and when
+    either side is empty its formula, sign(n_neg sum_rel - n_pos sum_irr),
+    gives the all-zero code, kept here).
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"mainstay weighting {weighting!r} is not one of {list(WEIGHTINGS)}")
@@ -74,7 +77,10 @@ def mainstay_from_table(
     neg_BK = (irrelevant_BL @ sums) / neg_mass.clamp_min(1e-30).unsqueeze(1)
     neg_BK = torch.where((neg_mass > 0).unsqueeze(1), neg_BK, torch.zeros_like(neg_BK))
 
-    return _sign_with_ties(pos_BK - neg_BK).to(torch.float32)
+    codes = _sign_with_ties(pos_BK - neg_BK)
+    if weighting == "uniform":  # CgAT's reference: no centre code when a side is empty
+        codes = torch.where(((pos_mass > 0) & (neg_mass > 0)).unsqueeze(1), codes, torch.zeros_like(codes))
+    return codes.to(torch.float32)
 
 
 def label_set_table(

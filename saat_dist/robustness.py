@@ -176,18 +176,10 @@ class Suite:
 
     def _tha_codes(self, num_classes: int, db_sets: torch.Tensor) -> torch.Tensor:
         """THA's target codes for every query: a PrototypeNet trained on rank 0
-        as the reference's ``tha.py`` trains it (batches of ``pnet_batch``
-        label sets drawn from the database's label sets, the targets' own
-        kind; circle loss against this model's training codes); its codes
-        broadcast."""
-        c = self.cfg.attack.tha
+        (``tha_prototypes``), its codes broadcast."""
         codes = torch.zeros(len(self.targets), self.cfg.model.bits)
         if self.rank == 0:
-            trainer = PrototypeTrainer(num_classes, self.cfg.model.bits, db_sets, total_steps=c.pnet_steps,
-                                       seed=self.cfg.seed + 41, device=self.device, lr=c.pnet_lr)
-            progress = Progress("THA PrototypeNet", c.pnet_steps, every_s=self.cfg.log_every_s)
-            trainer.fit(self.tr_codes.to(self.device), self.tr_lab.to(self.device), c.pnet_steps, c.pnet_batch,
-                        progress)
+            trainer = tha_prototypes(self.cfg, self.tr_codes, self.tr_lab, db_sets, self.device)
             codes = trainer.target_codes(self.targets).cpu()
         return broadcast(codes)
 
@@ -268,6 +260,20 @@ class Suite:
         (g,) = torch.autograd.grad(obj, xg)
         flat = g.flatten(1)
         return ((flat.abs().amax(1) == 0) | ~torch.isfinite(flat).all(1)).cpu()
+
+
+def tha_prototypes(cfg: RunConfig, tr_codes: torch.Tensor, tr_lab: torch.Tensor, db_sets: torch.Tensor,
+                   device) -> PrototypeTrainer:
+    """THA's PrototypeNet, trained as the reference's ``tha.py`` trains it:
+    ``pnet_steps`` steps on batches of ``pnet_batch`` label sets drawn from
+    the database's label sets (the targets' own kind), circle loss against
+    the attacked model's training codes."""
+    c = cfg.attack.tha
+    trainer = PrototypeTrainer(tr_lab.shape[1], cfg.model.bits, db_sets, total_steps=c.pnet_steps,
+                               seed=cfg.seed + 41, device=device, lr=c.pnet_lr)
+    progress = Progress("THA PrototypeNet", c.pnet_steps, every_s=cfg.log_every_s)
+    trainer.fit(tr_codes.to(device), tr_lab.to(device), c.pnet_steps, c.pnet_batch, progress)
+    return trainer
 
 
 @torch.no_grad()

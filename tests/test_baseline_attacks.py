@@ -88,6 +88,39 @@ def test_hag_moves_codes_away_from_the_clean_code(setting):
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_hag_step_is_the_references_at_its_batch_of_128(setting, trained_small):
+    """One HAG step on 4 images equals the reference's first step for those
+    images inside its batch of 128 (model/attack_model/hag.py, transcribed:
+    SGD(lr 100, momentum 0.9) on the batch mean of hag_loss), whatever the
+    other 124 images are."""
+    from saat_dist.attacks.mainstay_pgd import ALPHA_SCHEDULE
+
+    model = setting[0]
+    x128 = trained_small[1]["test"][0][:128].float() / 255
+    assert len(x128) >= 32
+    x128 = x128.repeat(4, 1, 1, 1)[:128] if len(x128) < 128 else x128
+    with torch.no_grad():
+        h = model(x128, alpha=1.0)
+
+    def reference_hag_loss(adv_code, ori_code, threshold_t=0.5, beta=1.0):  # hag.py, as written there
+        mask = (torch.sign((1 + threshold_t) - torch.abs(adv_code - torch.sign(ori_code))) + 1) / 2
+        adv_code, ori_code = mask * adv_code, mask * ori_code
+        m = torch.sum(mask, dim=1)
+        return torch.mean(torch.square(torch.sum(adv_code * ori_code, dim=1) / (m + 1e-8) + 1)) \
+            + beta * torch.mean(torch.square(torch.mean(adv_code, dim=1)))
+
+    x_hat = x128.clone().requires_grad_(True)
+    opt = torch.optim.SGD([x_hat], lr=100, momentum=0.9)
+    reference_hag_loss(model(x_hat, alpha=ALPHA_SCHEDULE[0]), h).backward()
+    opt.step()
+    with torch.no_grad():
+        ref = torch.max(torch.min(x_hat, x128 + EPS), x128 - EPS).clamp(0, 1)
+    ours = hag_attack(model, x128[:4], eps=EPS, iters=1)
+    assert torch.allclose(ours, ref[:4], atol=1e-6)
+    moved = float((ours - x128[:4]).abs().max())
+    assert moved > 0  # a real step, not a no-op
+
+
 # ---------------------------------------------------------------- SDHA
 def test_sdha_surrogate_matches_a_loop():
     g = torch.Generator().manual_seed(0)
@@ -182,6 +215,28 @@ def _class_bank(classes=4, per=10, bits=16):
     class_codes = torch.stack([h4[1 + k % 3] for k in range(bits)], 1)  # classes x bits
     labels = torch.eye(classes).repeat_interleave(per, 0)
     return class_codes, class_codes.repeat_interleave(per, 0), labels
+
+
+def test_tha_prototypes_train_on_database_label_sets_at_the_reference_batch(setting, trained_small):
+    """THA (tha.py): batches of 128 target label sets drawn from the
+    database's label sets, circle loss against the model's training codes."""
+    from saat_dist.config import load_config
+    from saat_dist.robustness import tha_prototypes
+
+    model, x, y, tr_codes, tr_lab, _ = setting
+    cfg = load_config(None, ["model.bits=16", "attack.tha.pnet_steps=3"])
+    assert cfg.attack.tha.pnet_batch == 128
+    db_sets = torch.tensor([[1, 0, 0, 0, 0, 0, 0, 0, 0, 1], [0, 1, 1, 0, 0, 0, 0, 0, 0, 0]])
+    drawn = []
+    draw = PrototypeTrainer.draw_targets
+    PrototypeTrainer.draw_targets = lambda self, n: drawn.append(draw(self, n)) or drawn[-1]
+    try:
+        trainer = tha_prototypes(cfg, tr_codes, tr_lab, db_sets, "cpu")
+    finally:
+        PrototypeTrainer.draw_targets = draw
+    assert torch.equal(trainer.label_sets, db_sets.float())  # not the train split's label sets
+    assert [len(b) for b in drawn] == [128] * 3
+    assert all(any(torch.equal(row, s) for s in db_sets.float()) for b in drawn for row in b)
 
 
 def test_a_prototype_net_reaches_its_target_codes():

@@ -44,10 +44,14 @@ def test_centre_codes_are_the_argmax_with_uniform_weights():
     every = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=8)))
     for i, q in enumerate(queries):
         rel = (labels @ q) > 0
-        target = (codes[rel].mean(0) if rel.any() else 0) - (codes[~rel].mean(0) if (~rel).any() else 0)
+        if not rel.any() or rel.all():  # a side is empty: the reference's formula gives the all-zero code
+            assert torch.equal(got[i], torch.zeros(8)), i
+            continue
+        target = codes[rel].mean(0) - codes[~rel].mean(0)
         best = every[(every @ target).argmax()]
         nonzero = target.abs() > 1e-9
         assert torch.equal(got[i][nonzero], best[nonzero])
+    assert torch.equal(got[3], torch.zeros(8))  # the all-zero label: nothing relevant
     # ... and it is not SAAT's (cosine-weighted) mainstay code on multi-label data
     assert not torch.equal(got, mainstay_codes(queries, codes, labels))
     # single-label data: every relevant item has cosine 1, the two coincide
@@ -78,6 +82,27 @@ def test_cgat_step_is_saat_with_centre_codes_and_no_quantisation():
                     SAATSettings(eps=8 / 255, step_size=2 / 255, iters=2, lam=1.0, mu=0.0, weighting="uniform"),
                     0, torch.Generator().manual_seed(0))
     assert float(out["adv"]) == float(ref["adv"])
+
+
+def test_centre_code_with_an_empty_side_is_zero_as_the_reference_computes_it():
+    """CgAT's hash_center_code (xunguangwang/CgAT central_adv_train.py),
+    transcribed: sign(c w1 B - (N - c) w2 B) with c the number of irrelevant
+    items; with no relevant or no irrelevant item it is all zero."""
+    labels, codes = _bank(n=30)
+
+    def reference(y):
+        w = (labels * y).sum(1) / torch.sign(labels + y).sum(1).clamp_min(1e-30)  # Jaccard
+        w2 = 1 - torch.sign(w)
+        c = w2.sum()
+        w1 = 1 - w2
+        return torch.sign((c * w1[:, None] * codes - (len(labels) - c) * w2[:, None] * codes).sum(0))
+
+    labels[0] = 0  # one item without labels: the only one irrelevant to the all-ones query
+    for q in (torch.tensor([1.0, 0, 0, 0]), torch.ones(4), torch.zeros(4)):
+        want = reference(q)
+        got = mainstay_codes(q[None], codes, labels, weighting="uniform")[0]
+        assert torch.equal(got, want), q
+    assert torch.equal(mainstay_codes(torch.zeros(1, 4), codes, labels, weighting="uniform"), torch.zeros(1, 8))
 
 
 def test_pairwise_to_bank_is_the_dph_form_against_the_bank():
@@ -159,3 +184,10 @@ def test_every_defence_resumes_where_an_uninterrupted_run_ends(tiny_demo, tmp_pa
     # the continuous bank holds continuous codes, the guide bank signs
     assert not set(state["extras"]["hash_bank"]["bank"]["codes"].unique().tolist()) <= {-1.0, 1.0}
     assert set(state["bank"]["bank"]["codes"].unique().tolist()) <= {-1.0, 1.0}
+    if defence == "atrdh":  # its pairwise term's bank: continuous codes from zeros (the reference's U_ben)
+        adv = state["extras"]["adv_bank"]["bank"]["codes"]
+        untouched = (adv == 0).all(1)
+        assert 0 < int(untouched.sum()) < len(adv)  # items not yet trained are still 0
+        assert not bool((state["extras"]["hash_bank"]["bank"]["codes"] == 0).all(1).any())  # filled at the start
+    else:
+        assert "adv_bank" not in state["extras"]

@@ -1,5 +1,5 @@
 """The distributed pipeline on a real local Ray cluster: 2 DeepSpeed workers
-on gloo, streamed shards (5 train shards over 2 workers), the code bank
+on gloo, streamed shards (6 train shards over 2 workers), the code bank
 all-reduce, Prometheus endpoints scraped directly and by a real Prometheus
 server, a worker killed with SIGKILL, and `ray job submit` against a
 loopback head node."""
@@ -37,11 +37,11 @@ SAAT_DIST = [sys.executable, "-m", "saat_dist.cli"]
 
 
 @pytest.fixture(scope="module")
-def odd_shards(tiny_demo, tmp_path_factory):
-    """The tiny demo re-sharded so that the train split has 5 shards."""
-    out = tmp_path_factory.mktemp("odd") / "shards"
-    manifest = convert(tiny_demo[0] / "list", out, shard_size=48, shard_multiple=1)
-    assert len(manifest["splits"]["train"]["shards"]) == 5
+def six_shards(tiny_demo, tmp_path_factory):
+    """The tiny demo re-sharded so that the train split has 6 shards (3 canonical slots per worker)."""
+    out = tmp_path_factory.mktemp("six") / "shards"
+    manifest = convert(tiny_demo[0] / "list", out, shard_size=48, shard_multiple=2)
+    assert len(manifest["splits"]["train"]["shards"]) == 6
     return str(out)
 
 
@@ -66,14 +66,14 @@ def _history(run: Path, which: str) -> list[dict]:
     return json.loads((run / which / "train.json").read_text())["history"]
 
 
-def test_in_process_and_one_ray_worker_end_with_the_same_parameters(tmp_path, odd_shards):
+def test_in_process_and_one_ray_worker_end_with_the_same_parameters(tmp_path, six_shards):
     """The one loop under both launchers: in-process (torch optimizer) and a
     1-worker Ray Train + DeepSpeed run, same seed, benign then SAAT."""
     runs = {}
     threads = torch.get_num_threads()
     for name, workers in (("in_process", 0), ("ray_1_worker", 1)):
         run = tmp_path / name
-        args = base_args(run, odd_shards, "train.epochs=1", "saat.epochs=1", f"distributed.num_workers={workers}")
+        args = base_args(run, six_shards, "train.epochs=1", "saat.epochs=1", f"distributed.num_workers={workers}")
         # Ray workers compute with one thread (OMP_NUM_THREADS=1); so does the
         # in-process run here, else float sums differ in order (~1e-7) and Adam
         # turns the noise gradient of the bias before BatchNorm into lr-sized steps.
@@ -91,10 +91,10 @@ def test_in_process_and_one_ray_worker_end_with_the_same_parameters(tmp_path, od
 
 
 @pytest.fixture(scope="module")
-def benign_2_workers(tmp_path_factory, odd_shards):
+def benign_2_workers(tmp_path_factory, six_shards):
     """A benign model trained by 2 DeepSpeed workers (ZeRO 0, fp32), for the SAAT runs below."""
     run = tmp_path_factory.mktemp("benign2") / "run"
-    assert main(["train", *base_args(run, odd_shards, "train.epochs=2")]) == 0
+    assert main(["train", *base_args(run, six_shards, "train.epochs=2")]) == 0
     return run
 
 
@@ -105,12 +105,12 @@ def _saat_from(benign_run: Path, run: Path, shards: str, *extra: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def saat_per_zero_stage(tmp_path_factory, odd_shards, benign_2_workers):
+def saat_per_zero_stage(tmp_path_factory, six_shards, benign_2_workers):
     """SAAT from the same benign model on 2 workers, fp32, at ZeRO 0, 2 and 3."""
     runs = {}
     for zero in (0, 2, 3):
         runs[zero] = tmp_path_factory.mktemp(f"saat_zero{zero}") / "run"
-        _saat_from(benign_2_workers, runs[zero], odd_shards, f"distributed.zero_stage={zero}")
+        _saat_from(benign_2_workers, runs[zero], six_shards, f"distributed.zero_stage={zero}")
     return runs
 
 
@@ -129,36 +129,36 @@ def test_saat_under_zero_2_and_3_matches_zero_0(saat_per_zero_stage):
         assert _max_diff(final[0], final[zero]) <= 1e-5, zero
 
 
-def test_bf16_trains_attacks_and_evaluates_close_to_fp32(tmp_path, odd_shards, benign_2_workers,
+def test_bf16_trains_attacks_and_evaluates_close_to_fp32(tmp_path, six_shards, benign_2_workers,
                                                          saat_per_zero_stage):
     """precision=bf16 with ZeRO-2 on 2 CPU workers: benign training, SAAT
     (inner attack included) and evaluation run; epoch-mean losses stay within
     0.01 of the fp32 run's (measured: <= 0.003; bf16 keeps ~3 significant digits)."""
     bf16 = ("distributed.precision=bf16", "distributed.zero_stage=2")
     benign = tmp_path / "benign_bf16"
-    assert main(["train", *base_args(benign, odd_shards, "train.epochs=2", *bf16)]) == 0
+    assert main(["train", *base_args(benign, six_shards, "train.epochs=2", *bf16)]) == 0
     for a, b in zip(_history(benign, "benign"), _history(benign_2_workers, "benign"), strict=True):
         assert abs(a["loss"] - b["loss"]) <= 0.01, (a, b)
     saat = tmp_path / "saat_bf16"
-    _saat_from(benign_2_workers, saat, odd_shards, *bf16)
+    _saat_from(benign_2_workers, saat, six_shards, *bf16)
     fp32 = saat_per_zero_stage[2]  # the same SAAT in fp32
     for a, b in zip(_history(saat, "saat"), _history(fp32, "saat"), strict=True):
         for part in ("loss", "hash", "adv"):
             assert abs(a[part] - b[part]) <= 0.01, (part, a, b)
-    assert main(["evaluate", "--which", "saat", *base_args(saat, odd_shards, *bf16)]) == 0
+    assert main(["evaluate", "--which", "saat", *base_args(saat, six_shards, *bf16)]) == 0
     res = json.loads((saat / "saat" / "eval.json").read_text())
     assert 0 < res["clean_map"] <= 1 and 0 <= res["attacked_map"] <= 1
     assert res["perceptibility"]["linf"] <= 16 / 255 + 1e-6
 
 
-def test_a_corrupt_sample_stops_the_run_in_one_line_or_is_skipped_on_every_rank(tmp_path, odd_shards, capsys):
+def test_a_corrupt_sample_stops_the_run_in_one_line_or_is_skipped_on_every_rank(tmp_path, six_shards, capsys):
     """2 workers; train shard 1 (rank 1's) holds an undecodable image. Without
     data.skip_corrupt the run stops with one line naming shard and sample;
     with it, both ranks run every step and the skipped samples are counted."""
     from tests.test_stream import rewrite_sample
 
     shards = tmp_path / "shards"
-    shutil.copytree(odd_shards, shards)
+    shutil.copytree(six_shards, shards)
     rewrite_sample(shards / "train-000001.tar", "00000050",
                    lambda f: {**f, **{e: b"not an image" for e in f if e != "json"}})
     run = tmp_path / "stops"
@@ -208,10 +208,10 @@ class TestLiveRun:
 
     @pytest.fixture(scope="class")
     @classmethod
-    def live_run(cls, odd_shards, tmp_path_factory):
+    def live_run(cls, six_shards, tmp_path_factory):
         tmp = tmp_path_factory.mktemp("live")
         run = tmp / "run"
-        proc = _spawn(["train", *base_args(run, odd_shards, "train.epochs=400", "train.batch_size=8",
+        proc = _spawn(["train", *base_args(run, six_shards, "train.epochs=400", "train.batch_size=8",
                                            "distributed.bank_sync_every=2")], tmp / "log")
         try:
             _wait_for(lambda: len(list((run / "metrics").glob("train-rank*.json"))) == 2, 240,
@@ -323,7 +323,7 @@ def _query(api: str, expr: str) -> list:
     return body["data"]["result"]
 
 
-def test_sigkill_a_worker_mid_saat_and_resume(tmp_path, odd_shards):
+def test_sigkill_a_worker_mid_saat_and_resume(tmp_path, six_shards):
     """Kill one worker by PID mid-SAAT: Ray restarts the group, workers restore
     the newest checkpoint, the run finishes and matches an uninterrupted run."""
     extra = ["train.epochs=1", "saat.epochs=4", "saat.batch_size=16", "distributed.checkpoint_every=2",
@@ -331,17 +331,17 @@ def test_sigkill_a_worker_mid_saat_and_resume(tmp_path, odd_shards):
     runs = {}
     for name in ("clean", "killed"):
         run = tmp_path / name
-        assert main(["train", *base_args(run, odd_shards, *extra)]) == 0
+        assert main(["train", *base_args(run, six_shards, *extra)]) == 0
         runs[name] = run
     import ray
 
     ray.shutdown()  # the SAAT runs below start their own Ray, one at a time
 
-    clean = _spawn(["saat", *base_args(runs["clean"], odd_shards, *extra)], tmp_path / "clean.log")
+    clean = _spawn(["saat", *base_args(runs["clean"], six_shards, *extra)], tmp_path / "clean.log")
     assert clean.wait(600) == 0, (tmp_path / "clean.log").read_text()[-3000:]
 
     run = runs["killed"]
-    proc = _spawn(["saat", *base_args(run, odd_shards, *extra)], tmp_path / "killed.log")
+    proc = _spawn(["saat", *base_args(run, six_shards, *extra)], tmp_path / "killed.log")
     ckpts = lambda: list((run / "ray").glob("*-saat-*/checkpoint_*"))  # noqa: E731
     _wait_for(lambda: len(ckpts()) >= 2, 300, "two SAAT checkpoints")
     # Ray's controller registers a reported checkpoint when it next polls the
@@ -361,7 +361,7 @@ def test_sigkill_a_worker_mid_saat_and_resume(tmp_path, odd_shards):
     assert _max_diff(a, b) <= 1e-6
 
 
-def test_ray_job_submit_to_a_loopback_head(tmp_path, odd_shards):
+def test_ray_job_submit_to_a_loopback_head(tmp_path, six_shards):
     ray_bin = str(Path(sys.executable).with_name("ray"))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
@@ -373,7 +373,7 @@ def test_ray_job_submit_to_a_loopback_head(tmp_path, odd_shards):
         run = tmp_path / "submitted"
         sub = subprocess.run(
             ["bash", "launch/submit.sh", "configs/tiny.yaml", "--set", f"output_dir={run}",
-             "--set", f"data.shard_dir={odd_shards}", "--set", "data.build_demo=false",
+             "--set", f"data.shard_dir={six_shards}", "--set", "data.build_demo=false",
              "--set", "train.epochs=1", "--set", "saat.epochs=1"],
             cwd=ROOT, env={**env, "RAY_ADDRESS": "http://127.0.0.1:8265", "RAY_BIN": ray_bin,
                            "JOB_PYTHON": sys.executable},

@@ -282,3 +282,35 @@ def test_experiment_on_ray_with_two_workers(tiny_demo, tmp_path):
     res = json.loads((out / "cells" / "dph-16" / "atrdh" / "robustness.json").read_text())
     assert res["resources"]["ranks"] == 2 and res["queries"] == 16
     assert (out / "cells" / "dph-16" / "ray_runs.json").is_file()
+
+
+def test_digests_hold_what_can_change_a_number_and_nothing_that_cannot(tiny_demo):
+    from saat_dist.experiment import evaluation_settings, training_settings
+
+    shards = tiny_demo[1]["shard_dir"]
+    source = DataSource.open(shards)
+
+    def digests(*sets):
+        cfg = load_config("configs/tiny.yaml", [f"data.shard_dir={shards}", *sets])
+        return training_settings(cfg, source), evaluation_settings(cfg, source)
+
+    base = digests()
+    # how fast, where and with how many workers: never a number (sync_batchnorm is on)
+    for same in ["distributed.num_workers=4", "data.loader_workers=2", "metrics.port=9000", "log_every_s=3",
+                 "distributed.zero_stage=2", "distributed.cpus_per_worker=2", "output_dir=/elsewhere", "name=x",
+                 "data.build_demo=false", "distributed.max_failures=5", "distributed.checkpoint_every=7",
+                 "data.shard_dir=/moved/copy"]:
+        assert digests(same) == base, same
+    for key, changes_training, changes_eval in [
+        ("seed=1", True, True), ("train.epochs=3", True, False), ("saat.lam=2.0", True, False),
+        ("distributed.grad_accum=2", True, False), ("distributed.sync_batchnorm=false", True, False),
+        ("distributed.precision=bf16", True, True), ("distributed.bank_sync_every=2", True, False),
+        ("data.canonical_slots=6", True, False), ("data.image_size=40", True, True), ("attack.eps=0.1", False, True),
+        ("attack.batch_size=3", False, True), ("eval.top_k=50", False, True), ("experiment.num_queries=4", False, True),
+        ("experiment.defences=[none]", False, False),
+    ]:
+        t, e = digests(key)
+        assert (t != base[0], e != base[1]) == (changes_training, changes_eval), key
+    # with per-worker BatchNorm statistics the worker count does change the trained numbers
+    assert digests("distributed.sync_batchnorm=false", "distributed.num_workers=4")[0] != \
+        digests("distributed.sync_batchnorm=false")[0]

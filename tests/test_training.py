@@ -62,3 +62,96 @@ def test_non_finite_loss_stops_loudly(tiny_demo):
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="not finite at step 3"):
         benign_step(model, stepper, (bad, y[:8], idx[:8]), bank, DPHLoss(), 3)
+
+
+# ---------------------------------------------------------------- optimizers and schedules
+def _schedule(global_batch=32, micro_batch=32, grad_accum=1, spe=10, epochs=4):
+    from saat_dist.training.trainer import Schedule
+
+    return Schedule(global_batch, micro_batch, grad_accum, spe, spe * epochs)
+
+
+def test_adam_gets_its_betas_in_process():
+    from saat_dist.config import load_config
+    from saat_dist.training.backend import LocalBackend
+
+    cfg = load_config(None)
+    backend = LocalBackend(build_hash_model("small_cnn", 16, width=8), cfg.atrdh.optim, _schedule())
+    group = backend.stepper.optimizer.param_groups[0]
+    assert isinstance(backend.stepper.optimizer, torch.optim.Adam)
+    assert group["betas"] == (0.5, 0.999) and group["lr"] == pytest.approx(1e-4)
+
+
+def _deepspeed_optimizer(rank, world, optim):
+    from saat_dist.config import DistributedConfig
+    from saat_dist.distributed.deepspeed_setup import DeepSpeedBackend
+
+    backend = DeepSpeedBackend(build_hash_model("small_cnn", 16, width=8), optim, DistributedConfig(),
+                               _schedule(global_batch=8, micro_batch=8), world)
+    opt = backend.engine.optimizer
+    inner = getattr(opt, "optimizer", opt)  # ZeRO wraps the client optimizer
+    group = inner.param_groups[0]
+    return type(inner).__name__, group["betas"], group["lr"]
+
+
+@pytest.mark.slow
+def test_adam_gets_its_betas_through_deepspeed():
+    from saat_dist.config import load_config
+    from tests.gloo import run_on_group
+
+    (name, betas, lr), = run_on_group(_deepspeed_optimizer, 1, load_config(None).atrdh.optim)
+    assert name == "Adam" and tuple(betas) == (0.5, 0.999) and lr == pytest.approx(1e-4)
+
+
+def test_lr_scaling_rules_and_warmup():
+    from saat_dist.config import OptimConfig
+    from saat_dist.training.optim import build_optimizer, build_scheduler, lr_factor
+
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    linear = OptimConfig(name="sgd", lr=0.05, lr_scaling="linear", base_batch=32, warmup_epochs=2)
+    assert lr_factor(linear, 256) == 8 and lr_factor(OptimConfig(lr_scaling="sqrt", base_batch=32), 128) == 2
+    assert lr_factor(OptimConfig(lr_scaling="linear"), 256) == 1  # no base batch: nothing to scale
+    opt = build_optimizer(p, linear, 256)
+    sched = build_scheduler(opt, linear, total_steps=100, steps_per_epoch=10, global_batch=256)
+    lrs = []
+    for _ in range(25):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    # Goyal et al.: from the batch-32 lr, linearly, to 8 x over 2 epochs (20 steps), then flat
+    assert lrs[0] == pytest.approx(0.05) and lrs[10] == pytest.approx(0.05 + 0.5 * (0.4 - 0.05))
+    assert lrs[20:] == pytest.approx([0.4] * 5)
+    unscaled = build_optimizer(p, OptimConfig(name="sgd", lr=0.05), 256)
+    assert unscaled.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_the_reference_benign_schedule():
+    """hashing.py: after each epoch e, lr = 0.01 x 0.1 ** (e // (100 // 3)), i.e.
+    epoch k runs at 0.01 x 0.1 ** ((k - 1) // 33): decays at epochs 34 and 67 only."""
+    from pathlib import Path
+
+    from saat_dist.config import load_config
+    from saat_dist.training.optim import lr_multiplier
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "paper" / "nus-wide.yaml")
+    o, spe = cfg.train.optim, 10500 // cfg.train.batch_size
+    for epoch in range(cfg.train.epochs):
+        want = 0.01 * 0.1 ** (0 if epoch == 0 else (epoch - 1) // (100 // 3))
+        for step in (epoch * spe, (epoch + 1) * spe - 1):
+            assert o.lr * lr_multiplier(o, step, 100 * spe, spe, 1.0) == pytest.approx(want), epoch
+
+
+def test_gradient_accumulation_equals_one_backward_over_the_whole_batch():
+    """TorchStepper(accumulate=2): two half batches give the step of one whole batch."""
+    g = torch.Generator().manual_seed(0)
+    x, w0 = torch.randn(8, 5, generator=g), torch.randn(5, generator=g)
+    params = {}
+    for accumulate in (1, 2):
+        w = torch.nn.Parameter(w0.clone())
+        stepper = TorchStepper(torch.optim.SGD([w], lr=0.1), accumulate=accumulate)
+        for part in x.chunk(accumulate):
+            stepper.backward((part @ w).pow(2).mean())
+            stepper.step()
+        params[accumulate] = w.detach()
+    assert torch.allclose(params[1], params[2], atol=1e-7)
+    assert not torch.equal(params[1], w0)
