@@ -122,8 +122,8 @@ def test_saat_under_zero_2_and_3_matches_zero_0(saat_per_zero_stage):
     for zero, run in saat_per_zero_stage.items():
         info = json.loads((run / "saat" / "train.json").read_text())
         assert info["parameters_identical"] is True and len(info["parameter_checksums"]) == 2
-        # 5 shards over 2 ranks: (240 // 2) // 32 = 3 steps per epoch on every rank, run to the end
-        assert info["steps"] == 6
+        # the global batch of 32 (16 per rank): 240 // 32 = 7 steps per epoch at any worker count
+        assert info["steps"] == 14 and info["schedule"]["micro_batch"] == 16
         final[zero] = _params(run, "saat")
     for zero in (2, 3):
         assert _max_diff(final[0], final[zero]) <= 1e-5, zero
@@ -171,7 +171,7 @@ def test_a_corrupt_sample_stops_the_run_in_one_line_or_is_skipped_on_every_rank(
     run = tmp_path / "skips"
     assert main(["train", *base_args(run, shards, "train.epochs=2", "data.skip_corrupt=true")]) == 0
     info = json.loads((run / "benign" / "train.json").read_text())
-    assert info["steps"] == 6 and info["parameters_identical"] is True  # no rank ran dry or hung
+    assert info["steps"] == 14 and info["parameters_identical"] is True  # no rank ran dry or hung
     skipped = info["skipped_samples_per_rank"]
     assert skipped[0] == 0 and skipped[1] >= 1, skipped  # rank 1 reads the bad sample once per pass
 

@@ -51,6 +51,7 @@ from saat_dist.models import build_hash_model
 from saat_dist.progress import Progress
 from saat_dist.stages import Stage
 from saat_dist.training.encode import encode_batches
+from saat_dist.training.optim import lr_factor
 from saat_dist.training.steps import (
     ATRDHSettings,
     PGDATSettings,
@@ -392,8 +393,6 @@ def _epoch_means(sums: dict[str, float], entries: int, world: int) -> dict[str, 
 def _finish(cfg: RunConfig, stage: Stage, run_dir: Path, state: TrainState, schedule: Schedule, backend,
             launch: Launch, log_records: list[dict[str, float]], epoch_rss: list[list[float]]) -> None:
     """The model file and train.json (rank 0), with every rank's parameter digest."""
-    from saat_dist.training.optim import lr_factor
-
     rank, world = launch.rank, launch.world
     digests = [bytes(r.tolist()).hex() for r in all_gather_ragged(
         torch.tensor(list(bytes.fromhex(backend.parameter_digest())), dtype=torch.uint8)[None])]
@@ -421,8 +420,6 @@ def _finish(cfg: RunConfig, stage: Stage, run_dir: Path, state: TrainState, sche
 
 def _lr_rule(optim, global_batch: int) -> str:
     """The lr rule in words, for train.json and the reports."""
-    from saat_dist.training.optim import lr_factor
-
     if optim.lr_scaling == "none" or optim.base_batch is None:
         return f"lr {optim.lr:g} as configured (lr_scaling: none)"
     f = lr_factor(optim, global_batch)
