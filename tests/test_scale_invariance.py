@@ -128,7 +128,7 @@ def test_training_ends_at_the_same_parameters_on_1_2_and_4_workers(tiny_demo, tm
     reorders float sums inside one process: other worker counts may move the
     parameters at most twice as far. Measured on the 2-core machine: benign
     1.4e-4 (2 workers) and 1.7e-3 (4) against 1.7e-3 (2 threads); SAAT 0.069
-    and 0.116 against 0.080. Without distributed.sync_batchnorm 4 workers
+    and 0.093 against 0.080. Without distributed.sync_batchnorm 4 workers
     normalise over 8 samples instead of 32: benign 0.032, 19 times the
     yardstick, which the test also checks, so it can tell."""
     shards = tiny_demo[1]["shard_dir"]
