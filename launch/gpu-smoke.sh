@@ -33,7 +33,7 @@ PY
 gpu=(--set device=auto --set distributed.use_gpu=true --set distributed.gpus_per_worker=0.5)
 .venv/bin/saat-dist experiment --config configs/tiny.yaml "${gpu[@]}" \
   --set output_dir="$out/experiment" --set data.shard_dir="$out/data/shards" --set experiment.bits=[16] \
-  --set experiment.num_queries=16 --set attack.hag.iters=20 --set attack.sdha.iters=20 --set attack.square.iters=50 \
+  --set eval.num_queries=16 --set attack.hag.iters=20 --set attack.sdha.iters=20 --set attack.square.iters=50 \
   --set attack.dhta.iters=20 --set attack.p2p.iters=20 --set attack.tha.pnet_steps=100 --set attack.transfer.iters=10 \
   --set cgat.epochs=1 --set atrdh.epochs=1 --set pgd_at.epochs=1
 echo "[gpu-smoke] wall with the experiment $(( $(date +%s) - start )) s"

@@ -3,7 +3,8 @@
 #   RAY_ADDRESS=http://127.0.0.1:8265 bash launch/submit.sh configs/demo.yaml [--set key=value ...]
 #   RAY_ADDRESS=... bash launch/submit.sh configs/experiments/demo.yaml      # saat-dist experiment
 # The command is `experiment` for configs under configs/experiments/ or
-# configs/paper/, else `run`; SAAT_COMMAND=run|experiment chooses it.
+# configs/paper/, else `run`; SAAT_COMMAND chooses it (run, experiment, or one
+# stage: train, saat, evaluate, report).
 # The working directory travels as the job's runtime_env, without .git, data,
 # run outputs, virtualenvs or caches (Ray's upload limit is ~100 MiB). Inside
 # the job, saat-dist joins the cluster that runs it (RAY_ADDRESS is set there).
@@ -19,8 +20,9 @@ case "$config" in
 esac
 command=${SAAT_COMMAND:-$default_command}
 case "$command" in
-  run|experiment) ;;
-  *) echo "submit.sh: SAAT_COMMAND must be run or experiment, got '$command'" >&2; exit 2 ;;
+  run|experiment|train|saat|evaluate|report) ;;
+  *) echo "submit.sh: SAAT_COMMAND must be run, experiment, train, saat, evaluate or report, got '$command'" >&2
+     exit 2 ;;
 esac
 address=${RAY_ADDRESS:-http://127.0.0.1:8265}
 ray_bin=${RAY_BIN:-$(command -v ray || echo .venv/bin/ray)}

@@ -1,13 +1,22 @@
 """saat-dist: Semantic-Aware Adversarial Training (SAAT) for deep hashing.
 
-Package map:
-  models/    hash models (torchvision backbones, small CNN), pure PyTorch
-  hashing/   benign hashing losses (DPH, DPSH, HashNet, CSQ)
-  mainstay   mainstay codes (DMFL) and the per-label-set CodeBank
-  attacks/   mainstay-code PGD (untargeted / targeted), targets, perceptibility
-  training/  benign and SAAT training steps
-  metrics/   retrieval metrics: mAP@k, t-mAP, PR curve, precision@N
-  data/      DeepHash list format -> WebDataset shards, demo data, streaming
+Package map, in layers (a module imports only its own layer and those
+listed before it; ``docs/design.md``, checked by ``tests/test_layers.py``):
+
+  keyed_random, device, progress, checkpoint   random draws keyed by item; one device choice; progress lines; atomic writes
+  metrics/, hashing/, mainstay, comm/, data/    retrieval metrics; hash losses; mainstay codes and the CodeBank;
+                                                collectives, bank sync, synced BatchNorm; shards, decoding, the global order
+  models/                                       hash models on torchvision backbones; the model section and model files
+  attacks/                                      every attack, one file each (function, config section, registry entries)
+  training/steps, optim, encode, checkpointing  the step primitives, optimizers and schedules, encoding, local checkpoints
+  defences/                                     every defence, one file each (config section, step, registry entry)
+  config, stages                                the typed config tree; stages as values
+  training/ (trainer, backend), monitoring/     the one training loop; the Prometheus exporter
+  evaluation/                                   the one evaluation pipeline and its report writer
+  runner                                        one stage value in this process
+  distributed/                                  Ray Train driver and worker, the DeepSpeed backend, Ray checkpoints
+  pipeline, experiment                          the protocol's stages (one in-process-or-Ray dispatch); the grid
+  cli, bench                                    the `saat-dist` command; benchmarks
 """
 
 __version__ = "0.1.0"

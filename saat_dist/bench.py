@@ -231,7 +231,7 @@ def bench_eval(sizes: dict) -> dict:
 
     from saat_dist.config import load_config
     from saat_dist.data.demo import DemoSpec, build_demo
-    from saat_dist.training.trainer import build_model, save_model
+    from saat_dist.models.model_file import build_model, save_model
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="saat-bench-eval-") as tmp:
@@ -246,8 +246,8 @@ def bench_eval(sizes: dict) -> dict:
                          f"distributed.num_workers={sizes['workers']}", f"eval.num_queries={sizes['queries']}",
                          f"attack.iters={sizes['attack_iters']}", "eval.top_k=5000", "model.bits=32"]
             cfg = load_config(None, overrides)
-            save_model(cfg, run / "benign" / "model.pt",
-                       {k: v.cpu() for k, v in build_model(cfg, torch.device("cpu")).state_dict().items()}, 0)
+            save_model(cfg.model, run / "benign" / "model.pt",
+                       {k: v.cpu() for k, v in build_model(cfg.model, cfg.seed, torch.device("cpu")).state_dict().items()}, 0)
             t = time.perf_counter()
             args = [sys.executable, "-m", "saat_dist.cli", "evaluate", "--which", "benign"]
             proc = subprocess.run([*args, *sum((["--set", o] for o in overrides), [])],

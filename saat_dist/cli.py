@@ -100,7 +100,7 @@ def _bad_input_errors() -> tuple[type, ...]:
     from saat_dist.config import ConfigError
     from saat_dist.data.listformat import DataFormatError
     from saat_dist.data.shards import ManifestError
-    from saat_dist.data.stream import ShardError
+    from saat_dist.data.decode import ShardError
 
     return ConfigError, DataFormatError, ManifestError, ShardError, CheckpointError, FileNotFoundError
 
@@ -141,7 +141,7 @@ def _data(args) -> int:
 
 def _stage(args, cfg) -> int:
     from saat_dist import pipeline
-    from saat_dist.report import write_report
+    from saat_dist.evaluation.report import write_run_report
 
     if args.command == "experiment":
         from saat_dist.experiment import run_experiment
@@ -165,7 +165,7 @@ def _stage(args, cfg) -> int:
         for which in (["benign", "saat"] if args.which == "both" else [args.which]):
             pipeline.stage_evaluate(cfg, run_dir, which)
     elif args.command == "report":
-        write_report(cfg, run_dir)
+        write_run_report(cfg, run_dir)
     return 0
 
 

@@ -16,12 +16,28 @@ from typing import Any, Literal
 
 import yaml
 
+from saat_dist.defences import DEFENCES as DEFENCE_REGISTRY
+from saat_dist.defences.atrdh import ATRDHConfig
+from saat_dist.defences.base import AdvTrainConfig
+from saat_dist.defences.cgat import CgATConfig
+from saat_dist.defences.pgd_at import PGDATConfig
+from saat_dist.defences.saat import SAATConfig
+from saat_dist.attacks import ATTACK_REGISTRY
+from saat_dist.attacks.anchor import AnchorAttackConfig
+from saat_dist.attacks.hag import HAGConfig
+from saat_dist.attacks.prototype import THAConfig
+from saat_dist.attacks.sdha import SDHAConfig
+from saat_dist.attacks.square import SquareConfig
+from saat_dist.attacks.transfer import TransferConfig
+from saat_dist.models.model_file import ModelConfig
+from saat_dist.training.optim import OptimConfig
+
 
 class ConfigError(ValueError):
     pass
 
 
-ADV_SECTIONS = ("saat", "cgat", "atrdh", "pgd_at")  # config sections of the adversarial-training defences
+ADV_SECTIONS = tuple(DEFENCE_REGISTRY)  # config sections of the adversarial-training defences (their registry)
 
 
 @dataclass
@@ -52,31 +68,6 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
-    backbone: Literal["small_cnn", "alexnet", "vgg11", "vgg16", "vgg19", "resnet18", "resnet50"] = "small_cnn"  # feature extractor
-    bits: int = 32  # hash code length K
-    pretrained_path: str | None = None  # local torchvision ImageNet weights; never downloaded
-    hash_bn: bool = True  # BatchNorm1d on the hash logits (keeps DPH codes from collapsing); the reference has none (false)
-    hash_init: Literal["torch", "reference"] = "torch"  # hash layer init: torch's Linear default, or the reference's (N(0, 0.01) weights and zero bias for ResNets, torch's default for AlexNet/VGG)
-    width: int = 32  # channel width of small_cnn
-
-
-@dataclass
-class OptimConfig:
-    name: Literal["adam", "sgd"] = "adam"  # optimizer
-    lr: float = 1e-3  # learning rate (at base_batch, when lr_scaling is not none)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam's betas (ATRDH: 0.5, 0.999)
-    momentum: float = 0.0  # SGD momentum
-    weight_decay: float = 0.0  # L2 weight decay
-    milestones: list[float] = field(default_factory=list)  # fractions of all steps where lr is multiplied by gamma
-    milestone_epochs: list[int] = field(default_factory=list)  # or: epochs (0-based) at whose start lr is multiplied by gamma; overrides milestones (the reference's benign schedule: [34, 67] of 100)
-    gamma: float = 0.1  # lr factor at each milestone
-    lr_scaling: Literal["none", "linear", "sqrt"] = "none"  # rule for a global batch other than base_batch: lr x (batch / base_batch) (linear, Goyal et al. 2017) or its square root (sqrt); none: lr as given at any batch
-    base_batch: int | None = None  # the global batch lr was set for (null: lr_scaling has nothing to scale)
-    warmup_epochs: float = 0.0  # with a scaled lr: ramp linearly from the unscaled lr to the scaled one over this many epochs (Goyal et al.: 5)
-
-
-@dataclass
 class TrainConfig:
     loss: Literal["dph", "dpsh", "hashnet", "csq", "dpn", "hswd", "ortho"] = "dph"  # benign hashing loss
     epochs: int = 6  # training epochs (of split count // batch_size steps, at any worker count)
@@ -85,132 +76,20 @@ class TrainConfig:
 
 
 @dataclass
-class AdvTrainConfig:
-    """What every adversarial-training defence shares (SAAT, CgAT, ATRDH, PGD-AT):
-    a training stage from the benign model with an inner PGD of ``iters`` steps."""
-
-    epochs: int = 6  # adversarial training epochs, starting from the benign model
-    batch_size: int = 64  # the global batch: samples per optimizer step over all workers (each takes batch_size / workers)
-    eps: float = 16 / 255  # L-inf budget of the inner maximisation
-    step_size: float = 4 / 255  # inner PGD step
-    iters: int = 7  # inner PGD iterations
-    lam: float = 1.0  # weight of the adversarial term (lambda)
-    mu: float = 1e-4  # weight of the quantisation term on adversarial codes (mu)
-    attack_mode: Literal["eval", "train"] = "eval"  # model mode during the inner attack: eval (BatchNorm running statistics, no dropout; this project's default) or train (the reference: batch statistics, dropout on, running statistics updated by the attack's forwards)
-    hash_bank: Literal["sign", "continuous"] = "sign"  # codes the benign hash term compares with: the bank of sign codes (this project's default) or a second bank of the continuous codes of each item's last forward (the reference's U); guide codes always come from sign codes
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        name="sgd", lr=0.05, weight_decay=1e-5, milestones=[0.5, 0.75]))  # optimizer
-
-
-@dataclass
-class SAATConfig(AdvTrainConfig):
-    """SAAT (SAAT.md §5): inner PGD away from the mainstay code b*(y) (cosine
-    weights); outer L_hash + lam * (-mean(F(x_adv) b*)) + mu * quantisation.
-    Reference: eps 8/255, step 2/255, 7 iterations, SGD 0.05, weight decay
-    1e-5, 20 epochs at batch 32."""
-
-
-@dataclass
-class CgATConfig(AdvTrainConfig):
-    """CgAT (Wang et al., WWW 2023): as SAAT with the centre code of a label
-    (the sign of the mean code of relevant items minus that of irrelevant
-    items: uniform weights) as the guide, no quantisation term. Reference:
-    SGD 0.01, momentum 0.9, weight decay 5e-4, 30 epochs."""
-
-    mu: float = 0.0  # CgAT has no quantisation term
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        name="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, milestones=[0.5, 0.75]))  # optimizer
-
-
-@dataclass
-class ATRDHConfig(AdvTrainConfig):
-    """ATRDH (Wang et al., SIGIR 2021): a PrototypeNet learns a target code per
-    label set (circle loss against the bank); the inner PGD pulls the batch
-    toward the target codes of random label sets; outer L_hash + adv_weight x
-    the DPH loss of the adversarial codes against the bank (adversarial codes
-    keep the clean codes' pairwise similarities). Reference: Adam 1e-4,
-    betas (0.5, 0.999), 100 epochs."""
-
-    mu: float = 0.0  # not used by ATRDH
-    adv_weight: float = 2.0  # weight of the adversarial pairwise term (the reference's 2)
-    pnet_lr: float = 1e-4  # PrototypeNet's Adam learning rate (betas 0.5, 0.999, lr x 0.1 at 50 % and 75 %)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        name="adam", lr=1e-4, betas=[0.5, 0.999], milestones=[0.5, 0.75]))  # optimizer of the hash model
-
-
-@dataclass
-class PGDATConfig(AdvTrainConfig):
-    """Plain PGD adversarial training on the benign hash loss (Madry et al.),
-    the floor any defence must beat: the inner PGD maximises the benign hash
-    loss of F(x + delta); outer clean_weight x L_hash(x) + lam x L_hash(x_adv)."""
-
-    mu: float = 0.0  # not used by PGD-AT
-    clean_weight: float = 1.0  # weight of the clean hash loss (0: Madry's adversarial loss only)
-
-
-@dataclass
-class HAGConfig:
-    iters: int = 2000  # iterations (HAG paper's default)
-    lr: float = 100.0  # SGD learning rate on the image (momentum 0.9), as the reference
-    threshold: float = 0.5  # a bit stops counting once |F(x_adv) - sign(F(x))| exceeds 1 + threshold
-    beta: float = 1.0  # weight of the code-balance term
-
-
-@dataclass
-class SDHAConfig:
-    iters: int = 1500  # iterations (SDHA paper's default)
-    lr: float = 0.01  # Adam learning rate on the image
-    weight: float = 25.0  # weight of the surrogate term (divided by K), beside the MSE to the clean image
-    sigma: float = 5.0  # sigmoid sharpness of the soft Hamming distance
-    z: float = 0.5  # relevant items weighted by (Hamming distance + 1e-8)^-z
-
-
-@dataclass
-class AnchorAttackConfig:
-    iters: int = 2000  # PGD iterations toward the anchor code (DHTA paper's default)
-    eps: float | None = None  # budget (None: attack.eps; the reference's DHTA uses 0.032)
-    step_size: float = 1 / 255  # PGD step
-    anchors: int = 9  # anchor = sign of the sum of this many database codes of the target label set (P2P: 1)
-
-
-@dataclass
-class THAConfig:
-    iters: int = 100  # PGD iterations toward the PrototypeNet's target code
-    step_size: float = 1 / 255  # PGD step
-    pnet_steps: int = 30000  # PrototypeNet training steps (the reference: 100 epochs x 300)
-    pnet_batch: int = 128  # label sets per PrototypeNet step, drawn from the database's label sets (the reference: its attack batch, 128)
-    pnet_lr: float = 1e-4  # Adam learning rate (betas 0.5, 0.999; x 0.1 at 50 % and 75 %)
-
-
-@dataclass
-class SquareConfig:
-    iters: int = 1000  # queries per image (one forward pass each; no gradients)
-    p_init: float = 0.1  # initial share of pixels in the random square (halved on the Square attack's schedule)
-
-
-@dataclass
-class TransferConfig:
-    iters: int = 100  # iterations of BIM, DI-, NI-, SI-NI- and VMI-FGSM (the reference: 100)
-    step_size: float = 1 / 255  # step of each
-    decay: float = 1.0  # momentum decay (NI, SI-NI, VMI; DI-FGSM uses 0 as the reference)
-    di_prob: float = 0.5  # DI-FGSM: probability of the random resize-and-pad
-    di_resize: float = 0.9  # DI-FGSM: images are shrunk to a random size in [di_resize, 1) x S, then padded
-    si_copies: int = 5  # SI-NI-FGSM: scale copies x / 2^i, i < si_copies
-    vmi_neighbours: int = 5  # VMI-FGSM: neighbours sampled for the gradient variance ...
-    vmi_beta: float = 1.5  # ... uniformly within beta x eps
-
-
-@dataclass
 class AttackConfig:
+    """The evaluation attacks: the shared budget and batch, the mainstay
+    attack's own settings (saat_dist.attacks.mainstay_pgd), and one section
+    per baseline, declared in its attack's file."""
+
     eps: float = 16 / 255  # L-inf budget of the evaluation attacks
-    step_size: float = 1 / 255  # PGD step
-    iters: int = 100  # PGD iterations
+    step_size: float = 1 / 255  # the mainstay attack's PGD step
+    iters: int = 100  # the mainstay attack's PGD iterations (untargeted and targeted)
     loss: Literal["plain", "sharp"] = "sharp"  # attack loss (sharp: the reference generators' loss)
-    batch_size: int = 128  # images per attack batch
-    strong_factor: int = 5  # the strong check runs strong_factor x iters ...
-    strong_restarts: int = 3  # ... with this many random restarts (worst case per query)
-    strong_queries: int = 100  # queries in the strong check (0: all); the plain attack is re-scored on the same ones
-    restarts: int = 3  # experiment: random restarts of the mainstay attack (the strongest run per query is kept)
+    batch_size: int = 128  # queries per global attack batch (batch b runs on worker b % workers)
+    restarts: int = 3  # random restarts of the mainstay attack in `saat-dist experiment` (the strongest run per query is kept); `saat-dist run` makes one run and leaves restarts to its strong check
+    strong_factor: int = 5  # the strong check (attack 'mainstay_strong') runs strong_factor x iters ...
+    strong_restarts: int = 3  # ... with this many random restarts (worst case per query) ...
+    strong_queries: int = 100  # ... on the first strong_queries queries (0: all); the plain attack is re-scored on the same ones
     hag: HAGConfig = field(default_factory=HAGConfig)  # HAG (Yang et al.): away from the clean code
     sdha: SDHAConfig = field(default_factory=SDHAConfig)  # SDHA (Lu et al.): away from relevant training codes
     dhta: AnchorAttackConfig = field(default_factory=AnchorAttackConfig)  # DHTA (Bai et al.): toward an anchor of 9 codes
@@ -219,15 +98,39 @@ class AttackConfig:
     square: SquareConfig = field(default_factory=SquareConfig)  # black-box random search on the Hamming objective
     transfer: TransferConfig = field(default_factory=TransferConfig)  # BIM, DI-, NI-, SI-NI-, VMI-FGSM on the mainstay loss
 
+    def problems(self, section: str) -> list[tuple[str, bool, str]]:
+        out = [
+            (f"{section}.eps", 0 <= self.eps <= 1, "must be in [0, 1]"),
+            (f"{section}.step_size", 0 < self.step_size <= 1, "must be in (0, 1]"),
+            (f"{section}.iters", self.iters >= 1, "must be >= 1"),
+            (f"{section}.batch_size", self.batch_size >= 1, "must be >= 1"),
+            (f"{section}.restarts", self.restarts >= 1, "must be >= 1"),
+            (f"{section}.strong_factor", self.strong_factor >= 1, "must be >= 1"),
+            (f"{section}.strong_restarts", self.strong_restarts >= 1, "must be >= 1"),
+            (f"{section}.strong_queries", self.strong_queries >= 0, "must be >= 0 (0: all)"),
+        ]
+        for f in dataclasses.fields(self):  # each baseline's section, declared in its attack's file
+            sub = getattr(self, f.name)
+            if hasattr(sub, "problems"):
+                out += sub.problems(f"{section}.{f.name}")
+        return out
+
 
 @dataclass
 class EvalConfig:
     top_k: int = 5000  # mAP@top_k (the reference uses 5000)
-    num_queries: int = 0  # evaluate on the first num_queries queries (0: all)
+    num_queries: int = 0  # evaluate (and attack) the first num_queries queries (0: all); every attack uses the same ones
     pr_levels: int = 11  # recall levels of the PR curve (11: steps of 0.1)
     pr_points: Literal["interpolated", "reference"] = "interpolated"  # interpolated precision at recall 0, 0.1, ..., 1 (queries without relevant items left out), or the reference's points: recall 1/(L-1) ... 1, precision where the ranking first reaches that share of the relevant items, averaged over all queries
     precision_at: list[int] = field(default_factory=lambda: [100, 200, 500, 1000])  # N of precision@N
     batch_size: int = 256  # images per encoding batch
+
+    def problems(self, section: str) -> list[tuple[str, bool, str]]:
+        return [(f"{section}.top_k", self.top_k >= 1, "must be >= 1"),
+                (f"{section}.num_queries", self.num_queries >= 0, "must be >= 0 (0: all)"),
+                (f"{section}.pr_levels", self.pr_levels >= 2, "must be >= 2"),
+                (f"{section}.batch_size", self.batch_size >= 1, "must be >= 1"),
+                (f"{section}.precision_at", all(n >= 1 for n in self.precision_at), "every N must be >= 1")]
 
 
 @dataclass
@@ -249,6 +152,22 @@ class DistributedConfig:
     num_to_keep: int = 2  # checkpoints kept per stage
     local_cpus: int | None = None  # CPUs of the local Ray started when address is None (None: all)
 
+    def problems(self, section: str) -> list[tuple[str, bool, str]]:
+        return [
+            (f"{section}.num_workers", self.num_workers >= 0, "must be >= 0"),
+            (f"{section}.cpus_per_worker", self.cpus_per_worker >= 0, "must be >= 0"),
+            (f"{section}.gpus_per_worker", self.gpus_per_worker > 0 if self.use_gpu else self.gpus_per_worker >= 0,
+             "must be > 0 when use_gpu" if self.use_gpu else "must be >= 0"),
+            (f"{section}.local_cpus", self.local_cpus is None or self.local_cpus >= 1, "must be >= 1 (or null: all)"),
+            (f"{section}.zero_stage", self.zero_stage in (0, 1, 2, 3), "must be one of [0, 1, 2, 3]"),
+            (f"{section}.grad_accum", self.grad_accum >= 1, "must be >= 1"),
+            (f"{section}.gradient_clipping", self.gradient_clipping >= 0, "must be >= 0 (0: off)"),
+            (f"{section}.bank_sync_every", self.bank_sync_every >= 1, "must be >= 1"),
+            (f"{section}.checkpoint_every", self.checkpoint_every >= 0, "must be >= 0"),
+            (f"{section}.max_failures", self.max_failures >= -1, "must be >= -1 (-1: no limit)"),
+            (f"{section}.num_to_keep", self.num_to_keep >= 1, "must be >= 1"),
+        ]
+
 
 @dataclass
 class MetricsConfig:
@@ -257,17 +176,20 @@ class MetricsConfig:
     port: int = 0  # 0: any free port; N: port N + local rank. Chosen ports land in <output_dir>/metrics/
     linger_s: float = 6.0  # seconds a worker keeps serving after withdrawing its target file at the end of a stage, so Prometheus (which applies discovery changes every 5 s) drops it before the endpoint closes
 
+    def problems(self, section: str) -> list[tuple[str, bool, str]]:
+        return [(f"{section}.port", 0 <= self.port <= 65535, "must be in [0, 65535]"),
+                (f"{section}.linger_s", 0 <= self.linger_s <= 600, "must be in [0, 600]")]
 
-DEFENCES = ("none", "saat", "atrdh", "cgat", "pgd_at")
-ATTACKS = ("mainstay", "hag", "sdha", "square", "bim", "difgsm", "nifgsm", "sinifgsm", "vmifgsm",
-           "mainstay_targeted", "dhta", "p2p", "tha")
-TRANSFER_ATTACKS = ("bim", "difgsm", "nifgsm", "sinifgsm", "vmifgsm")
+
+DEFENCES = ("none", *DEFENCE_REGISTRY)  # 'none': the benign model; the others: saat_dist.defences
+ATTACKS = tuple(ATTACK_REGISTRY)  # every attack of the evaluation suite (saat_dist.attacks)
+DEFAULT_ATTACKS = tuple(name for name, a in ATTACK_REGISTRY.items() if a.default)
 
 
 @dataclass
 class ChecksConfig:
     blackbox_margin: float = 0.0  # 'black-box beats white-box' triggers when the black-box mAP is below every white-box untargeted mAP by more than this
-    min_drop: float = 0.005  # 'mAP not falling as eps grows' triggers when a step of experiment.eps_sweep to a larger eps lowers mAP by less than this ...
+    min_drop: float = 0.005  # 'mAP not falling as eps grows' triggers when, after an earlier step of experiment.eps_sweep lowered mAP by this much, a step to a larger eps lowers it by less (or the whole sweep does, or a step raises it) ...
     floor_margin: float = 0.05  # ... while mAP is still more than this above both the theory bound and the random-code floor
 
 
@@ -276,13 +198,35 @@ class ExperimentConfig:
     hashes: list[str] = field(default_factory=lambda: ["dph"])  # hash losses of the grid (train.loss values)
     bits: list[int] = field(default_factory=lambda: [32])  # code lengths of the grid
     defences: list[str] = field(default_factory=lambda: list(DEFENCES))  # 'none' is the benign model
-    attacks: list[str] = field(default_factory=lambda: list(ATTACKS))  # attacks run on every model
+    attacks: list[str] = field(default_factory=lambda: list(DEFAULT_ATTACKS))  # attacks run on every model
     transfer: bool = True  # also score BIM/DI/NI/SI-NI/VMI examples crafted on the benign model on every defence
     eps_sweep: list[float] = field(default_factory=lambda: [0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255])  # budgets of the mAP-vs-eps curve (mainstay attack)
-    num_queries: int = 0  # attack the first num_queries queries (0: all); every attack uses the same ones
+    num_queries: int | None = None  # deprecated: eval.num_queries (the one setting of both evaluations); when set, it is copied there with a warning
     retrieval_queries: int = 4  # queries shown in the retrieval picture
     retrieval_top: int = 10  # results shown per query
     checks: ChecksConfig = field(default_factory=ChecksConfig)  # thresholds of the evaluation checks
+
+    def problems(self, section: str) -> list[tuple[str, bool, str]]:
+        from saat_dist.hashing.losses import LOSSES
+
+        x = self
+        return [
+            (f"{section}.hashes", bool(x.hashes) and all(h in LOSSES for h in x.hashes),
+             f"must be a non-empty list of {list(LOSSES)}, got {x.hashes}"),
+            (f"{section}.bits", bool(x.bits) and all(8 <= b <= 1024 for b in x.bits), "must be a non-empty list in [8, 1024]"),
+            (f"{section}.defences", bool(x.defences) and all(d in DEFENCES for d in x.defences)
+             and len(set(x.defences)) == len(x.defences), f"must be distinct values of {list(DEFENCES)}, got {x.defences}"),
+            (f"{section}.attacks", all(t in ATTACKS for t in x.attacks) and len(set(x.attacks)) == len(x.attacks),
+             f"must be distinct values of {list(ATTACKS)}, got {x.attacks}"),
+            (f"{section}.eps_sweep", all(0 <= v <= 1 for v in x.eps_sweep) and x.eps_sweep == sorted(set(x.eps_sweep)),
+             "must be increasing distinct values in [0, 1]"),
+            (f"{section}.num_queries", x.num_queries is None or x.num_queries >= 0, "must be >= 0 (0: all)"),
+            (f"{section}.retrieval_queries", x.retrieval_queries >= 0, "must be >= 0"),
+            (f"{section}.retrieval_top", x.retrieval_top >= 1, "must be >= 1"),
+            (f"{section}.checks.min_drop", x.checks.min_drop >= 0, "must be >= 0"),
+            (f"{section}.checks.floor_margin", x.checks.floor_margin >= 0, "must be >= 0"),
+            (f"{section}.checks.blackbox_margin", x.checks.blackbox_margin >= 0, "must be >= 0"),
+        ]
 
 
 @dataclass
@@ -295,12 +239,12 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)  # data
     model: ModelConfig = field(default_factory=ModelConfig)  # hash model
     train: TrainConfig = field(default_factory=TrainConfig)  # benign training
-    saat: SAATConfig = field(default_factory=SAATConfig)  # SAAT adversarial training
-    cgat: CgATConfig = field(default_factory=CgATConfig)  # CgAT adversarial training (experiments)
-    atrdh: ATRDHConfig = field(default_factory=ATRDHConfig)  # ATRDH adversarial training (experiments)
-    pgd_at: PGDATConfig = field(default_factory=PGDATConfig)  # PGD adversarial training (experiments)
+    saat: SAATConfig = field(default_factory=SAATConfig)  # SAAT adversarial training (saat_dist.defences.saat)
+    cgat: CgATConfig = field(default_factory=CgATConfig)  # CgAT adversarial training (saat_dist.defences.cgat)
+    atrdh: ATRDHConfig = field(default_factory=ATRDHConfig)  # ATRDH adversarial training (saat_dist.defences.atrdh)
+    pgd_at: PGDATConfig = field(default_factory=PGDATConfig)  # PGD adversarial training (saat_dist.defences.pgd_at)
     attack: AttackConfig = field(default_factory=AttackConfig)  # evaluation attacks
-    eval: EvalConfig = field(default_factory=EvalConfig)  # retrieval evaluation
+    eval: EvalConfig = field(default_factory=EvalConfig)  # retrieval evaluation (run and experiment alike)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)  # Ray Train + DeepSpeed
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # Prometheus
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)  # `saat-dist experiment`: the grid and its reports
@@ -309,136 +253,60 @@ class RunConfig:
         """Range checks at load time, before any worker or Ray starts; each
         failure names the key. Options that do nothing in the chosen mode are
         warned about (``warnings()``)."""
-        d, a, e = self.distributed, self.attack, self.eval
-        checks = [
-            ("model.bits", 8 <= self.model.bits <= 1024, "must be in [8, 1024]"),
-            ("model.width", self.model.width >= 1, "must be >= 1"),
-            ("data.image_size", 16 <= self.data.image_size <= 1024, "must be in [16, 1024]"),
-            ("data.loader_workers", self.data.loader_workers >= 0, "must be >= 0"),
-            ("data.resize", self.data.resize is None or self.data.resize >= self.data.image_size,
-             f"must be >= data.image_size ({self.data.image_size}) to centre-crop it, or null"),
-            ("log_every_s", self.log_every_s >= 0, "must be >= 0"),
-            ("attack.eps", 0 <= a.eps <= 1, "must be in [0, 1]"),
-            ("attack.step_size", 0 < a.step_size <= 1, "must be in (0, 1]"),
-            ("attack.iters", a.iters >= 1, "must be >= 1"),
-            ("attack.batch_size", a.batch_size >= 1, "must be >= 1"),
-            ("attack.strong_factor", a.strong_factor >= 1, "must be >= 1"),
-            ("attack.strong_restarts", a.strong_restarts >= 1, "must be >= 1"),
-            ("attack.strong_queries", a.strong_queries >= 0, "must be >= 0 (0: all)"),
-            ("attack.restarts", a.restarts >= 1, "must be >= 1"),
-            ("attack.hag.iters", a.hag.iters >= 1, "must be >= 1"),
-            ("attack.hag.lr", a.hag.lr > 0, "must be > 0"),
-            ("attack.sdha.iters", a.sdha.iters >= 1, "must be >= 1"),
-            ("attack.sdha.lr", a.sdha.lr > 0, "must be > 0"),
-            ("attack.square.iters", a.square.iters >= 1, "must be >= 1"),
-            ("attack.square.p_init", 0 < a.square.p_init <= 1, "must be in (0, 1]"),
-            ("attack.tha.iters", a.tha.iters >= 1, "must be >= 1"),
-            ("attack.tha.step_size", 0 < a.tha.step_size <= 1, "must be in (0, 1]"),
-            ("attack.tha.pnet_steps", a.tha.pnet_steps >= 1, "must be >= 1"),
-            ("attack.tha.pnet_batch", a.tha.pnet_batch >= 1, "must be >= 1"),
-            ("attack.transfer.iters", a.transfer.iters >= 1, "must be >= 1"),
-            ("attack.transfer.step_size", 0 < a.transfer.step_size <= 1, "must be in (0, 1]"),
-            ("attack.transfer.di_prob", 0 <= a.transfer.di_prob <= 1, "must be in [0, 1]"),
-            ("attack.transfer.di_resize", 0 < a.transfer.di_resize < 1, "must be in (0, 1)"),
-            ("attack.transfer.si_copies", a.transfer.si_copies >= 1, "must be >= 1"),
-            ("attack.transfer.vmi_neighbours", a.transfer.vmi_neighbours >= 1, "must be >= 1"),
-            ("eval.top_k", e.top_k >= 1, "must be >= 1"),
-            ("eval.num_queries", e.num_queries >= 0, "must be >= 0 (0: all)"),
-            ("eval.pr_levels", e.pr_levels >= 2, "must be >= 2"),
-            ("eval.batch_size", e.batch_size >= 1, "must be >= 1"),
-            ("eval.precision_at", all(n >= 1 for n in e.precision_at), "every N must be >= 1"),
-            ("distributed.num_workers", d.num_workers >= 0, "must be >= 0"),
-            ("distributed.cpus_per_worker", d.cpus_per_worker >= 0, "must be >= 0"),
-            ("distributed.gpus_per_worker", d.gpus_per_worker > 0 if d.use_gpu else d.gpus_per_worker >= 0,
-             "must be > 0 when use_gpu" if d.use_gpu else "must be >= 0"),
-            ("distributed.local_cpus", d.local_cpus is None or d.local_cpus >= 1, "must be >= 1 (or null: all)"),
-            ("distributed.zero_stage", d.zero_stage in (0, 1, 2, 3), "must be one of [0, 1, 2, 3]"),
-            ("distributed.grad_accum", d.grad_accum >= 1, "must be >= 1"),
-            ("distributed.gradient_clipping", d.gradient_clipping >= 0, "must be >= 0 (0: off)"),
-            ("distributed.bank_sync_every", d.bank_sync_every >= 1, "must be >= 1"),
-            ("distributed.checkpoint_every", d.checkpoint_every >= 0, "must be >= 0"),
-            ("distributed.max_failures", d.max_failures >= -1, "must be >= -1 (-1: no limit)"),
-            ("distributed.num_to_keep", d.num_to_keep >= 1, "must be >= 1"),
-            ("metrics.port", 0 <= self.metrics.port <= 65535, "must be in [0, 65535]"),
-            ("metrics.linger_s", 0 <= self.metrics.linger_s <= 600, "must be in [0, 600]"),
-            ("device", not (d.use_gpu and self.device == "cpu"), "is 'cpu' but distributed.use_gpu is true"),
-        ]
-        for name in ("dhta", "p2p"):
-            c = getattr(a, name)
-            checks += [(f"attack.{name}.iters", c.iters >= 1, "must be >= 1"),
-                       (f"attack.{name}.step_size", 0 < c.step_size <= 1, "must be in (0, 1]"),
-                       (f"attack.{name}.eps", c.eps is None or 0 <= c.eps <= 1, "must be in [0, 1] (or null: attack.eps)"),
-                       (f"attack.{name}.anchors", c.anchors >= 1, "must be >= 1")]
-        x = self.experiment
-        from saat_dist.hashing.losses import LOSSES
-
-        checks += [
-            ("experiment.hashes", bool(x.hashes) and all(h in LOSSES for h in x.hashes),
-             f"must be a non-empty list of {list(LOSSES)}, got {x.hashes}"),
-            ("experiment.bits", bool(x.bits) and all(8 <= b <= 1024 for b in x.bits), "must be a non-empty list in [8, 1024]"),
-            ("experiment.defences", bool(x.defences) and all(d in DEFENCES for d in x.defences)
-             and len(set(x.defences)) == len(x.defences), f"must be distinct values of {list(DEFENCES)}, got {x.defences}"),
-            ("experiment.attacks", all(t in ATTACKS for t in x.attacks) and len(set(x.attacks)) == len(x.attacks),
-             f"must be distinct values of {list(ATTACKS)}, got {x.attacks}"),
-            ("experiment.eps_sweep", all(0 <= v <= 1 for v in x.eps_sweep) and x.eps_sweep == sorted(set(x.eps_sweep)),
-             "must be increasing distinct values in [0, 1]"),
-            ("experiment.num_queries", x.num_queries >= 0, "must be >= 0 (0: all)"),
-            ("experiment.retrieval_queries", x.retrieval_queries >= 0, "must be >= 0"),
-            ("experiment.retrieval_top", x.retrieval_top >= 1, "must be >= 1"),
-            ("experiment.checks.min_drop", x.checks.min_drop >= 0, "must be >= 0"),
-            ("experiment.checks.floor_margin", x.checks.floor_margin >= 0, "must be >= 0"),
-            ("experiment.checks.blackbox_margin", x.checks.blackbox_margin >= 0, "must be >= 0"),
-        ]
-        workers = max(1, d.num_workers)
+        if self.experiment.num_queries is not None:  # deprecated: one setting for both evaluations
+            if self.eval.num_queries not in (0, self.experiment.num_queries):
+                raise ConfigError(f"experiment.num_queries ({self.experiment.num_queries}) is deprecated and "
+                                  f"differs from eval.num_queries ({self.eval.num_queries}): set only eval.num_queries")
+            self.eval.num_queries, self.experiment.num_queries = self.experiment.num_queries, None
+            self._deprecated = ["experiment.num_queries is deprecated: set eval.num_queries (copied there)"]
+        checks = [*self._general_problems(), *self.attack.problems("attack"), *self.eval.problems("eval"),
+                  *self.distributed.problems("distributed"), *self.metrics.problems("metrics"),
+                  *self.experiment.problems("experiment")]
         for section in ("train", *ADV_SECTIONS):
-            tc = getattr(self, section)
-            o = tc.optim
-            share = tc.batch_size // workers // d.grad_accum
-            checks += [
-                (f"{section}.epochs", tc.epochs >= 0, "must be >= 0"),
-                (f"{section}.batch_size", tc.batch_size >= 2, "must be >= 2 (BatchNorm needs two samples)"),
-                (f"{section}.batch_size", tc.batch_size % (workers * d.grad_accum) == 0,
-                 f"the global batch {tc.batch_size} must split evenly into {workers} worker(s) x {d.grad_accum} "
-                 "micro-batch(es) (distributed.num_workers x distributed.grad_accum)"),
-                (f"{section}.batch_size", share * (workers if d.sync_batchnorm else 1) >= 2,
-                 f"BatchNorm would normalise over {share * (workers if d.sync_batchnorm else 1)} sample(s) "
-                 "(a micro-batch, over every worker with distributed.sync_batchnorm): it needs two"),
-                (f"{section}.optim.base_batch", o.base_batch is None or o.base_batch >= 1, "must be >= 1 (or null)"),
-                (f"{section}.optim.warmup_epochs", o.warmup_epochs >= 0, "must be >= 0"),
-                (f"{section}.optim.milestone_epochs", all(m > 0 for m in o.milestone_epochs),
-                 f"epochs > 0, got {o.milestone_epochs}"),
-                (f"{section}.optim.lr", o.lr > 0, "must be > 0"),
-                (f"{section}.optim.momentum", 0 <= o.momentum < 1, "must be in [0, 1)"),
-                (f"{section}.optim.weight_decay", o.weight_decay >= 0, "must be >= 0"),
-                (f"{section}.optim.gamma", o.gamma > 0, "must be > 0"),
-                (f"{section}.optim.betas", len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
-                 f"must be two values in [0, 1), got {o.betas}"),
-                (f"{section}.optim.milestones", all(0 < m < 1 for m in o.milestones),
-                 f"milestones are fractions of the run in (0, 1), got {o.milestones}"),
-            ]
+            checks += self._training_problems(section)
         for section in ADV_SECTIONS:
-            s = getattr(self, section)
-            checks += [
-                (f"{section}.eps", 0 <= s.eps <= 1, "must be in [0, 1]"),
-                (f"{section}.step_size", 0 < s.step_size <= 1, "must be in (0, 1]"),
-                (f"{section}.iters", s.iters >= 1, "must be >= 1"),
-                (f"{section}.lam", s.lam >= 0, "must be >= 0"),
-                (f"{section}.mu", s.mu >= 0, "must be >= 0"),
-            ]
-        checks += [("atrdh.adv_weight", self.atrdh.adv_weight >= 0, "must be >= 0"),
-                   ("atrdh.pnet_lr", self.atrdh.pnet_lr > 0, "must be > 0"),
-                   ("pgd_at.clean_weight", self.pgd_at.clean_weight >= 0, "must be >= 0")]
+            checks += getattr(self, section).problems(section)
         for key, ok, msg in checks:
             if not ok:
                 raise ConfigError(f"{key}: {msg}")
 
+    def _general_problems(self) -> list[tuple[str, bool, str]]:
+        d = self.distributed
+        return [
+            ("model.bits", 8 <= self.model.bits <= 1024, "must be in [8, 1024]"),
+            ("model.width", self.model.width >= 1, "must be >= 1"),
+            ("data.image_size", 16 <= self.data.image_size <= 1024, "must be in [16, 1024]"),
+            ("data.loader_workers", self.data.loader_workers >= 0, "must be >= 0"),
+            ("data.canonical_slots", self.data.canonical_slots >= 0, "must be >= 0 (0: one per train shard)"),
+            ("data.resize", self.data.resize is None or self.data.resize >= self.data.image_size,
+             f"must be >= data.image_size ({self.data.image_size}) to centre-crop it, or null"),
+            ("log_every_s", self.log_every_s >= 0, "must be >= 0"),
+            ("device", not (d.use_gpu and self.device == "cpu"), "is 'cpu' but distributed.use_gpu is true"),
+        ]
+
+    def _training_problems(self, section: str) -> list[tuple[str, bool, str]]:
+        """A training section's batch, schedule and optimizer against the worker layout."""
+        d, tc = self.distributed, getattr(self, section)
+        workers = max(1, d.num_workers)
+        per_bn = tc.batch_size // workers // d.grad_accum * (workers if d.sync_batchnorm else 1)
+        return [
+            (f"{section}.epochs", tc.epochs >= 0, "must be >= 0"),
+            (f"{section}.batch_size", tc.batch_size >= 2, "must be >= 2 (BatchNorm needs two samples)"),
+            (f"{section}.batch_size", tc.batch_size % (workers * d.grad_accum) == 0,
+             f"the global batch {tc.batch_size} must split evenly into {workers} worker(s) x {d.grad_accum} "
+             "micro-batch(es) (distributed.num_workers x distributed.grad_accum)"),
+            (f"{section}.batch_size", per_bn >= 2,
+             f"BatchNorm would normalise over {per_bn} sample(s) (a micro-batch, over every worker with "
+             "distributed.sync_batchnorm): it needs two"),
+            *tc.optim.problems(f"{section}.optim"),
+        ]
+
     def warnings(self) -> list[str]:
         """Options set away from their defaults that have no effect in this mode."""
         d, default = self.distributed, DistributedConfig()
-        out = []
+        out = list(getattr(self, "_deprecated", []))
         if d.num_workers == 0:
-            for key in ("bank_sync_every", "zero_stage", "use_gpu", "max_failures",
-                        "storage_path", "address"):
+            for key in ("bank_sync_every", "zero_stage", "use_gpu", "max_failures", "storage_path", "address"):
                 if getattr(d, key) != getattr(default, key):
                     out.append(f"distributed.{key}={getattr(d, key)!r} has no effect with distributed.num_workers=0 "
                                "(everything runs in this process)")
@@ -447,21 +315,8 @@ class RunConfig:
         if self.train.loss == "csq" and d.bank_sync_every != 1 and self.saat.epochs == 0:
             out.append("distributed.bank_sync_every has no effect: CSQ reads no code bank and no SAAT stage runs")
         for section in ("train", *ADV_SECTIONS):
-            o = getattr(self, section).optim
-            if o.lr_scaling != "none" and o.base_batch is None:
-                out.append(f"{section}.optim.lr_scaling={o.lr_scaling!r} has no effect without {section}.optim.base_batch")
-            if o.warmup_epochs and (o.lr_scaling == "none" or o.base_batch in (None, getattr(self, section).batch_size)):
-                out.append(f"{section}.optim.warmup_epochs has no effect: the lr is not scaled "
-                           "(it ramps from the unscaled lr to the scaled one)")
-            if o.milestone_epochs and o.milestones:
-                out.append(f"{section}.optim.milestones has no effect: {section}.optim.milestone_epochs is set")
-            if o.warmup_epochs > getattr(self, section).epochs:
-                out.append(f"{section}.optim.warmup_epochs={o.warmup_epochs:g} is longer than the stage: "
-                           "the lr never reaches its scaled value")
-            late = [m for m in o.milestone_epochs if m >= getattr(self, section).epochs]
-            if late:
-                out.append(f"{section}.optim.milestone_epochs {late} have no effect: the stage has "
-                           f"{getattr(self, section).epochs} epochs")
+            out += getattr(self, section).optim.warnings(f"{section}.optim", getattr(self, section).epochs,
+                                                         getattr(self, section).batch_size)
         if self.model.backbone != "small_cnn" and not self.model.pretrained_path:
             out.append(f"model.pretrained_path is not set: {self.model.backbone} starts from random weights "
                        "(the paper's models start from ImageNet weights, read from a local file)")
@@ -469,6 +324,22 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_defence_sections() -> None:
+    """A defence file's registry entry needs its section here, of its type,
+    extending ``AdvTrainConfig`` (the loop reads epochs, batch_size, optim and
+    hash_bank from it): say so at import rather than at the first run."""
+    hints = typing.get_type_hints(RunConfig)
+    for d in DEFENCE_REGISTRY.values():
+        if not issubclass(d.config, AdvTrainConfig):
+            raise TypeError(f"saat_dist.defences.{d.name}: its config {d.config.__name__} must extend AdvTrainConfig")
+        if hints.get(d.name) is not d.config:
+            raise TypeError(f"saat_dist.defences registers '{d.name}': add `{d.name}: {d.config.__name__} = "
+                            f"field(default_factory={d.config.__name__})` to RunConfig (saat_dist/config.py)")
+
+
+_check_defence_sections()
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:

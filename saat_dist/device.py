@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a process works: its device, and its rank of ``world`` processes
+    (rank 0 of 1 in-process)."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    rank: int = 0
+    world: int = 1
 
 
 def select_device(preference: str = "auto") -> torch.device:

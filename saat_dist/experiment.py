@@ -14,7 +14,7 @@ evaluation is redone only if its settings or the model changed. A cell whose
 training settings changed is refused (it would mix two configurations).
 
 Then ``experiment.json``, ``experiment.md`` and the plots are written from
-the cells' results (``saat_dist.experiment_report``).
+the cells' results (``saat_dist.evaluation.report``).
 """
 
 from __future__ import annotations
@@ -29,14 +29,16 @@ from saat_dist.checkpoint import file_sha256, write_text_atomic
 from saat_dist.config import ConfigError, RunConfig, config_from_dict, save_config
 from saat_dist.data.source import DataSource
 from saat_dist.device import select_device
-from saat_dist.pipeline import _record_stage, _train, check_layout, ensure_data
-from saat_dist.robustness import RESULTS, RESULTS_FORMAT, robustness_stage
+from saat_dist.evaluation import EvaluationStage
+from saat_dist.evaluation.results import RESULTS_FORMAT
+from saat_dist.pipeline import check_layout, ensure_data, launch, record_stage, train
 from saat_dist.stages import DEFENCE_STAGES, TRAIN, model_folder
+
 
 log = logging.getLogger("saat_dist")
 
 # What determines a cell's trained models (and may not change under them): these sections ...
-TRAINING_SECTIONS = ("seed", "data", "model", "train", "saat", "cgat", "atrdh", "pgd_at")
+TRAINING_SECTIONS = ("seed", "data", "model", "train", *DEFENCE_STAGES)
 # ... but not these keys, which change where the data is or how fast it is read, not what is trained
 # (the data itself is the manifest's digest) ...
 NOT_TRAINING = ("data.loader_workers", "data.build_demo", "data.skip_corrupt", "data.shard_dir", "data.base_url")
@@ -160,39 +162,35 @@ def run_cell(cfg: RunConfig, cell_dir: Path, source: DataSource) -> dict[str, di
             log.info("%s: %s model present, skipping its training", cell_dir.name, stage.out)
             continue
         log.info("%s: training %s", cell_dir.name, stage.out)
-        _train(cfg, stage, cell_dir, resume=True)
-    results = {}
-    for defence in x.defences:
-        folder = model_folder(defence)
-        transfer_to = [model_folder(d) for d in defences] if defence == "none" and x.transfer else []
-        spec = evaluation_spec(cfg, source, cell_dir, folder, transfer_to)
-        path = cell_dir / folder / RESULTS
-        if path.is_file():
-            done = json.loads(path.read_text())
-            if done.get("spec") == spec:
-                log.info("%s: %s evaluated with these settings, skipping", cell_dir.name, folder)
-                results[defence] = done
-                continue
-        log.info("%s: robustness evaluation of %s%s", cell_dir.name, folder,
-                 f" (transfer to {transfer_to})" if transfer_to else "")
-        t = time.monotonic()
-        if cfg.distributed.num_workers > 0:
-            from saat_dist.distributed.driver import run_stage
+        train(cfg, stage, cell_dir, resume=True)
+    return {defence: _evaluate(cfg, cell_dir, source, defence, defences) for defence in x.defences}
 
-            run_stage(cfg, "robustness", cell_dir, which=folder, transfer_to=transfer_to)
-        else:
-            robustness_stage(cfg, folder, cell_dir, 0, 1, select_device(cfg.device), source, transfer_to)
+
+def _evaluate(cfg: RunConfig, cell_dir: Path, source: DataSource, defence: str, defences: list[str]) -> dict:
+    """One model's results: its evaluation, unless one with these settings and
+    this model file is already there."""
+    folder = model_folder(defence)
+    transfer_to = [model_folder(d) for d in defences] if defence == "none" and cfg.experiment.transfer else []
+    stage = EvaluationStage(folder, tuple(cfg.experiment.attacks), sweep=True, transfer_to=tuple(transfer_to))
+    spec = evaluation_spec(cfg, source, cell_dir, folder, transfer_to)
+    path = cell_dir / folder / stage.results
+    if path.is_file():
         done = json.loads(path.read_text())
-        done["spec"] = spec
-        write_text_atomic(path, json.dumps(done, indent=1))
-        _record_stage(cell_dir, f"robustness_{folder}", time.monotonic() - t)
-        results[defence] = done
-    return results
+        if done.get("spec") == spec:
+            log.info("%s: %s evaluated with these settings, skipping", cell_dir.name, folder)
+            return done
+    log.info("%s: robustness evaluation of %s%s", cell_dir.name, folder,
+             f" (transfer to {transfer_to})" if transfer_to else "")
+    launch(cfg, stage, cell_dir, source=source)
+    done = json.loads(path.read_text())
+    done["spec"] = spec
+    write_text_atomic(path, json.dumps(done, indent=1))
+    return done
 
 
 def run_experiment(cfg: RunConfig) -> dict:
     """Every cell of the grid, then experiment.json / experiment.md / plots."""
-    from saat_dist.experiment_report import write_experiment_report
+    from saat_dist.evaluation.report import write_experiment_report
 
     t0 = time.monotonic()
     source = ensure_data(cfg)  # untrusted manifests are checked before anything is written
@@ -206,5 +204,5 @@ def run_experiment(cfg: RunConfig) -> dict:
             cc = cell_config(cfg, hash_loss, bits)
             log.info("experiment cell %s", cell_name(hash_loss, bits))
             cells[(hash_loss, bits)] = run_cell(cc, Path(cc.output_dir), source)
-    _record_stage(out, "experiment", time.monotonic() - t0)
+    record_stage(out, "experiment", time.monotonic() - t0)
     return write_experiment_report(cfg, cells, source)

@@ -2,17 +2,16 @@
 
 prepare -> train (benign) -> evaluate benign -> saat -> evaluate saat -> report.
 Every stage reads the previous stage's files from the run directory, so each
-also runs alone (``saat-dist train | saat | evaluate | report``). With
-``distributed.num_workers >= 1`` (the default) each stage is a Ray Train job
-(``saat_dist.distributed.driver``); with 0 it runs in this process. Both
-launchers run the same code: ``saat_dist.training.trainer.train_stage`` and
-``saat_dist.evaluation.evaluate_stage``.
+also runs alone (``saat-dist train | saat | evaluate | report``). Every
+stage is a value (a training ``Stage`` or an ``EvaluationStage``) that
+``launch`` runs: a Ray Train job with ``distributed.num_workers >= 1`` (the
+default), this process with 0; both run it through ``runner.run_here``.
 
 Run directory layout:
   config.yaml               the resolved configuration
   benign/model.pt           benign model (state_dict)
   benign/train.json         per-epoch history, log records, parameter digests
-  benign/eval.json          its evaluation
+  benign/eval.json          its evaluation (the evaluation pipeline's one results format)
   benign/checkpoints/step-N in-process checkpoints (Ray keeps its own under ray/)
   saat/...                  the same for the SAAT model
   stages.json               wall time of each stage
@@ -36,7 +35,9 @@ from saat_dist.data.demo import DemoSpec, build_demo
 from saat_dist.data.shards import MANIFEST
 from saat_dist.data.source import DataSource
 from saat_dist.device import select_device
-from saat_dist.stages import SAAT, TRAIN, Stage, evaluate_key
+from saat_dist.evaluation.plan import RUN_RESULTS, EvaluationStage
+from saat_dist.evaluation.results import results_current
+from saat_dist.stages import SAAT, TRAIN, Stage
 
 log = logging.getLogger("saat_dist")
 
@@ -90,71 +91,83 @@ def check_layout(cfg: RunConfig, source: DataSource, stages: list[Stage]) -> Non
             raise ConfigError(f"{key}: {why}")
 
 
-def _record_stage(run_dir: Path, stage: str, seconds: float) -> None:
+def record_stage(run_dir: Path, stage: str, seconds: float) -> None:
+    """Add a stage's wall time to ``<run_dir>/stages.json``."""
     path = run_dir / "stages.json"
     times = json.loads(path.read_text()) if path.is_file() else {}
     times[stage] = round(seconds, 2)
     write_text_atomic(path, json.dumps(times, indent=1))
 
 
-def _distributed(cfg: RunConfig) -> bool:
-    return cfg.distributed.num_workers > 0
-
-
-def _metrics_sink(cfg: RunConfig, key: str, run_dir: Path):
+def _metrics_sink(cfg: RunConfig, stage: Stage | EvaluationStage, run_dir: Path):
+    """An in-process training's metrics endpoint (evaluations record theirs in
+    the results file), or a sink that drops them."""
     from saat_dist.monitoring.prometheus import WorkerMetrics
     from saat_dist.training.trainer import NullMetrics
 
-    if not cfg.metrics.enabled:
+    if not (cfg.metrics.enabled and isinstance(stage, Stage)):
         return NullMetrics()
-    metrics = WorkerMetrics(0, key)
+    metrics = WorkerMetrics(0, stage.name)
     metrics.serve(cfg.metrics.bind, cfg.metrics.port, run_dir)
     return metrics
 
 
-def _train_in_process(cfg: RunConfig, stage: Stage, run_dir: Path, source: DataSource, resume: bool) -> None:
-    """The in-process launcher: the same loop as the Ray workers, with a torch
-    optimizer, local ``step-N`` checkpoints and (if enabled) a metrics endpoint."""
+def launch(cfg: RunConfig, stage: Stage | EvaluationStage, run_dir: Path, resume: bool = False,
+           source: DataSource | None = None) -> None:
+    """Run one stage value: the one in-process-or-Ray dispatch. With
+    ``distributed.num_workers >= 1`` a Ray Train job of that many workers
+    (``distributed.driver``); with 0 this process, with a torch optimizer,
+    local ``step-N`` checkpoints and (if enabled) a metrics endpoint. Either
+    way ``runner.run_here`` runs it; its wall time goes into stages.json."""
+    from saat_dist.runner import run_here
     from saat_dist.training.backend import LocalBackend
     from saat_dist.training.checkpointing import LocalCheckpointer
-    from saat_dist.training.trainer import Launch, train_stage
+    from saat_dist.training.trainer import Launch
 
-    ckpt_root = run_dir / stage.out / "checkpoints"
-    if not resume:
-        shutil.rmtree(ckpt_root, ignore_errors=True)  # a fresh run never picks up an older run's state
-    metrics = _metrics_sink(cfg, stage.name, run_dir)
-    try:
-        launch = Launch(0, 1, select_device(cfg.device),
-                        lambda model, optim, schedule: LocalBackend(
-                            model, optim, schedule, cfg.distributed.gradient_clipping),
-                        LocalCheckpointer(ckpt_root, cfg.distributed.num_to_keep, resume), metrics)
-        train_stage(cfg, stage, run_dir, launch, source)
-    finally:
-        if cfg.metrics.enabled:
+    t = time.monotonic()
+    if cfg.distributed.num_workers > 0:
+        from saat_dist.distributed.driver import run_stage
+
+        run_stage(cfg, stage, run_dir, resume)
+    else:
+        source = source or ensure_data(cfg)
+        ckpt_root = run_dir / (stage.out if isinstance(stage, Stage) else stage.folder) / "checkpoints"
+        if not resume and isinstance(stage, Stage):
+            shutil.rmtree(ckpt_root, ignore_errors=True)  # a fresh training never picks up an older run's state
+        metrics = _metrics_sink(cfg, stage, run_dir)
+        try:
+            run_here(cfg, stage, run_dir, Launch(
+                0, 1, select_device(cfg.device),
+                lambda model, optim, schedule: LocalBackend(model, optim, schedule, cfg.distributed.gradient_clipping),
+                LocalCheckpointer(ckpt_root, cfg.distributed.num_to_keep, resume), metrics), source)
+        finally:
             metrics.close(cfg.metrics.linger_s)
+    record_stage(run_dir, stage.name, time.monotonic() - t)
 
 
-def _train(cfg: RunConfig, stage: Stage, run_dir: Path, resume: bool) -> None:
+def train(cfg: RunConfig, stage: Stage, run_dir: Path, resume: bool = False) -> None:
+    """A training stage, after checking its input model and its batch layout."""
     source = ensure_data(cfg)
     check_layout(cfg, source, [stage])
     if stage.needs and not (run_dir / stage.needs / "model.pt").is_file():
         raise FileNotFoundError(f"{run_dir / stage.needs / 'model.pt'}: run the stage that writes it first")
-    t = time.monotonic()
-    if _distributed(cfg):
-        from saat_dist.distributed.driver import run_stage
+    launch(cfg, stage, run_dir, resume, source)
 
-        run_stage(cfg, stage.name, run_dir, resume)
-    else:
-        _train_in_process(cfg, stage, run_dir, source, resume)
-    _record_stage(run_dir, stage.name, time.monotonic() - t)
+
+def run_evaluation(cfg: RunConfig, which: str) -> EvaluationStage:
+    """The run's evaluation of model folder ``which``: the mainstay attack (one
+    run) and its targeted form, and on the SAAT model also the strong check
+    (longer, with ``attack.strong_restarts`` restarts)."""
+    attacks = ("mainstay", "mainstay_targeted", *(("mainstay_strong",) if which == SAAT.out else ()))
+    return EvaluationStage(which, attacks, results=RUN_RESULTS, restarts=1)
 
 
 def stage_train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> None:
-    _train(cfg, TRAIN, run_dir, resume)
+    train(cfg, TRAIN, run_dir, resume)
 
 
 def stage_saat(cfg: RunConfig, run_dir: Path, resume: bool = False) -> None:
-    _train(cfg, SAAT, run_dir, resume)
+    train(cfg, SAAT, run_dir, resume)
 
 
 def stage_evaluate(cfg: RunConfig, run_dir: Path, which: str) -> dict:
@@ -162,17 +175,9 @@ def stage_evaluate(cfg: RunConfig, run_dir: Path, which: str) -> dict:
     source = ensure_data(cfg)
     if not (run_dir / which / "model.pt").is_file():
         raise FileNotFoundError(f"{run_dir / which / 'model.pt'}: train the {which} model first")
-    t = time.monotonic()
-    if _distributed(cfg):
-        from saat_dist.distributed.driver import run_stage
-
-        run_stage(cfg, "evaluate", run_dir, which=which)
-    else:
-        from saat_dist.evaluation import evaluate_stage
-
-        evaluate_stage(cfg, which, run_dir, 0, 1, select_device(cfg.device), source)
-    _record_stage(run_dir, evaluate_key(which), time.monotonic() - t)
-    return json.loads((run_dir / which / "eval.json").read_text())
+    stage = run_evaluation(cfg, which)
+    launch(cfg, stage, run_dir, source=source)
+    return json.loads((run_dir / which / stage.results).read_text())
 
 
 def prepare_run_dir(cfg: RunConfig) -> Path:
@@ -183,20 +188,20 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
 
 
 def run_all(cfg: RunConfig, resume: bool = False) -> dict:
-    from saat_dist.report import write_report
+    from saat_dist.evaluation.report import write_run_report
 
     t0 = time.monotonic()
     source = ensure_data(cfg)  # untrusted manifests are checked before anything is written
     check_layout(cfg, source, [TRAIN, SAAT])
     run_dir = prepare_run_dir(cfg)
-    _record_stage(run_dir, "data", time.monotonic() - t0)
+    record_stage(run_dir, "data", time.monotonic() - t0)
     # --resume skips stages whose outputs exist and resumes an interrupted one
     if not (resume and (run_dir / "benign" / "model.pt").is_file()):
         stage_train(cfg, run_dir, resume)
-    if not (resume and (run_dir / "benign" / "eval.json").is_file()):
+    if not (resume and results_current(run_dir / "benign" / RUN_RESULTS)):
         stage_evaluate(cfg, run_dir, "benign")
     if not (resume and (run_dir / "saat" / "model.pt").is_file()):
         stage_saat(cfg, run_dir, resume)
     stage_evaluate(cfg, run_dir, "saat")
-    _record_stage(run_dir, "total", time.monotonic() - t0)
-    return write_report(cfg, run_dir)
+    record_stage(run_dir, "total", time.monotonic() - t0)
+    return write_run_report(cfg, run_dir)

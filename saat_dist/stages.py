@@ -1,41 +1,30 @@
-"""The protocol's stages as values: one record per stage, read by the
-pipeline, the Ray driver and the workers alike."""
+"""The protocol's training stages as values: read by the pipeline, the Ray
+driver and the workers alike, and handed to a Ray worker as they are (the
+worker runs the value it is given, no name is looked up again)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from saat_dist.defences import DEFENCES, Defence
+
 
 @dataclass(frozen=True)
 class Stage:
-    name: str  # CLI / Ray run key
-    out: str  # folder under the run directory with model.pt / train.json / eval.json
-    section: str | None  # config section with epochs, batch_size, optim (None: evaluation)
-    seed_offset: int  # added to cfg.seed for this stage's data order and attacks
+    name: str  # run key and metrics label
+    out: str  # folder under the run directory with model.pt and train.json
+    section: str  # config section with epochs, batch_size, optim
+    seed_offset: int  # added to cfg.seed for this stage's data order
     needs: str | None  # folder whose model.pt must exist first (None: nothing)
+    defence: Defence | None = None  # the defence it trains (None: benign training)
 
 
 TRAIN = Stage("train", "benign", "train", 0, None)
-SAAT = Stage("saat", "saat", "saat", 1, "benign")
-CGAT = Stage("cgat", "cgat", "cgat", 2, "benign")
-ATRDH = Stage("atrdh", "atrdh", "atrdh", 3, "benign")
-PGD_AT = Stage("pgd_at", "pgd_at", "pgd_at", 4, "benign")
-TRAINING = {s.name: s for s in (TRAIN, SAAT, CGAT, ATRDH, PGD_AT)}
-DEFENCE_STAGES = {s.name: s for s in (SAAT, CGAT, ATRDH, PGD_AT)}  # adversarial training from the benign model
+DEFENCE_STAGES = {d.name: Stage(d.name, d.name, d.name, d.seed_offset, "benign", d) for d in DEFENCES.values()}
+SAAT = DEFENCE_STAGES["saat"]
+TRAINING = {TRAIN.name: TRAIN, **DEFENCE_STAGES}
 
 
 def model_folder(defence: str) -> str:
     """Folder of a defence's model in a run directory ('none': the benign model)."""
     return TRAIN.out if defence == "none" else DEFENCE_STAGES[defence].out
-
-
-def evaluate_key(which: str) -> str:
-    """Run key and metrics label of the evaluation of ``which``."""
-    return f"evaluate_{which}"
-
-
-def stage_key(stage: str, which: str | None) -> str:
-    """Run key and metrics label of a stage ('evaluate' and 'robustness' per model folder)."""
-    if which is None:
-        return stage
-    return evaluate_key(which) if stage == "evaluate" else f"{stage}_{which}"

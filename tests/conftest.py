@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# The session's Ray runs on loopback only; drivers in subprocesses join it without a token.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import pytest
 import torch
@@ -22,17 +25,29 @@ def tiny_demo(tmp_path_factory):
     return out, summary
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _ray_down_after_module():
-    """A test that runs the CLI in this process starts Ray here: shut it down
-    with the module. A later test's `ray stop --force` would otherwise kill
-    that Ray's raylet, and a driver whose raylet dies exits at once: pytest."""
-    yield
-    import sys
+@pytest.fixture(scope="session")
+def ray_address():
+    """One local Ray for the whole session (loopback, 4 logical CPUs): the CLI
+    run in this process joins it (``init_ray`` finds it started), and a CLI
+    in a subprocess joins it with ``--address``; no test stops it."""
+    import ray
 
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
+    if ray.is_initialized():  # started by a test that ran the CLI in this process
         ray.shutdown()
+    context = ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                       runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}, configure_logging=False)
+    _RAY["dashboard"] = f"http://{context.dashboard_url}"
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+_RAY: dict = {}
+
+
+@pytest.fixture(scope="session")
+def ray_dashboard(ray_address):
+    """The job API of the session's Ray (its dashboard, on 127.0.0.1)."""
+    return _RAY["dashboard"]
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from saat_dist.distributed.bank_sync import SyncedBank
+from saat_dist.comm.bank_sync import SyncedBank
 from saat_dist.mainstay import CodeBank, label_set_table
 
 
@@ -118,7 +118,7 @@ def test_bytes_per_sync_do_not_depend_on_items():
 
 
 def _own_items_worker(rank, world, port, out):
-    from saat_dist.distributed.collectives import all_gather_ragged, average_buffers
+    from saat_dist.comm.collectives import all_gather_ragged, average_buffers
     from saat_dist.distributed.driver import GPU_BACKEND
     from saat_dist.hashing import DPHLoss
     from saat_dist.mainstay import label_set_counts
@@ -185,11 +185,12 @@ def test_the_driver_asks_ray_for_a_group_that_carries_cpu_tensors_on_gpus(tmp_pa
 
     from saat_dist.config import load_config
     from saat_dist.distributed.driver import build_trainer
+    from saat_dist.stages import TRAIN
 
     for use_gpu, backend in ((True, "cpu:gloo,cuda:nccl"), (False, "gloo")):
         cfg = load_config("configs/tiny.yaml", [f"output_dir={tmp_path}", f"distributed.use_gpu={str(use_gpu).lower()}",
                                                 "device=auto"])
-        trainer = build_trainer(cfg, "train", tmp_path)
+        trainer = build_trainer(cfg, TRAIN, tmp_path)
         assert isinstance(trainer.backend_config, TorchConfig)
         assert trainer.backend_config.backend == backend
         assert trainer.scaling_config.use_gpu is use_gpu

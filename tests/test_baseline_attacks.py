@@ -221,7 +221,7 @@ def test_tha_prototypes_train_on_database_label_sets_at_the_reference_batch(sett
     """THA (tha.py): batches of 128 target label sets drawn from the
     database's label sets, circle loss against the model's training codes."""
     from saat_dist.config import load_config
-    from saat_dist.robustness import tha_prototypes
+    from saat_dist.attacks.prototype import tha_prototypes
 
     model, x, y, tr_codes, tr_lab, _ = setting
     cfg = load_config(None, ["model.bits=16", "attack.tha.pnet_steps=3"])
@@ -231,7 +231,7 @@ def test_tha_prototypes_train_on_database_label_sets_at_the_reference_batch(sett
     draw = PrototypeTrainer.draw_targets
     PrototypeTrainer.draw_targets = lambda self, n: drawn.append(draw(self, n)) or drawn[-1]
     try:
-        trainer = tha_prototypes(cfg, tr_codes, tr_lab, db_sets, "cpu")
+        trainer = tha_prototypes(cfg.attack.tha, tr_codes, tr_lab, db_sets, 16, cfg.seed, "cpu")
     finally:
         PrototypeTrainer.draw_targets = draw
     assert torch.equal(trainer.label_sets, db_sets.float())  # not the train split's label sets
@@ -253,7 +253,7 @@ def _prototype_worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from saat_dist.distributed.collectives import all_gather_ragged, all_reduce_sum
+        from saat_dist.comm.collectives import all_gather_ragged, all_reduce_sum
 
         _, bank, labels = _class_bank()
         half = slice(0, 23) if rank == 0 else slice(23, 40)  # unequal parts

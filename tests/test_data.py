@@ -13,7 +13,8 @@ from saat_dist.data.convert import convert, plan_shards
 from saat_dist.data.demo import DemoSpec, build_demo, relevance_fraction
 from saat_dist.data.listformat import DataFormatError, read_split
 from saat_dist.data.shards import MANIFEST
-from saat_dist.data.stream import iter_shard, load_labels, load_split
+from saat_dist.data.decode import iter_shard
+from saat_dist.data.stream import load_labels, load_split
 
 
 def make_dataset(root: Path, n=(6, 3, 8), classes=4, size=(20, 16)):
@@ -209,7 +210,7 @@ def test_resize_and_centre_crop_as_torchvision():
     """data.resize: the reference's Resize(256) + CenterCrop(224), here at a small size."""
     import torchvision.transforms.v2 as T
 
-    from saat_dist.data.stream import resize_image
+    from saat_dist.data.decode import resize_image
 
     g = torch.Generator().manual_seed(0)
     for h, w in ((40, 60), (60, 40), (48, 48)):

@@ -15,7 +15,7 @@ from saat_dist.mainstay import CodeBank, mainstay_codes, mainstay_codes_dense
 from saat_dist.models import build_hash_model
 from saat_dist.stages import TRAINING
 from saat_dist.training import TorchStepper
-from saat_dist.training.steps import (
+from saat_dist.training import (
     ATRDHSettings,
     PGDATSettings,
     SAATSettings,

@@ -12,7 +12,7 @@ STAGE_KEYS = {"clean_map", "attacked_map", "targeted_tmap", "theory_map", "theor
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, ray_address):
     tmp = tmp_path_factory.mktemp("tiny_run")
     args = ["--config", "configs/tiny.yaml", "--set", f"output_dir={tmp / 'run'}",
             "--set", f"data.shard_dir={tmp / 'data' / 'shards'}"]

@@ -8,13 +8,13 @@ import torch
 
 from saat_dist.config import config_from_dict, load_config
 from saat_dist.data.source import DataSource
-from saat_dist.evaluation import evaluate_model
+from saat_dist.device import Place
+from saat_dist.evaluation import EvaluationStage, evaluate
 from saat_dist.models import build_hash_model
-from saat_dist.robustness import evaluate_robustness
 from tests.gloo import run_on_group
 
 # every attack, a few iterations each, 16 queries in global batches of 4 (at 3 workers: 2 / 1 / 1 batches)
-EVAL = ["experiment.num_queries=16", "eval.num_queries=16", "attack.batch_size=4", "attack.restarts=2",
+EVAL = ["eval.num_queries=16", "attack.batch_size=4", "attack.restarts=2",
         "attack.iters=4", "attack.hag.iters=6", "attack.sdha.iters=6", "attack.square.iters=20",
         "attack.transfer.iters=3", "attack.dhta.iters=6", "attack.p2p.iters=6", "attack.tha.pnet_steps=20",
         "attack.tha.iters=4", "attack.strong_queries=6", "experiment.eps_sweep=[0,0.03,0.0627451]",
@@ -26,9 +26,8 @@ def _evaluate(rank, world, tree, shards, state):
     model = build_hash_model("small_cnn", 16, width=16)
     model.load_state_dict(state)
     source = DataSource.open(shards)
-    robust = evaluate_robustness(cfg, model, source, torch.device("cpu"), "w", rank, world)
-    run = evaluate_model(cfg, model, source, torch.device("cpu"), "w", strong=True, rank=rank, world=world)
-    return robust, run
+    every = EvaluationStage("w", tuple(cfg.experiment.attacks) + ("mainstay_strong",), sweep=True)
+    return evaluate(cfg, model, source, every, Place(torch.device("cpu"), rank, world))
 
 
 def _numbers(tree, prefix="") -> dict[str, float]:
@@ -54,19 +53,18 @@ def test_evaluation_is_the_same_on_1_2_and_3_workers(tiny_demo, trained_small):
     tree = load_config("configs/tiny.yaml", [f"data.shard_dir={shards}", *EVAL]).to_dict()
     state = trained_small[0].state_dict()
     results = {w: run_on_group(_evaluate, w, tree, shards, state)[0] for w in (1, 2, 3)}
-    base = {k: _numbers(v) for k, v in zip(("robust", "run"), results[1])}
-    assert base["robust"][".attacks.mainstay.map"] < base["robust"][".clean_map"]  # the attacks did something
+    base = _numbers(results[1])
+    assert base[".attacks.mainstay.map"] < base[".clean_map"]  # the attacks did something
     worst = 0.0
     for w in (2, 3):
-        for name, res in zip(("robust", "run"), results[w]):
-            got = _numbers(res)
-            assert got.keys() == base[name].keys()
-            for key, value in base[name].items():
-                if isinstance(value, float):
-                    worst = max(worst, abs(got[key] - value))
-                    assert got[key] == pytest.approx(value, abs=1e-6), (w, name, key)
-                else:
-                    assert got[key] == value, (w, name, key)
+        got = _numbers(results[w])
+        assert got.keys() == base.keys()
+        for key, value in base.items():
+            if isinstance(value, float):
+                worst = max(worst, abs(got[key] - value))
+                assert got[key] == pytest.approx(value, abs=1e-6), (w, key)
+            else:
+                assert got[key] == value, (w, key)
     print(f"largest difference over every number at 2 and 3 workers: {worst}")
 
 

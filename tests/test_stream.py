@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from saat_dist.data.convert import convert
-from saat_dist.data.stream import ShardError, ShardStream, StreamSpec
+from saat_dist.data.decode import ShardError
+from saat_dist.data.stream import ShardStream, StreamSpec
 from tests.test_data import make_dataset
 
 

@@ -107,6 +107,75 @@ def test_in_process_resume_ends_where_an_uninterrupted_run_ends(tiny_demo, tmp_p
     assert worst <= 1e-6, worst  # measured: 0.0
 
 
+def test_grad_accum_steps_once_per_global_batch_through_the_loop(tiny_demo, tmp_path, one_thread):
+    """distributed.grad_accum=2 through the loop: each optimizer step takes
+    the global batch of 32 as two micro-batches of 16, the lr schedule counts
+    optimizer steps, and the model is exactly that of the same micro-batches
+    fed by hand to benign_step with a TorchStepper(accumulate=2)."""
+    import json
+
+    from saat_dist.device import Place
+    from saat_dist.hashing import build_hash_loss
+    from saat_dist.models.model_file import build_model
+    from saat_dist.training.optim import build_optimizer, build_scheduler
+    from saat_dist.training.steps import TorchStepper, benign_step
+    from saat_dist.training.trainer import build_bank, open_stream
+
+    shards = tiny_demo[1]["shard_dir"]
+    cfg = tiny_cfg(tmp_path, shards, "distributed.grad_accum=2", "train.optim.milestones=[0.5]", *GOLDEN_ARGS)
+    result = run_in_process(cfg, TRAIN)
+    assert result.steps == 7 and [r["step"] for r in result.log_records] == [1, 2, 3, 4, 5, 6, 7]  # 240 // 32
+    schedule = json.loads((tmp_path / "benign" / "train.json").read_text())["schedule"]
+    assert (schedule["global_batch"], schedule["micro_batch"], schedule["grad_accum"]) == (32, 16, 2)
+
+    cpu = torch.device("cpu")
+    source = DataSource.open(shards)
+    model = build_model(cfg.model, cfg.seed, cpu)
+    loss_fn = build_hash_loss(cfg.train.loss, source.num_classes, cfg.model.bits, cfg.seed)
+    bank = build_bank(cfg, source, loss_fn, Place(), lambda *a: None)
+    stream = open_stream(cfg, TRAIN, source, Launch(0, 1, cpu, None, None))
+    optimizer = build_optimizer(model.parameters(), cfg.train.optim, 32)
+    stepper = TorchStepper(optimizer, build_scheduler(optimizer, cfg.train.optim, 7, 7, 32), accumulate=2)
+    model.train()
+    lrs = []
+    for step in range(7):
+        for _ in range(2):
+            x, y, index = next(stream)
+            assert len(index) == 16
+            benign_step(model, stepper, (x, y, index), bank, loss_fn, step, check=False)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.05] * 2 + [0.005] * 5)  # x 0.1 after int(0.5 * 7) = 3 optimizer steps, not micro-steps
+    saved = torch.load(tmp_path / "benign" / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_loop_reports_the_first_non_finite_step_and_writes_no_model(tiny_demo, tmp_path, monkeypatch):
+    """The loop reads losses back only at log steps and checkpoints. A NaN
+    image in the second micro-batch of step 8 (grad_accum=2) poisons every
+    later step; the loop notices at the end of epoch 2 and names step 8,
+    writes no model and no checkpoint past the last good one."""
+    from saat_dist.training import trainer
+
+    real, calls = trainer.benign_step, []
+
+    def poisoned(model, stepper, batch, bank, loss_fn, step, **kw):
+        calls.append(step)
+        if calls.count(8) == 2 and calls[-1] == 8:
+            x = batch[0].clone()
+            x[0] = float("nan")
+            batch = (x, *batch[1:])
+        return real(model, stepper, batch, bank, loss_fn, step, **kw)
+
+    monkeypatch.setattr(trainer, "benign_step", poisoned)
+    cfg = tiny_cfg(tmp_path, tiny_demo[1]["shard_dir"], "distributed.grad_accum=2", "train.epochs=2",
+                   "log_every_s=1000")
+    with pytest.raises(FloatingPointError, match="train loss is not finite at step 8: stopping the run"):
+        run_in_process(cfg, TRAIN)
+    assert calls[-1] == 13 and len(calls) == 28  # 7 steps an epoch: ran on to the read-back at the end of epoch 2
+    assert not (tmp_path / "benign" / "model.pt").exists()
+    assert sorted(p.name for p in (tmp_path / "benign" / "checkpoints").iterdir()) == ["step-7"]
+
+
 def _bank_and_batch(n=3000, c=8, k=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     labels = (torch.rand(n, c, generator=g) < 0.3).float()
@@ -170,7 +239,7 @@ def test_documented_entry_points_keep_their_signatures():
     from saat_dist.metrics import mean_average_precision
     from saat_dist.models import build_hash_model
     from saat_dist.training import SAATSettings, TorchStepper
-    from saat_dist.training.steps import saat_step
+    from saat_dist.training import saat_step
 
     def positional(fn):
         return [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
@@ -179,7 +248,17 @@ def test_documented_entry_points_keep_their_signatures():
     assert positional(CodeBank.__init__)[1:4] == ["train_labels", "bits", "set_labels"]
     assert positional(mainstay_codes) == ["query_labels", "train_codes", "train_labels"]
     assert positional(mean_average_precision)[:5] == ["query_codes", "db_codes", "query_labels", "db_labels", "top_k"]
-    assert callable(build_hash_loss) and callable(build_hash_model) and TorchStepper and SAATSettings()
+    assert positional(build_hash_loss)[:4] == ["name", "num_classes", "bits", "seed"]
+    assert positional(build_hash_model)[:2] == ["backbone", "bits"]
+    assert positional(TorchStepper.__init__)[1:3] == ["optimizer", "scheduler"]
+    # the deprecated settings class: old positional calls land where they did, with a warning
+    with pytest.warns(DeprecationWarning, match="SAATSettings is deprecated"):
+        s = SAATSettings(0.1, 0.02, 3, 2.0, 0.5, "train")
+    assert (s.eps, s.step_size, s.iters, s.lam, s.mu, s.mode, s.attack_mode) == (0.1, 0.02, 3, 2.0, 0.5, "train",
+                                                                                   "train")
+    with pytest.warns(DeprecationWarning):
+        d = SAATSettings()
+    assert (d.eps, d.step_size, d.iters, d.lam, d.mu, d.mode) == (8 / 255, 2 / 255, 7, 1.0, 1e-4, "eval")
 
 
 class CountingDPH(DPHLoss):

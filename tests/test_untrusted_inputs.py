@@ -128,7 +128,7 @@ def test_a_ray_failure_names_the_rank_with_the_cause():
     one that failed because its peer died."""
     from ray.train import WorkerGroupError
 
-    from saat_dist.data.stream import ShardError
+    from saat_dist.data.decode import ShardError
     from saat_dist.distributed.driver import describe_failure
 
     peer = RuntimeError("Connection closed by peer [127.0.0.1]:4242")

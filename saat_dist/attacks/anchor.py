@@ -9,10 +9,30 @@ schedule (``pgd_attack(targeted=True, loss="plain", random_start=False)``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from saat_dist.attacks.base import Attack, AttackContext, AttackOutput
 from saat_dist.attacks.mainstay_pgd import ALPHA_SCHEDULE, pgd_attack
+
+
+@dataclass
+class AnchorAttackConfig:
+    iters: int = 2000  # PGD iterations toward the anchor code (DHTA paper's default)
+    eps: float | None = None  # budget (None: attack.eps; the reference's DHTA uses 0.032)
+    step_size: float = 1 / 255  # PGD step
+    anchors: int = 9  # anchor = sign of the sum of this many database codes of the target label set (P2P: 1)
+
+    def problems(self, section: str) -> list[tuple[str, bool, str]]:
+        """(key, ok, message) of this section's range checks."""
+        return [
+            (f"{section}.iters", self.iters >= 1, "must be >= 1"),
+            (f"{section}.step_size", 0 < self.step_size <= 1, "must be in (0, 1]"),
+            (f"{section}.eps", self.eps is None or 0 <= self.eps <= 1, "must be in [0, 1] (or null: attack.eps)"),
+            (f"{section}.anchors", self.anchors >= 1, "must be >= 1"),
+        ]
 
 
 def anchor_codes(target_labels_BC: torch.Tensor, db_codes_NK: torch.Tensor, db_labels_NC: torch.Tensor,
@@ -44,3 +64,31 @@ def target_code_attack(model: nn.Module, x_BCHW: torch.Tensor, target_BK: torch.
     (PrototypeNet codes) run it: -mean(F * t), no random start."""
     return pgd_attack(model, x_BCHW, target_BK, eps=eps, step_size=step_size, iters=iters, targeted=True,
                       random_start=False, alpha_schedule=alpha_schedule, loss="plain", mode=mode)
+
+
+def _anchor_attack(name: str):
+    def prepare(ctx: AttackContext) -> torch.Tensor:
+        c = getattr(ctx.settings, name)
+        return anchor_codes(ctx.targets, ctx.db_codes, ctx.db_lab, c.anchors,
+                            torch.Generator().manual_seed(ctx.seed + 31 + c.anchors))
+
+    def run(ctx: AttackContext, x, targets, index) -> AttackOutput:
+        c = getattr(ctx.settings, name)
+        eps = ctx.settings.eps if c.eps is None else c.eps
+        adv = target_code_attack(ctx.model, x, ctx.prepared[name][index].to(ctx.device), eps=eps,
+                                 step_size=c.step_size, iters=c.iters)
+        return AttackOutput(adv, [x])
+
+    return prepare, run
+
+
+def _budget(name: str):
+    def budget(a):
+        c = getattr(a, name)
+        return (a.eps if c.eps is None else c.eps, c.iters, 1)
+    return budget
+
+
+_DHTA, _P2P = _anchor_attack("dhta"), _anchor_attack("p2p")
+ATTACKS = (Attack("dhta", "DHTA", "targeted", _budget("dhta"), _DHTA[1], order=91, prepare=_DHTA[0]),
+           Attack("p2p", "P2P", "targeted", _budget("p2p"), _P2P[1], order=92, prepare=_P2P[0]))

@@ -17,10 +17,29 @@ is the reference's and results do not depend on the batch size.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from saat_dist.attacks.base import Attack, AttackContext, AttackOutput
 from saat_dist.attacks.mainstay_pgd import ALPHA_SCHEDULE, alpha_at, model_mode, project
+
+
+@dataclass
+class HAGConfig:
+    iters: int = 2000  # iterations (HAG paper's default)
+    lr: float = 100.0  # SGD learning rate on the image (momentum 0.9), as the reference
+    threshold: float = 0.5  # a bit stops counting once |F(x_adv) - sign(F(x))| exceeds 1 + threshold
+    beta: float = 1.0  # weight of the code-balance term
+
+    def problems(self, section: str) -> list[tuple[str, bool, str]]:
+        """(key, ok, message) of this section's range checks."""
+        return [
+            (f"{section}.iters", self.iters >= 1, "must be >= 1"),
+            (f"{section}.lr", self.lr > 0, "must be > 0"),
+        ]
+
 
 REFERENCE_BATCH = 128  # attack.py's --batch_size default
 
@@ -50,3 +69,12 @@ def hag_attack(model: nn.Module, x_BCHW: torch.Tensor, *, eps: float, iters: int
             with torch.no_grad():
                 x_adv.copy_(project(x_BCHW, x_adv, eps))
     return x_adv.detach()
+
+
+def _run(ctx: AttackContext, x, labels, index) -> AttackOutput:
+    h = ctx.settings.hag
+    return AttackOutput(hag_attack(ctx.model, x, eps=ctx.settings.eps, iters=h.iters, lr=h.lr, threshold=h.threshold,
+                                   beta=h.beta), [x])
+
+
+ATTACKS = (Attack("hag", "HAG", "untargeted", lambda a: (a.eps, a.hag.iters, 1), _run, order=10),)

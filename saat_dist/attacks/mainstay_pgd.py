@@ -21,6 +21,7 @@ import contextlib
 import torch
 from torch import nn
 
+from saat_dist.attacks.base import Attack, AttackContext, AttackOutput
 from saat_dist.keyed_random import ItemKeys
 
 ALPHA_SCHEDULE = (0.1, 0.1, 0.1, 0.1, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
@@ -184,3 +185,40 @@ def pgd_starts(x_BCHW: torch.Tensor, eps: float, restarts: int, keys: ItemKeys, 
     """The starting points of every restart of a keyed PGD attack (for the
     check that an attack moved its examples away from where it started)."""
     return [start_point(x_BCHW, eps, random_start, keys.child("restart", r)) for r in range(max(1, restarts))]
+
+
+# ---------------------------------------------------------------- registry entries
+def _mainstay(ctx: AttackContext, x, labels, index) -> AttackOutput:
+    a = ctx.settings
+    keys = ctx.keys(index, "mainstay")
+    best, first = pgd_restarts(ctx.model, x, ctx.guide_of(labels).to(ctx.device), eps=a.eps, step_size=a.step_size,
+                               iters=a.iters, loss=a.loss, restarts=a.restarts, keys=keys, keep_first=True)
+    return AttackOutput(best, [x, *pgd_starts(x, a.eps, a.restarts, keys)], first)
+
+
+def _mainstay_targeted(ctx: AttackContext, x, targets, index) -> AttackOutput:
+    a = ctx.settings
+    keys = ctx.keys(index, "mainstay_targeted")
+    adv = pgd_restarts(ctx.model, x, ctx.guide_of(targets).to(ctx.device), eps=a.eps, step_size=a.step_size,
+                       iters=a.iters, targeted=True, loss=a.loss, keys=keys)[0]
+    return AttackOutput(adv, [x, *pgd_starts(x, a.eps, 1, keys)])
+
+
+def _mainstay_strong(ctx: AttackContext, x, labels, index) -> AttackOutput:
+    """The strong check: strong_factor x iters, strong_restarts random starts,
+    the strongest per query (on the first ``attack.strong_queries`` queries)."""
+    a = ctx.settings
+    keys = ctx.keys(index, "mainstay_strong")
+    adv = pgd_restarts(ctx.model, x, ctx.guide_of(labels).to(ctx.device), eps=a.eps, step_size=a.step_size,
+                       iters=a.iters * a.strong_factor, loss=a.loss, restarts=a.strong_restarts, keys=keys)[0]
+    return AttackOutput(adv, [x, *pgd_starts(x, a.eps, a.strong_restarts, keys)])
+
+
+ATTACKS = (
+    Attack("mainstay", "mainstay (ours)", "untargeted", lambda a: (a.eps, a.iters, a.restarts), _mainstay, order=0),
+    Attack("mainstay_strong", "mainstay, strong check", "untargeted",
+           lambda a: (a.eps, a.iters * a.strong_factor, a.strong_restarts), _mainstay_strong, order=5,
+           queries=lambda a, n: min(a.strong_queries or n, n), default=False),
+    Attack("mainstay_targeted", "mainstay, targeted (ours)", "targeted", lambda a: (a.eps, a.iters, 1),
+           _mainstay_targeted, order=90),
+)

@@ -18,14 +18,38 @@ Distributed training: the logsumexps split exactly over processes that each
 hold part of the training codes (logsumexp of a union = logsumexp of the
 parts' logsumexps). ``PrototypeTrainer`` takes ``gather`` (all-gather of a
 small tensor) and ``all_reduce`` (sum, in place) callables for that; without
-them it trains on the codes it is given. No torch.distributed here.
+them it trains on the codes it is given. THA's registry entry trains one
+on rank 0 and broadcasts its codes (``_tha_prepare``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from saat_dist.attacks.anchor import target_code_attack
+from saat_dist.attacks.base import Attack, AttackContext, AttackOutput
+
+
+@dataclass
+class THAConfig:
+    iters: int = 100  # PGD iterations toward the PrototypeNet's target code
+    step_size: float = 1 / 255  # PGD step
+    pnet_steps: int = 30000  # PrototypeNet training steps (the reference: 100 epochs x 300)
+    pnet_batch: int = 128  # label sets per PrototypeNet step, drawn from the database's label sets (the reference: its attack batch, 128)
+    pnet_lr: float = 1e-4  # Adam learning rate (betas 0.5, 0.999; x 0.1 at 50 % and 75 %)
+
+    def problems(self, section: str) -> list[tuple[str, bool, str]]:
+        """(key, ok, message) of this section's range checks."""
+        return [
+            (f"{section}.iters", self.iters >= 1, "must be >= 1"),
+            (f"{section}.step_size", 0 < self.step_size <= 1, "must be in (0, 1]"),
+            (f"{section}.pnet_steps", self.pnet_steps >= 1, "must be >= 1"),
+            (f"{section}.pnet_batch", self.pnet_batch >= 1, "must be >= 1"),
+        ]
 
 
 class PrototypeNet(nn.Module):
@@ -137,3 +161,42 @@ class PrototypeTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
+
+
+# ---------------------------------------------------------------- THA
+def tha_prototypes(tha: THAConfig, tr_codes: torch.Tensor, tr_lab: torch.Tensor, db_sets: torch.Tensor, bits: int,
+                   seed: int, device, progress=None) -> PrototypeTrainer:
+    """THA's PrototypeNet, trained as the reference's ``tha.py`` trains it:
+    ``pnet_steps`` steps on batches of ``pnet_batch`` label sets drawn from
+    the database's label sets (the targets' own kind), circle loss against
+    the attacked model's training codes."""
+    trainer = PrototypeTrainer(tr_lab.shape[1], bits, db_sets, total_steps=tha.pnet_steps, seed=seed + 41,
+                               device=device, lr=tha.pnet_lr)
+    trainer.fit(tr_codes.to(device), tr_lab.to(device), tha.pnet_steps, tha.pnet_batch, progress)
+    return trainer
+
+
+def _tha_prepare(ctx: AttackContext) -> torch.Tensor:
+    """Every query's THA target code: a PrototypeNet trained on rank 0, its codes broadcast."""
+    from saat_dist.comm.collectives import broadcast
+    from saat_dist.progress import Progress
+
+    tha = ctx.settings.tha
+    codes = torch.zeros(len(ctx.targets), ctx.tr_codes.shape[1])
+    if ctx.rank == 0:
+        trainer = tha_prototypes(tha, ctx.tr_codes, ctx.tr_lab, torch.unique(ctx.db_lab, dim=0), ctx.tr_codes.shape[1],
+                                 ctx.seed, ctx.device, Progress("THA PrototypeNet", tha.pnet_steps,
+                                                                 every_s=ctx.log_every_s))
+        codes = trainer.target_codes(ctx.targets).cpu()
+    return broadcast(codes)
+
+
+def _tha_run(ctx: AttackContext, x, targets, index) -> AttackOutput:
+    tha = ctx.settings.tha
+    adv = target_code_attack(ctx.model, x, ctx.prepared["tha"][index].to(ctx.device), eps=ctx.settings.eps,
+                             step_size=tha.step_size, iters=tha.iters)
+    return AttackOutput(adv, [x])
+
+
+ATTACKS = (Attack("tha", "THA", "targeted", lambda a: (a.eps, a.tha.iters, 1), _tha_run, order=93,
+                  prepare=_tha_prepare),)

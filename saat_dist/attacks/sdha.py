@@ -21,10 +21,30 @@ whatever the number of relevant items.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from saat_dist.attacks.base import Attack, AttackContext, AttackOutput
 from saat_dist.attacks.mainstay_pgd import ALPHA_SCHEDULE, alpha_at, model_mode, project
+
+
+@dataclass
+class SDHAConfig:
+    iters: int = 1500  # iterations (SDHA paper's default)
+    lr: float = 0.01  # Adam learning rate on the image
+    weight: float = 25.0  # weight of the surrogate term (divided by K), beside the MSE to the clean image
+    sigma: float = 5.0  # sigmoid sharpness of the soft Hamming distance
+    z: float = 0.5  # relevant items weighted by (Hamming distance + 1e-8)^-z
+
+    def problems(self, section: str) -> list[tuple[str, bool, str]]:
+        """(key, ok, message) of this section's range checks."""
+        return [
+            (f"{section}.iters", self.iters >= 1, "must be >= 1"),
+            (f"{section}.lr", self.lr > 0, "must be > 0"),
+        ]
+
 
 REFERENCE_BATCH = 128  # the reference's attack batch (attack.py --batch_size)
 CHUNK_VALUES = 1 << 22  # B x chunk x K values per surrogate chunk
@@ -88,3 +108,13 @@ def sdha_attack(model: nn.Module, x_BCHW: torch.Tensor, y_BC: torch.Tensor, pool
             with torch.no_grad():
                 x_adv.copy_(project(x_BCHW, x_adv, eps))
     return x_adv.detach()
+
+
+def _run(ctx: AttackContext, x, labels, index) -> AttackOutput:
+    s = ctx.settings.sdha
+    adv = sdha_attack(ctx.model, x, labels, ctx.tr_codes, ctx.tr_lab, eps=ctx.settings.eps, iters=s.iters, lr=s.lr,
+                      weight=s.weight, sigma=s.sigma, z=s.z)
+    return AttackOutput(adv, [x])
+
+
+ATTACKS = (Attack("sdha", "SDHA", "untargeted", lambda a: (a.eps, a.sdha.iters, 1), _run, order=20),)

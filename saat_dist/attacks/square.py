@@ -18,11 +18,28 @@ not depend on the batch or worker it ran in; without, from ``generator``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from saat_dist.attacks.base import Attack, AttackContext, AttackOutput
 from saat_dist.attacks.mainstay_pgd import model_mode
 from saat_dist.keyed_random import ItemKeys
+
+
+@dataclass
+class SquareConfig:
+    iters: int = 1000  # queries per image (one forward pass each; no gradients)
+    p_init: float = 0.1  # initial share of pixels in the random square (halved on the Square attack's schedule)
+
+    def problems(self, section: str) -> list[tuple[str, bool, str]]:
+        """(key, ok, message) of this section's range checks."""
+        return [
+            (f"{section}.iters", self.iters >= 1, "must be >= 1"),
+            (f"{section}.p_init", 0 < self.p_init <= 1, "must be in (0, 1]"),
+        ]
+
 
 _SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
@@ -91,3 +108,15 @@ def square_attack(model: nn.Module, x_BCHW: torch.Tensor, guide_BK: torch.Tensor
             x_adv = torch.where(better[:, None, None, None], cand, x_adv)
             best = torch.where(better, score, best)
     return x_adv
+
+
+def _run(ctx: AttackContext, x, labels, index) -> AttackOutput:
+    a = ctx.settings
+    keys = ctx.keys(index, "square")
+    adv = square_attack(ctx.model, x, ctx.guide_of(labels).to(ctx.device), eps=a.eps, iters=a.square.iters,
+                        p_init=a.square.p_init, keys=keys)
+    return AttackOutput(adv, [x, square_start(x, a.eps, keys)])
+
+
+ATTACKS = (Attack("square", "random search (black-box)", "untargeted", lambda a: (a.eps, a.square.iters, 1), _run,
+                  order=30, whitebox=False),)

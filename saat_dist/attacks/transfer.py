@@ -35,13 +35,39 @@ batch or the worker. Without keys they come from ``generator``, per batch.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from saat_dist.attacks.base import Attack, AttackContext, AttackOutput
 from saat_dist.attacks.mainstay_pgd import ALPHA_SCHEDULE, alpha_at, attack_loss, model_mode, project
 from saat_dist.keyed_random import ItemKeys
+
+
+@dataclass
+class TransferConfig:
+    iters: int = 100  # iterations of BIM, DI-, NI-, SI-NI- and VMI-FGSM (the reference: 100)
+    step_size: float = 1 / 255  # step of each
+    decay: float = 1.0  # momentum decay (NI, SI-NI, VMI; DI-FGSM uses 0 as the reference)
+    di_prob: float = 0.5  # DI-FGSM: probability of the random resize-and-pad
+    di_resize: float = 0.9  # DI-FGSM: images are shrunk to a random size in [di_resize, 1) x S, then padded
+    si_copies: int = 5  # SI-NI-FGSM: scale copies x / 2^i, i < si_copies
+    vmi_neighbours: int = 5  # VMI-FGSM: neighbours sampled for the gradient variance ...
+    vmi_beta: float = 1.5  # ... uniformly within beta x eps
+
+    def problems(self, section: str) -> list[tuple[str, bool, str]]:
+        """(key, ok, message) of this section's range checks."""
+        return [
+            (f"{section}.iters", self.iters >= 1, "must be >= 1"),
+            (f"{section}.step_size", 0 < self.step_size <= 1, "must be in (0, 1]"),
+            (f"{section}.di_prob", 0 <= self.di_prob <= 1, "must be in [0, 1]"),
+            (f"{section}.di_resize", 0 < self.di_resize < 1, "must be in (0, 1)"),
+            (f"{section}.si_copies", self.si_copies >= 1, "must be >= 1"),
+            (f"{section}.vmi_neighbours", self.vmi_neighbours >= 1, "must be >= 1"),
+        ]
+
 
 GENERATORS = ("bim", "difgsm", "nifgsm", "sinifgsm", "vmifgsm")
 
@@ -170,3 +196,19 @@ def transfer_codes(models: dict[str, nn.Module], x_adv_BCHW: torch.Tensor) -> di
         with model_mode(m, "eval"):
             out[name] = torch.where(m(x_adv_BCHW, alpha=1.0) >= 0, 1.0, -1.0)
     return out
+
+
+def _run(name: str):
+    def run(ctx: AttackContext, x, labels, index) -> AttackOutput:
+        a, t = ctx.settings, ctx.settings.transfer
+        keys = ctx.keys(index, name)
+        adv = transfer_attack(name, ctx.model, x, ctx.guide_of(labels).to(ctx.device), eps=a.eps, step_size=t.step_size,
+                              iters=t.iters, loss=a.loss, decay=t.decay, di_prob=t.di_prob, di_resize=t.di_resize,
+                              si_copies=t.si_copies, vmi_neighbours=t.vmi_neighbours, vmi_beta=t.vmi_beta, keys=keys)
+        return AttackOutput(adv, [x, transfer_start(name, x, a.eps, keys)])
+    return run
+
+
+LABELS = {"bim": "BIM", "difgsm": "DI-FGSM", "nifgsm": "NI-FGSM", "sinifgsm": "SI-NI-FGSM", "vmifgsm": "VMI-FGSM"}
+ATTACKS = tuple(Attack(g, LABELS[g], "untargeted", lambda a: (a.eps, a.transfer.iters, 1), _run(g), order=40 + i)
+                for i, g in enumerate(GENERATORS))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import webdataset as wds
 
+from saat_dist.data.decode import SampleError, ShardError, decode_sample, iter_shard
 from saat_dist.data.shards import load_manifest, shard_urls
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images, labels B x C, global index B
@@ -59,8 +60,6 @@ class DataSource:
     def labels(self, split: str, shards: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(global index N', labels N' x C) of the chosen shards (all: every
         item), read from the metadata members only (images are not decoded)."""
-        from saat_dist.data.stream import ShardError
-
         urls = self.urls(split)
         chosen = range(len(urls)) if shards is None else shards
         index, labels = [], []
@@ -88,9 +87,7 @@ class DataSource:
         not depend on which other shards a process reads (batched float sums
         differ in their last bits with the batch's company). ``keep(index) ->
         bool`` filters samples by global index; ``resize`` as
-        ``stream.resize_image``."""
-        from saat_dist.data.stream import iter_shard
-
+        ``decode.resize_image``."""
         urls = self.urls(split)
         for j in (range(len(urls)) if shards is None else shards):
             buf: list = []
@@ -120,8 +117,6 @@ class DataSource:
     def read_items(self, split: str, indices: list[int], image_size: int, resize: int | None = None) -> Batch:
         """uint8 images, labels and index of the items with these global
         indices, in the order given, reading only the shards that hold them."""
-        from saat_dist.data.stream import SampleError, ShardError, decode_sample
-
         wanted = {int(i): k for k, i in enumerate(indices)}
         found: dict[int, tuple] = {}
         urls = self.urls(split)
@@ -144,8 +139,6 @@ class DataSource:
     def images(self, split: str, indices, image_size: int, resize: int | None = None) -> dict[int, torch.Tensor]:
         """uint8 images 3 x S x S of the items with these global indices (one
         pass over the split's shards; only the wanted images are decoded)."""
-        from saat_dist.data.stream import ShardError, decode_sample
-
         wanted, out = {int(i) for i in indices}, {}
         for url in self.urls(split):
             if len(out) == len(wanted):

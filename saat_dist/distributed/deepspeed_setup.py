@@ -67,7 +67,7 @@ class DeepSpeedBackend:
         self.zero_stage = d.zero_stage
 
     def save(self, directory) -> None:
-        from saat_dist.distributed.collectives import average_buffers
+        from saat_dist.comm.collectives import average_buffers
 
         # One BatchNorm state for all ranks: DeepSpeed saves rank 0's only, and
         # a resumed run must continue exactly as an uninterrupted one.

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from saat_dist.checkpoint import write_text_atomic
 from saat_dist.config import RunConfig
-from saat_dist.stages import stage_key
 
 log = logging.getLogger("saat_dist")
 
@@ -82,10 +81,10 @@ def process_group_backend(cfg: RunConfig) -> str:
     return GPU_BACKEND if cfg.distributed.use_gpu else CPU_BACKEND
 
 
-def build_trainer(cfg: RunConfig, stage: str, run_dir: Path, resume: bool = False, which: str | None = None,
-                  transfer_to: list[str] | None = None):
-    """The TorchTrainer of one stage (not started): scaling, storage, failure
-    handling and the process-group backend all come from the config here."""
+def build_trainer(cfg: RunConfig, stage, run_dir: Path, resume: bool = False):
+    """The TorchTrainer of one stage value (a training ``Stage`` or an
+    ``EvaluationStage``; not started): scaling, storage, failure handling and
+    the process-group backend all come from the config here."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -95,11 +94,10 @@ def build_trainer(cfg: RunConfig, stage: str, run_dir: Path, resume: bool = Fals
     resources = {"CPU": d.cpus_per_worker}
     if d.use_gpu:
         resources["GPU"] = d.gpus_per_worker
-    key = stage_key(stage, which)
+    key = stage.name
     return TorchTrainer(
         worker_main,
-        train_loop_config={"run": _absolute_paths(cfg, run_dir), "stage": stage, "which": which,
-                           "transfer_to": transfer_to or []},
+        train_loop_config={"run": _absolute_paths(cfg, run_dir), "stage": stage},
         torch_config=TorchConfig(backend=process_group_backend(cfg)),
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu, resources_per_worker=resources),
         run_config=RayRunConfig(
@@ -164,18 +162,17 @@ def describe_failure(key: str, error: BaseException) -> StageFailed:
     return StageFailed(f"{key} failed in Ray Train: {type(root).__name__}: {_last_line(str(root))}", False)
 
 
-def run_stage(cfg: RunConfig, stage: str, run_dir: Path, resume: bool = False, which: str | None = None,
-              transfer_to: list[str] | None = None):
-    """Run ``stage`` (a training stage, or 'evaluate' / 'robustness' of the
-    model folder ``which``) on Ray; returns Ray's Result.
+def run_stage(cfg: RunConfig, stage, run_dir: Path, resume: bool = False):
+    """Run ``stage`` (a training ``Stage`` or an ``EvaluationStage``) on Ray
+    workers; returns Ray's Result.
     A failure raises ``StageFailed`` with one line naming the worker's error
     (Ray has retried ``distributed.max_failures`` times from the newest checkpoint)."""
     from ray.train import TrainingFailedError
 
     init_ray(cfg)
-    key = stage_key(stage, which)
+    key = stage.name
     try:
-        result = build_trainer(cfg, stage, run_dir, resume, which, transfer_to).fit()
+        result = build_trainer(cfg, stage, run_dir, resume).fit()
     except TrainingFailedError as e:
         raise describe_failure(key, e) from e
     if result.error is not None:

@@ -1,11 +1,11 @@
 """The Ray Train worker function: one stage of a run on every worker.
 
-Training stages run the one training loop (``saat_dist.training.trainer``)
-with a DeepSpeed backend, checkpoints through ``ray.train.report`` (restored
-from ``ray.train.get_checkpoint()`` at start, so Ray's failure retries and
-``--resume`` continue from the newest one) and Prometheus metrics. The
-evaluate and robustness stages run the streaming evaluations with the
-queries and the database split over the workers.
+The worker is handed the stage as a value (a training ``Stage`` or an
+``EvaluationStage``) and runs it with ``runner.run_here``: training with a
+DeepSpeed backend, checkpoints through ``ray.train.report`` (restored from
+``ray.train.get_checkpoint()`` at start, so Ray's failure retries and
+``--resume`` continue from the newest one) and Prometheus metrics;
+evaluations with the queries and the database split over the workers.
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ from saat_dist.config import RunConfig, config_from_dict
 from saat_dist.data.source import DataSource
 from saat_dist.distributed.deepspeed_setup import DeepSpeedBackend
 from saat_dist.distributed.ray_checkpoint import RayCheckpointer
-from saat_dist.evaluation import evaluate_stage
 from saat_dist.monitoring.prometheus import WorkerMetrics
-from saat_dist.stages import TRAINING, stage_key
-from saat_dist.training.trainer import Launch, train_stage
+from saat_dist.runner import run_here
+from saat_dist.training.trainer import Launch
 
 log = logging.getLogger("saat_dist")
 rank_log = logging.getLogger("saat_dist.rank")
 
 
 def worker_main(config: dict) -> None:
+    """One worker's part of the stage value in ``config["stage"]``."""
     import ray.train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -39,26 +39,19 @@ def worker_main(config: dict) -> None:
     rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
     if rank != 0:  # progress and results are logged once, by rank 0
         log.setLevel(logging.WARNING)
-    device = _device(cfg)
     run_dir = Path(cfg.output_dir)
-    metrics = WorkerMetrics(rank, stage_key(stage, config["which"]))
+    metrics = WorkerMetrics(rank, stage.name)
     if cfg.metrics.enabled:
         port = metrics.serve(cfg.metrics.bind, cfg.metrics.port, run_dir, local_rank)
         rank_log.info("rank %d (pid %d) serves metrics on %s:%d", rank, os.getpid(), cfg.metrics.bind, port)
     source = DataSource.open(cfg.data.shard_dir, cfg.data.base_url)  # the manifest, read once
+
+    def make_backend(model, optim, schedule):
+        return DeepSpeedBackend(model, optim, cfg.distributed, schedule, world)
+
     try:
-        if stage == "evaluate":
-            evaluate_stage(cfg, config["which"], run_dir, rank, world, device, source)
-        elif stage == "robustness":
-            from saat_dist.robustness import robustness_stage
-
-            robustness_stage(cfg, config["which"], run_dir, rank, world, device, source, config["transfer_to"])
-        else:
-            def make_backend(model, optim, schedule):
-                return DeepSpeedBackend(model, optim, cfg.distributed, schedule, world)
-
-            train_stage(cfg, TRAINING[stage], run_dir,
-                        Launch(rank, world, device, make_backend, RayCheckpointer(), metrics), source)
+        run_here(cfg, stage, run_dir, Launch(rank, world, _device(cfg), make_backend, RayCheckpointer(), metrics),
+                 source)
     finally:
         metrics.close(cfg.metrics.linger_s if cfg.metrics.enabled else 0.0)
 

@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from saat_dist.checkpoint import load_state, save_state
-from saat_dist.config import OptimConfig
-from saat_dist.training.optim import build_optimizer, build_scheduler
+from saat_dist.training.optim import OptimConfig, build_optimizer, build_scheduler
 from saat_dist.training.steps import TorchStepper
 
 STATE_FILE = "model-optimizer.pt"

@@ -11,10 +11,60 @@ fractions of all steps, or at the start of the ``milestone_epochs``).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
-from saat_dist.config import OptimConfig
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "sgd"] = "adam"  # optimizer
+    lr: float = 1e-3  # learning rate (at base_batch, when lr_scaling is not none)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam's betas (ATRDH: 0.5, 0.999)
+    momentum: float = 0.0  # SGD momentum
+    weight_decay: float = 0.0  # L2 weight decay
+    milestones: list[float] = field(default_factory=list)  # fractions of all steps where lr is multiplied by gamma
+    milestone_epochs: list[int] = field(default_factory=list)  # or: epochs (0-based) at whose start lr is multiplied by gamma; overrides milestones (the reference's benign schedule: [34, 67] of 100)
+    gamma: float = 0.1  # lr factor at each milestone
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"  # rule for a global batch other than base_batch: lr x (batch / base_batch) (linear, Goyal et al. 2017) or its square root (sqrt); none: lr as given at any batch
+    base_batch: int | None = None  # the global batch lr was set for (null: lr_scaling has nothing to scale)
+    warmup_epochs: float = 0.0  # with a scaled lr: ramp linearly from the unscaled lr to the scaled one over this many epochs (Goyal et al.: 5)
+
+    def problems(self, section: str) -> list[tuple[str, bool, str]]:
+        """(key, ok, message) of this section's range checks."""
+        return [
+            (f"{section}.lr", self.lr > 0, "must be > 0"),
+            (f"{section}.momentum", 0 <= self.momentum < 1, "must be in [0, 1)"),
+            (f"{section}.weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            (f"{section}.gamma", self.gamma > 0, "must be > 0"),
+            (f"{section}.betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+             f"must be two values in [0, 1), got {self.betas}"),
+            (f"{section}.milestones", all(0 < m < 1 for m in self.milestones),
+             f"milestones are fractions of the run in (0, 1), got {self.milestones}"),
+            (f"{section}.milestone_epochs", all(m > 0 for m in self.milestone_epochs),
+             f"epochs > 0, got {self.milestone_epochs}"),
+            (f"{section}.base_batch", self.base_batch is None or self.base_batch >= 1, "must be >= 1 (or null)"),
+            (f"{section}.warmup_epochs", self.warmup_epochs >= 0, "must be >= 0"),
+        ]
+
+    def warnings(self, section: str, epochs: int, global_batch: int) -> list[str]:
+        """Settings of this section that have no effect in a stage of ``epochs`` epochs at ``global_batch``."""
+        out = []
+        if self.lr_scaling != "none" and self.base_batch is None:
+            out.append(f"{section}.lr_scaling={self.lr_scaling!r} has no effect without {section}.base_batch")
+        if self.warmup_epochs and (self.lr_scaling == "none" or self.base_batch in (None, global_batch)):
+            out.append(f"{section}.warmup_epochs has no effect: the lr is not scaled "
+                       "(it ramps from the unscaled lr to the scaled one)")
+        if self.warmup_epochs > epochs:
+            out.append(f"{section}.warmup_epochs={self.warmup_epochs:g} is longer than the stage: "
+                       "the lr never reaches its scaled value")
+        if self.milestone_epochs and self.milestones:
+            out.append(f"{section}.milestones has no effect: {section}.milestone_epochs is set")
+        late = [m for m in self.milestone_epochs if m >= epochs]
+        if late:
+            out.append(f"{section}.milestone_epochs {late} have no effect: the stage has {epochs} epochs")
+        return out
 
 
 def lr_factor(cfg: OptimConfig, global_batch: int) -> float:

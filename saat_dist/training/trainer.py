@@ -1,9 +1,8 @@
 """The one training loop, for every launcher.
 
-``train_stage`` runs a training stage (benign ``train``, or one of the
-defences ``saat``, ``cgat``, ``atrdh``, ``pgd_at``: modes of this one loop,
-chosen by the stage, each a step function of ``saat_dist.training.steps``)
-in the calling process: in-process (``distributed.num_workers=0``,
+``train_stage`` runs a training stage (benign ``train``, or a defence of
+``saat_dist.defences``: modes of this one loop, each a step function found
+through the stage's registry entry) in the calling process: in-process (``distributed.num_workers=0``,
 ``saat_dist.pipeline``) and in every Ray Train worker
 (``saat_dist.distributed.worker``) alike. What differs between launchers is
 passed in as a ``Launch``: rank and world size, the device, the backend
@@ -36,37 +35,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from saat_dist.checkpoint import CheckpointError, load_state, save_state, write_text_atomic
 from saat_dist.config import RunConfig
 from saat_dist.data.source import DataSource
 from saat_dist.data.stream import ShardStream, StreamSpec
-from saat_dist.distributed.bank_sync import SyncedBank
-from saat_dist.distributed.collectives import all_gather_ragged, all_reduce_sum, barrier
-from saat_dist.distributed.sync_batchnorm import convert_sync_batchnorm
+from saat_dist.device import Place
+from saat_dist.comm.bank_sync import SyncedBank
+from saat_dist.comm.collectives import all_gather_ragged, all_reduce_sum, barrier
+from saat_dist.comm.sync_batchnorm import convert_sync_batchnorm
 from saat_dist.hashing import build_hash_loss
-from saat_dist.keyed_random import ItemKeys
 from saat_dist.mainstay import CodeBank, label_set_counts
-from saat_dist.models import build_hash_model
+from saat_dist.models.model_file import build_model, load_model, save_model
 from saat_dist.progress import Progress
 from saat_dist.stages import Stage
 from saat_dist.training.encode import encode_batches
 from saat_dist.training.optim import lr_factor
-from saat_dist.training.steps import (
-    ATRDHSettings,
-    PGDATSettings,
-    SAATSettings,
-    atrdh_step,
-    benign_step,
-    cgat_step,
-    pgd_at_step,
-    saat_step,
-)
+from saat_dist.defences import ExtrasContext, StepContext
+from saat_dist.training.steps import benign_step
 
 log = logging.getLogger("saat_dist")
 rank_log = logging.getLogger("saat_dist.rank")  # per-rank events (restores), logged by every rank
 rank_log.setLevel(logging.INFO)
-MODEL_FORMAT = "saat-dist-model/1"
 
 
 class NullMetrics:
@@ -84,6 +75,9 @@ class NullMetrics:
     def record_skipped(self, samples):
         pass
 
+    def close(self, linger_s: float = 0.0):
+        pass
+
 
 @dataclass
 class Launch:
@@ -95,6 +89,10 @@ class Launch:
     make_backend: Callable  # (model, optim_cfg, Schedule) -> backend
     checkpointer: object  # .restore() context, .save(step, metrics, write)
     metrics: object = field(default_factory=NullMetrics)
+
+    @property
+    def place(self) -> Place:
+        return Place(self.device, self.rank, self.world)
 
 
 @dataclass(frozen=True)
@@ -108,45 +106,13 @@ class Schedule:
     total_steps: int  # optimizer steps of the stage
 
 
-# ---------------------------------------------------------------- model files
-def build_model(cfg: RunConfig, device) -> torch.nn.Module:
-    """The configured hash model with the run's initial weights (same on every rank)."""
-    m = cfg.model
-    torch.manual_seed(cfg.seed)
-    model = build_hash_model(m.backbone, m.bits, m.pretrained_path, m.hash_bn, m.width, m.hash_init).to(device)
-    if device.type == "cuda":  # every backbone is convolutional: NHWC is faster on tensor cores
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-def load_model(cfg: RunConfig, path: Path, device) -> torch.nn.Module:
-    """A model file written by ``save_model``, checked against the config."""
-    state = load_state(path)
-    if state.get("format") != MODEL_FORMAT or not isinstance(state.get("model"), dict):
-        raise CheckpointError(f"{path}: not a {MODEL_FORMAT} file")
-    if state.get("backbone") != cfg.model.backbone or state.get("bits") != cfg.model.bits:
-        raise CheckpointError(f"{path}: saved for {state.get('backbone')}/{state.get('bits')} bits, "
-                              f"the config asks for {cfg.model.backbone}/{cfg.model.bits}")
-    model = build_model(cfg, device)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:  # missing/unexpected keys, wrong shapes
-        raise CheckpointError(f"{path}: weights do not fit the configured model: {str(e)[:300]}") from e
-    return model
-
-
-def save_model(cfg: RunConfig, path: Path, weights: dict, steps: int) -> None:
-    save_state({"format": MODEL_FORMAT, "backbone": cfg.model.backbone, "bits": cfg.model.bits,
-                "model": weights, "steps": steps}, path)
-
-
 # ---------------------------------------------------------------- code bank
-def build_bank(cfg: RunConfig, source: DataSource, loss_fn, rank: int, world: int, device, on_sync) -> SyncedBank:
+def build_bank(cfg: RunConfig, source: DataSource, loss_fn, place: Place, on_sync) -> SyncedBank:
     """The code bank of this process. Losses that need every code (DPSH,
     HashNet) hold all N items and share codes every step; the others hold
     only this rank's items (its fixed shards) and share statistics."""
     share = bool(getattr(loss_fn, "needs_all_codes", False))
-    set_labels = source.label_sets
+    set_labels, rank, world, device = source.label_sets, place.rank, place.world, place.device
     if share or world == 1:
         index, labels = source.labels("train")
         full = torch.zeros(source.count("train"), source.num_classes)
@@ -159,14 +125,14 @@ def build_bank(cfg: RunConfig, source: DataSource, loss_fn, rank: int, world: in
     return SyncedBank(bank, cfg.distributed.bank_sync_every, on_sync=on_sync, share_codes=share)
 
 
-def fill_bank(cfg: RunConfig, source: DataSource, module, bank: SyncedBank, rank: int, world: int, device,
+def fill_bank(cfg: RunConfig, source: DataSource, module, bank: SyncedBank, place: Place,
               also: SyncedBank | None = None) -> None:
     """Bank <- the model's binary codes of the training items: each rank
     encodes its own shards (streamed, one batch of images at a time).
     ``also``: a second bank (the continuous hash bank) gets the same codes."""
     index, codes = encode_batches(module, source.batches("train", cfg.data.image_size, cfg.eval.batch_size,
-                                                         source.rank_shards("train", rank, world),
-                                                         resize=cfg.data.resize), device)
+                                                         source.rank_shards("train", place.rank, place.world),
+                                                         resize=cfg.data.resize), place.device)
     if bank.share_codes:
         index, codes = all_gather_ragged(index), all_gather_ragged(codes)
     bank.fill(index, codes)
@@ -174,56 +140,36 @@ def fill_bank(cfg: RunConfig, source: DataSource, module, bank: SyncedBank, rank
         also.fill(index, codes)
 
 
-def build_prototypes(cfg: RunConfig, source: DataSource, bank: SyncedBank, rank: int, world: int, total: int,
-                     device):
-    """ATRDH's PrototypeNet, the same on every rank. When each rank holds only
-    its own items' codes, its circle loss is combined across ranks exactly
-    (see ``attacks.prototype``)."""
-    from saat_dist.attacks.prototype import PrototypeTrainer
-
-    split = world > 1 and not bank.share_codes
-    a = cfg.atrdh
-    return PrototypeTrainer(source.num_classes, cfg.model.bits, source.label_sets, total_steps=max(1, total),
-                            seed=cfg.seed + 77, device=device, lr=a.pnet_lr, betas=(0.5, 0.999),
-                            gather=all_gather_ragged if split else None,
-                            all_reduce=all_reduce_sum if split else None, world=world if split else 1)
-
-
-def make_step(stage: Stage, cfg: RunConfig, backend, bank, hash_bank, loss_fn, prototypes, adv_bank=None,
-              rank: int = 0, world: int = 1, schedule: Schedule | None = None):
-    """``step_fn(batch, step, micro)`` of a stage: benign training or one of
-    the defences. Inner attacks start from draws keyed by (seed, stage, step,
-    item): the same for a sample whichever worker trains it."""
+def make_step(stage: Stage, cfg: RunConfig, backend, bank, loss_fn, extras: dict, launch: Launch,
+              schedule: Schedule):
+    """``step_fn(batch, step)`` of a stage: benign training, or the step of
+    the stage's defence with its context (the inner attack's draws keyed by
+    (seed, stage, step, item))."""
     model, stepper = backend.model, backend.stepper
-    if stage.name == "train":
-        return lambda batch, step, micro: benign_step(model, stepper, batch, bank, loss_fn, step, check=False)
-    tc = getattr(cfg, stage.section)
+    if stage.defence is None:
+        return lambda batch, step: benign_step(model, stepper, batch, bank, loss_fn, step, check=False)
+    ctx = StepContext(model, stepper, bank, loss_fn, getattr(cfg, stage.section), cfg.seed, stage.name,
+                      extras.get("hash_bank"), extras, launch.rank, launch.world,
+                      schedule.global_batch // schedule.grad_accum)
+    return lambda batch, step: stage.defence.step(ctx, batch, step)
 
-    def keys(batch, step):
-        return ItemKeys.of(batch[2], cfg.seed, stage.name, step)
 
-    if stage.name in ("saat", "cgat"):
-        settings = SAATSettings(eps=tc.eps, step_size=tc.step_size, iters=tc.iters, lam=tc.lam, mu=tc.mu,
-                                mode=tc.attack_mode)
-        fn = saat_step if stage.name == "saat" else cgat_step
-        return lambda batch, step, micro: fn(model, stepper, batch, bank, loss_fn, settings, step, check=False,
-                                             hash_bank=hash_bank, keys=keys(batch, step))
-    if stage.name == "atrdh":
-        settings = ATRDHSettings(eps=tc.eps, step_size=tc.step_size, iters=tc.iters, adv_weight=tc.adv_weight,
-                                 mode=tc.attack_mode)
-        # the PrototypeNet steps on the label sets of the whole global micro-batch, the same on every
-        # rank; rank r's samples are that micro-batch's positions r, r + W, ... (data.order)
-        n = schedule.global_batch // schedule.grad_accum
-        rows = torch.arange(rank, n, world)
-        return lambda batch, step, micro: atrdh_step(model, stepper, batch, bank, loss_fn, settings, step, None,
-                                                     prototypes, check=False, hash_bank=hash_bank,
-                                                     keys=keys(batch, step), adv_bank=adv_bank, targets=(n, rows))
-    if stage.name == "pgd_at":
-        settings = PGDATSettings(eps=tc.eps, step_size=tc.step_size, iters=tc.iters, lam=tc.lam,
-                                 clean_weight=tc.clean_weight, mode=tc.attack_mode)
-        return lambda batch, step, micro: pgd_at_step(model, stepper, batch, bank, loss_fn, settings, step,
-                                                      check=False, hash_bank=hash_bank, keys=keys(batch, step))
-    raise ValueError(f"no training step for stage {stage.name!r}")
+def build_extras(cfg: RunConfig, stage: Stage, source: DataSource, bank: SyncedBank, new_bank, launch: Launch,
+                 schedule: Schedule) -> dict:
+    """What a defence adds to the trainer's state (checkpointed with it): the
+    continuous hash bank (``hash_bank: continuous``, the reference's U) and
+    whatever the defence's own ``extras`` hook builds."""
+    section = getattr(cfg, stage.section)
+    extras: dict = {}
+    if stage.defence is None:
+        return extras
+    if section.hash_bank == "continuous":
+        extras["hash_bank"] = new_bank()
+    if stage.defence.extras is not None:
+        ctx = ExtrasContext(section, new_bank, bank, source.num_classes, source.label_sets, cfg.model.bits, cfg.seed,
+                            launch.device, launch.rank, launch.world, schedule.total_steps * schedule.grad_accum)
+        extras.update(stage.defence.extras(ctx))
+    return extras
 
 
 # ---------------------------------------------------------------- train state
@@ -276,39 +222,44 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------- the loop
+def stage_model(cfg: RunConfig, stage: Stage, run_dir: Path, launch: Launch) -> nn.Module:
+    """The model a stage starts from: the one it needs, or a fresh one."""
+    if stage.needs:
+        model = load_model(cfg.model, cfg.seed, run_dir / stage.needs / "model.pt", launch.device)
+    else:
+        model = build_model(cfg.model, cfg.seed, launch.device)
+    if cfg.distributed.sync_batchnorm and launch.world > 1:  # statistics of the global batch, as one process sees
+        model = convert_sync_batchnorm(model)
+    return model
+
+
+def open_stream(cfg: RunConfig, stage: Stage, source: DataSource, launch: Launch) -> ShardStream:
+    """This rank's part of the stage's global order over the train split."""
+    return ShardStream(StreamSpec(
+        shard_dir=source.shard_dir, split="train", batch_size=getattr(cfg, stage.section).batch_size,
+        image_size=cfg.data.image_size, rank=launch.rank, world_size=launch.world,
+        num_workers=cfg.data.loader_workers, seed=cfg.seed + stage.seed_offset, skip_corrupt=cfg.data.skip_corrupt,
+        base_url=source.base_url, source=source, resize=cfg.data.resize, slots=cfg.data.canonical_slots,
+        micro_batches=cfg.distributed.grad_accum))
+
+
 def train_stage(cfg: RunConfig, stage: Stage, run_dir: Path, launch: Launch, source: DataSource) -> TrainResult:
     """Run ``stage`` in this process and write ``<run_dir>/<stage.out>/model.pt``
     and ``train.json`` (rank 0). Restores the newest checkpoint first."""
-    rank, world, device, metrics = launch.rank, launch.world, launch.device, launch.metrics
+    rank, metrics = launch.rank, launch.metrics
     tc = getattr(cfg, stage.section)
-    d = cfg.distributed
-    if stage.needs:
-        model = load_model(cfg, run_dir / stage.needs / "model.pt", device)
-    else:
-        model = build_model(cfg, device)
-    if d.sync_batchnorm and world > 1:  # statistics of the global batch, as one process would see it
-        model = convert_sync_batchnorm(model)
+    model = stage_model(cfg, stage, run_dir, launch)
     loss_fn = build_hash_loss(cfg.train.loss, source.num_classes, cfg.model.bits, cfg.seed)
-    bank = build_bank(cfg, source, loss_fn, rank, world, device, metrics.record_bank_sync)
-    stream = ShardStream(StreamSpec(
-        shard_dir=source.shard_dir, split="train", batch_size=tc.batch_size, image_size=cfg.data.image_size,
-        rank=rank, world_size=world, num_workers=cfg.data.loader_workers, seed=cfg.seed + stage.seed_offset,
-        skip_corrupt=cfg.data.skip_corrupt, base_url=source.base_url, source=source, resize=cfg.data.resize,
-        slots=cfg.data.canonical_slots, micro_batches=d.grad_accum))
+    bank = build_bank(cfg, source, loss_fn, launch.place, metrics.record_bank_sync)
+    stream = open_stream(cfg, stage, source, launch)
     spe = stream.steps_per_epoch
-    schedule = Schedule(tc.batch_size, stream.micro_batch, d.grad_accum, spe, tc.epochs * spe)
+    schedule = Schedule(tc.batch_size, stream.micro_batch, cfg.distributed.grad_accum, spe, tc.epochs * spe)
     total = schedule.total_steps
     backend = launch.make_backend(model, tc.optim, schedule)
-    extras: dict = {}
-    hash_bank = adv_bank = None
-    if stage.needs and tc.hash_bank == "continuous":  # the reference's U: continuous codes for the hash term
-        hash_bank = extras["hash_bank"] = build_bank(cfg, source, loss_fn, rank, world, device,
-                                                     metrics.record_bank_sync)
-        if stage.name == "atrdh":  # its pairwise term's U_ben: continuous codes from zeros, as the reference
-            adv_bank = extras["adv_bank"] = build_bank(cfg, source, loss_fn, rank, world, device,
-                                                       metrics.record_bank_sync)
-    if stage.name == "atrdh":
-        extras["prototypes"] = build_prototypes(cfg, source, bank, rank, world, total * d.grad_accum, device)
+    extras = build_extras(cfg, stage, source, bank,
+                          lambda: build_bank(cfg, source, loss_fn, launch.place, metrics.record_bank_sync),
+                          launch, schedule)
+    hash_bank = extras.get("hash_bank")
     state = TrainState(stream, bank, extras)
 
     with launch.checkpointer.restore() as ckpt_dir:
@@ -317,9 +268,8 @@ def train_stage(cfg: RunConfig, stage: Stage, run_dir: Path, launch: Launch, sou
             rank_log.info("rank %d: restored step %d of %d from checkpoint %s", rank, state.step, total,
                           getattr(launch.checkpointer, "where", ckpt_dir))
     if state.step == 0 and stage.needs:
-        fill_bank(cfg, source, backend.module, bank, rank, world, device, also=hash_bank)
-    step_fn = make_step(stage, cfg, backend, bank, hash_bank, loss_fn, extras.get("prototypes"), adv_bank,
-                        rank, world, schedule)
+        fill_bank(cfg, source, backend.module, bank, launch.place, also=hash_bank)
+    step_fn = make_step(stage, cfg, backend, bank, loss_fn, extras, launch, schedule)
     t0 = time.monotonic()
     log_records, epoch_rss = _loop(cfg, stage, state, schedule, step_fn, backend, launch)
     seconds = time.monotonic() - t0
@@ -334,8 +284,7 @@ def _loop(cfg: RunConfig, stage: Stage, state: TrainState, schedule: Schedule, s
     record) and every rank's resident memory at each epoch end."""
     rank, world, device, metrics = launch.rank, launch.world, launch.device, launch.metrics
     d, spe, total, accum = cfg.distributed, schedule.steps_per_epoch, schedule.total_steps, schedule.grad_accum
-    stream, bank = state.stream, state.bank
-    tc = getattr(cfg, stage.section)
+    stream = state.stream
     who = f"{stage.name} (rank {rank}/{world})" if world > 1 else stage.name
     progress = Progress(who, total - state.step, every_s=cfg.log_every_s if rank == 0 else 1e9)
     channels_last = device.type == "cuda"  # as build_model laid out the weights
@@ -346,11 +295,11 @@ def _loop(cfg: RunConfig, stage: Stage, state: TrainState, schedule: Schedule, s
     epoch_rss: list[list[float]] = []
     backend.model.train()
     while state.step < total:
-        for micro in range(accum):
+        for _ in range(accum):
             x, y, index = (t.to(device, non_blocking=True) for t in next(stream))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            pending.append(step_fn((x, y, index), state.step, micro))
+            pending.append(step_fn((x, y, index), state.step))
         state.step += 1
         epoch_end = state.step % spe == 0
         checkpoint = epoch_end or (d.checkpoint_every and state.step % d.checkpoint_every == 0)
@@ -364,22 +313,35 @@ def _loop(cfg: RunConfig, stage: Stage, state: TrainState, schedule: Schedule, s
             progress.update(len(pending) // accum, epoch=(state.step - 1) // spe, loss=means["loss"])
             pending, last_log, t_interval = [], now, time.monotonic()
         if epoch_end:
-            state.history.append(_epoch_means(state.epoch_sums, spe * accum, world))
-            state.epoch_sums = {}
-            # resident memory of every rank at each epoch end: flat across epochs in a healthy run
-            epoch_rss.append(all_gather_ragged(torch.tensor([_rss_mib()], dtype=torch.float64)).tolist())
-            if rank == 0:
-                log.info("%s epoch %d/%d %s", stage.name, state.step // spe, tc.epochs,
-                         " ".join(f"{k}={v:.4g}" for k, v in state.history[-1].items()))
+            epoch_rss.append(_end_epoch(cfg, stage, state, schedule, rank, world))
         if checkpoint:
-            t = time.perf_counter()
-            for b in (bank, *(v for v in state.extras.values() if isinstance(v, SyncedBank))):
-                b.sync_table()
-            means = state.history[-1] if epoch_end else {
-                k: v / max(1, (state.step % spe) * accum) for k, v in state.epoch_sums.items()}
-            launch.checkpointer.save(state.step, means, lambda directory: state.save(directory, rank, backend))
-            metrics.record_checkpoint(time.perf_counter() - t)
+            _checkpoint(state, schedule, epoch_end, rank, backend, launch)
     return log_records, epoch_rss
+
+
+def _end_epoch(cfg: RunConfig, stage: Stage, state: TrainState, schedule: Schedule, rank: int,
+               world: int) -> list[float]:
+    """The epoch's means into the history (over every worker); returns every
+    rank's resident memory now (flat across epochs in a healthy run)."""
+    state.history.append(_epoch_means(state.epoch_sums, schedule.steps_per_epoch * schedule.grad_accum, world))
+    state.epoch_sums = {}
+    rss = all_gather_ragged(torch.tensor([_rss_mib()], dtype=torch.float64)).tolist()
+    if rank == 0:
+        log.info("%s epoch %d/%d %s", stage.name, state.step // schedule.steps_per_epoch,
+                 getattr(cfg, stage.section).epochs, " ".join(f"{k}={v:.4g}" for k, v in state.history[-1].items()))
+    return rss
+
+
+def _checkpoint(state: TrainState, schedule: Schedule, epoch_end: bool, rank: int, backend, launch: Launch) -> None:
+    """Every bank's statistics synced, then this rank's state into the checkpointer."""
+    t = time.perf_counter()
+    for bank in (state.bank, *(v for v in state.extras.values() if isinstance(v, SyncedBank))):
+        bank.sync_table()
+    spe, accum = schedule.steps_per_epoch, schedule.grad_accum
+    means = state.history[-1] if epoch_end else {
+        k: v / max(1, (state.step % spe) * accum) for k, v in state.epoch_sums.items()}
+    launch.checkpointer.save(state.step, means, lambda directory: state.save(directory, rank, backend))
+    launch.metrics.record_checkpoint(time.perf_counter() - t)
 
 
 def _epoch_means(sums: dict[str, float], entries: int, world: int) -> dict[str, float]:
@@ -404,7 +366,7 @@ def _finish(cfg: RunConfig, stage: Stage, run_dir: Path, state: TrainState, sche
             log.info("%s: parameters %s across %d ranks", stage.name, "identical" if same else "DIFFER", world)
         out = run_dir / stage.out
         optim = getattr(cfg, stage.section).optim
-        save_model(cfg, out / "model.pt", weights, state.step)
+        save_model(cfg.model, out / "model.pt", weights, state.step)
         write_text_atomic(out / "train.json", json.dumps(
             {"history": state.history, "steps": state.step, "schedule": {
                 **{k: getattr(schedule, k) for k in ("global_batch", "micro_batch", "grad_accum",

@@ -1,5 +1,10 @@
-"""experiment.json, experiment.md and the plots of an experiment, from its
-cells' robustness results.
+"""The one report writer of every evaluation's results, with two views:
+
+- the run view (``write_run_report``): ``report.json``, ``report.md`` and
+  plots of a ``saat-dist run`` directory, from the benign and SAAT models'
+  results (``eval.json``, the one results format);
+- the experiment view (``write_experiment_report``): ``experiment.json``,
+  ``experiment.md`` and plots from the cells' results (``robustness.json``).
 
 experiment.json::
 
@@ -21,19 +26,152 @@ from pathlib import Path
 
 import torch
 
+from saat_dist.attacks import ATTACK_REGISTRY
 from saat_dist.checkpoint import load_state, write_text_atomic
 from saat_dist.config import RunConfig
-from saat_dist.robustness import CHECKS, RETRIEVAL_IMAGES, SINGLE_RUN
+from saat_dist.defences import DEFENCES
+from saat_dist.evaluation.checks import CHECKS
+from saat_dist.evaluation.results import RESULTS_FORMAT, results_current
+from saat_dist.evaluation.stage import RETRIEVAL_IMAGES
+from saat_dist.evaluation.suite import SINGLE_RUN
 from saat_dist.stages import model_folder
 
 log = logging.getLogger("saat_dist")
-DEFENCE_NAMES = {"none": "no defence", "saat": "SAAT", "atrdh": "ATRDH", "cgat": "CgAT", "pgd_at": "PGD-AT"}
-ATTACK_NAMES = {"mainstay": "mainstay (ours)", SINGLE_RUN: "mainstay (ours), its first run alone", "hag": "HAG", "sdha": "SDHA", "square": "random search (black-box)",
-                "bim": "BIM", "difgsm": "DI-FGSM", "nifgsm": "NI-FGSM", "sinifgsm": "SI-NI-FGSM",
-                "vmifgsm": "VMI-FGSM", "mainstay_targeted": "mainstay, targeted (ours)", "dhta": "DHTA",
-                "p2p": "P2P", "tha": "THA", "none": "clean (no attack)", "worst_case": "**worst case**"}
+DEFENCE_NAMES = {"none": "no defence", **{name: d.label for name, d in DEFENCES.items()}}
+ATTACK_NAMES = {**{name: a.label for name, a in ATTACK_REGISTRY.items()}, SINGLE_RUN: "mainstay (ours), its first run alone",
+                "none": "clean (no attack)", "worst_case": "**worst case**"}
 
 
+# ---------------------------------------------------------------- run view
+def run_view(res: dict) -> dict:
+    """The run's summary of one model's results: clean, the mainstay attack
+    (one run), the targeted attack and, when it ran, the strong check."""
+    a = res["attacks"]
+    view = {"clean_map": res["clean_map"], "random_map": res["random_map"], "attacked_map": a["mainstay"]["map"],
+            "perceptibility": a["mainstay"]["perceptibility"],
+            "perceptibility_reference": a["mainstay"]["perceptibility_reference"], "theory_map": res["theory_map"]}
+    if "mainstay_targeted" in a:
+        view["targeted_tmap"] = a["mainstay_targeted"]["tmap"]
+    for key in ("clean_tmap", "theory_tmap", "targeted_queries"):
+        if key in res:
+            view[key] = res[key]
+    if "mainstay_strong" in a:
+        s = a["mainstay_strong"]
+        view["attacked_map_strong"] = s["map"]
+        view["strong_check"] = {"queries": s["queries"], "iters": s["iters"], "restarts": s["restarts"],
+                                "attacked_map_same_queries": s["mainstay_map_same_queries"]}
+    view["pr_curve"] = {"points": res["pr_curve"]["points"], "recall": res["pr_curve"]["recall"],
+                        "clean": res["pr_curve"]["clean"], "attacked": res["pr_curve"]["mainstay"]}
+    view["precision_at"] = {"clean": res["precision_at"]["clean"], "attacked": res["precision_at"]["mainstay"]}
+    view["checks"] = res["checks"]
+    view["resources"] = res["resources"]
+    return view
+
+
+def _run_plots(run_dir: Path, evals: dict[str, dict]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = run_dir / "plots"
+    out.mkdir(exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for stage, res in evals.items():
+        pr = res["pr_curve"]
+        ax.plot(pr["recall"], pr["clean"], "-o", ms=3, label=f"{stage} clean")
+        ax.plot(pr["recall"], pr["attacked"], "--o", ms=3, label=f"{stage} attacked")
+    ax.set(xlabel="recall", ylabel="precision", title="Precision-recall, clean vs mainstay attack", ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "pr_curves.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    metrics = [("clean_map", "clean mAP"), ("attacked_map", "attacked mAP"), ("attacked_map_strong", "strong attack"),
+               ("targeted_tmap", "targeted t-mAP")]
+    width = 0.8 / len(evals)
+    for i, (stage, res) in enumerate(evals.items()):
+        xs = [j + i * width for j in range(len(metrics))]
+        ax.bar(xs, [res.get(k, 0.0) for k, _ in metrics], width, label=stage)
+    rnd = next(iter(evals.values()))["random_map"]
+    ax.axhline(rnd, color="gray", ls=":", label=f"random codes ({rnd:.2f})")
+    ax.set_xticks([j + width * (len(evals) - 1) / 2 for j in range(len(metrics))], [m for _, m in metrics])
+    ax.set(ylabel="mAP", ylim=(0, 1), title="mAP per stage")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "map_per_stage.png", dpi=120)
+    plt.close(fig)
+    return ["plots/pr_curves.png", "plots/map_per_stage.png"]
+
+
+def write_run_report(cfg: RunConfig, run_dir: str | Path) -> dict:
+    """report.json, report.md and the plots of a ``saat-dist run`` directory
+    (the run view of the benign and SAAT models' results)."""
+    run_dir = Path(run_dir)
+    evals = {}
+    for stage in ("benign", "saat"):
+        path = run_dir / stage / "eval.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: run the '{stage}' evaluation before the report")
+        if not results_current(path):
+            raise ValueError(f"{path}: results of an older saat-dist (not {RESULTS_FORMAT}); evaluate again: "
+                             f"saat-dist evaluate --which {stage} (or saat-dist run --resume)")
+        evals[stage] = run_view(json.loads(path.read_text()))
+    stages_path = run_dir / "stages.json"
+    stage_seconds = json.loads(stages_path.read_text()) if stages_path.is_file() else {}
+    skipped = {}  # corrupt samples skipped in training (data.skip_corrupt), all ranks
+    for stage in ("benign", "saat"):
+        train_json = run_dir / stage / "train.json"
+        if train_json.is_file():
+            skipped[stage] = sum(json.loads(train_json.read_text()).get("skipped_samples_per_rank", []))
+    report = {
+        "name": cfg.name,
+        "random_map": evals["benign"]["random_map"],
+        "top_k": cfg.eval.top_k,
+        "bits": cfg.model.bits,
+        "backbone": cfg.model.backbone,
+        "loss": cfg.train.loss,
+        "attack": {"eps": cfg.attack.eps, "iters": cfg.attack.iters, "step_size": cfg.attack.step_size,
+                   "loss": cfg.attack.loss, "strong_factor": cfg.attack.strong_factor,
+                   "strong_restarts": cfg.attack.strong_restarts},
+        "saat_eps": cfg.saat.eps,
+        **{stage: {k: v for k, v in res.items() if k != "random_map"} for stage, res in evals.items()},
+        "stage_seconds": stage_seconds,
+        "skipped_samples": skipped,
+    }
+    report["plots"] = _run_plots(run_dir, evals)
+    write_text_atomic(run_dir / "report.json", json.dumps(report, indent=1))
+    write_text_atomic(run_dir / "report.md", _run_markdown(report))
+    return report
+
+
+def _run_markdown(r: dict) -> str:
+    rows = [("clean mAP", "clean_map"), ("mainstay attack mAP", "attacked_map"),
+            ("strong attack mAP", "attacked_map_strong"), ("theory bound (untargeted)", "theory_map"),
+            ("targeted t-mAP", "targeted_tmap"), ("clean t-mAP (no attack)", "clean_tmap"),
+            ("theory bound (targeted)", "theory_tmap")]
+    lines = [f"# SAAT run `{r['name']}`", "",
+             f"{r['backbone']}, {r['bits']} bits, {r['loss']}; mAP@{r['top_k']}; attack eps = "
+             f"{r['attack']['eps'] * 255:.0f}/255, {r['attack']['iters']} iterations, {r['attack']['loss']} loss; "
+             f"SAAT eps = {r['saat_eps'] * 255:.0f}/255.", "",
+             f"Random codes (floor of meaning): mAP {r['random_map']:.4f}", "",
+             "| metric | benign | SAAT |", "|---|---|---|"]
+    for label, key in rows:
+        b, s = r["benign"].get(key), r["saat"].get(key)
+        lines.append(f"| {label} | {'' if b is None else f'{b:.4f}'} | {'' if s is None else f'{s:.4f}'} |")
+    p = r["benign"]["perceptibility"]
+    lines += ["", f"Perturbation (benign attack): L-inf {p['linf']:.4f}, L2 {p['l2']:.3f}, MSE {p['mse']:.2e}", "",
+              "Stage wall times (s): " + ", ".join(f"{k} {v}" for k, v in r["stage_seconds"].items()), ""]
+    if any(r["skipped_samples"].values()):
+        lines += ["**Corrupt training samples skipped** (data.skip_corrupt): " + ", ".join(
+            f"{k} {v}" for k, v in r["skipped_samples"].items()), ""]
+    lines += ["![PR curves](plots/pr_curves.png)", "", "![mAP per stage](plots/map_per_stage.png)", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- experiment view
 def experiment_tables(cells: dict) -> dict:
     """The rows of experiment.json from {(hash, bits): {defence: results}}."""
     table1, table2, transfer, details = [], [], [], []
@@ -106,7 +244,7 @@ def orderings(cells: dict) -> tuple[dict, dict]:
                       f"{steps[other]} gradient steps)", ap[SINGLE_RUN], ap[other], budgets=steps,
                       like_for_like=steps["mainstay"] == steps[other])
         saat = by.get("saat", {}).get("per_query_ap", {}).get("worst_case")
-        for other in ("atrdh", "pgd_at", "cgat", "none"):
+        for other in [d for d in (*DEFENCES, "none") if d != "saat"]:
             theirs = by.get(other, {}).get("per_query_ap", {}).get("worst_case")
             if saat is not None and theirs is not None:
                 claim(f"{tag}: SAAT worst case >= {other} worst case", theirs, saat, like_for_like=True)
@@ -121,7 +259,7 @@ def write_experiment_report(cfg: RunConfig, cells: dict, source) -> dict:
         "name": cfg.name, "backbone": cfg.model.backbone, "image_size": cfg.data.image_size,
         "shard_dir": cfg.data.shard_dir, "counts": {s: source.count(s) for s in ("train", "test", "database")},
         "queries": next((r["queries"] for by in cells.values() for r in by.values()), 0),
-        "top_k": cfg.eval.top_k, "eps": a.eps, "defence_eps": {s: getattr(cfg, s).eps for s in ("saat", "cgat", "atrdh", "pgd_at")},
+        "top_k": cfg.eval.top_k, "eps": a.eps, "defence_eps": {s: getattr(cfg, s).eps for s in DEFENCES},
     }
     def seconds(path: Path) -> dict:
         return json.loads(path.read_text()) if path.is_file() else {}
@@ -146,8 +284,17 @@ def _fmt(v) -> str:
 
 
 def _markdown(cfg: RunConfig, cells: dict, r: dict) -> str:
-    s, a = r["settings"], cfg.attack
+    """experiment.md: the settings, Tables I and II in the paper's layout, every
+    attack against every defence, transfer, the checks, the orderings, the plots."""
     cols = [f"{h} {b}" for h, b in cells]
+    lines = [*_md_settings(cfg, r), *_md_table1(r, cols), *_md_table2(cells, r, cols), *_md_every_attack(cells),
+             *_md_transfer(r), *_md_checks(r), *_md_orderings(r)]
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in r["plots"]] + [""]
+    return "\n".join(lines)
+
+
+def _md_settings(cfg: RunConfig, r: dict) -> list[str]:
+    s, a = r["settings"], cfg.attack
     lines = [f"# Experiment `{cfg.name}`", "",
              f"{s['backbone']} at {s['image_size']} px; data `{s['shard_dir']}` ({s['counts']['train']} train / "
              f"{s['counts']['test']} query / {s['counts']['database']} database); {s['queries']} queries attacked; "
@@ -158,11 +305,14 @@ def _markdown(cfg: RunConfig, cells: dict, r: dict) -> str:
         lines += [f"Wall time {secs['total'] / 60:.1f} min; per stage (s): " + "; ".join(
             f"{cell}: " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()) for cell, stages in secs["cells"].items()),
                   ""]
-    # Table I
-    lines += ["## Table I: attacks on the benign model", "",
-              "mAP under each attack (lower: a stronger untargeted attack); targeted rows: mAP / **t-mAP** "
-              "(higher t-mAP: a stronger targeted attack).", "",
-              "| attack | kind | eps | iterations | " + " | ".join(cols) + " |", "|---" * (4 + len(cols)) + "|"]
+    return lines
+
+
+def _md_table1(r: dict, cols: list[str]) -> list[str]:
+    lines = ["## Table I: attacks on the benign model", "",
+             "mAP under each attack (lower: a stronger untargeted attack); targeted rows: mAP / **t-mAP** "
+             "(higher t-mAP: a stronger targeted attack).", "",
+             "| attack | kind | eps | iterations | " + " | ".join(cols) + " |", "|---" * (4 + len(cols)) + "|"]
     by_attack: dict = {}
     for row in r["table1"]:
         by_attack.setdefault(row["attack"], {})[f"{row['hash']} {row['bits']}"] = row
@@ -176,16 +326,19 @@ def _markdown(cfg: RunConfig, cells: dict, r: dict) -> str:
         its = f"{any_row['iters']}" + (f" x {any_row['restarts']} restarts" if any_row["restarts"] > 1 else "")
         lines.append(f"| {ATTACK_NAMES.get(name, name)} | {any_row['kind']} | {any_row['eps'] * 255:.1f}/255 | {its} | "
                      + " | ".join(vals) + " |")
-    # Table II, the paper's layout
+    return lines
+
+
+def _md_table2(cells: dict, r: dict, cols: list[str]) -> list[str]:
     defences = list(dict.fromkeys(row["defence"] for row in r["table2"]))
-    lines += ["", "## Table II: defences", "",
-              "Paper layout: mAP under the mainstay attack / under the worst case over every attack, clean mAP in "
-              "brackets (higher: more robust).", "",
-              "| defence | " + " | ".join(cols) + " |", "|---" * (1 + len(cols)) + "|"]
+    lines = ["", "## Table II: defences", "",
+             "Paper layout: mAP under the mainstay attack / under the worst case over every attack, clean mAP in "
+             "brackets (higher: more robust).", "",
+             "| defence | " + " | ".join(cols) + " |", "|---" * (1 + len(cols)) + "|"]
     for d in defences:
         vals = []
-        for (h, b) in cells:
-            res = cells[(h, b)].get(d)
+        for cell in cells:
+            res = cells[cell].get(d)
             if res is None:
                 vals.append("")
                 continue
@@ -193,12 +346,16 @@ def _markdown(cfg: RunConfig, cells: dict, r: dict) -> str:
             wc = res.get("worst_case", {}).get("map")
             vals.append(f"{_fmt(ms)} / **{_fmt(wc)}** ({res['clean_map']:.4f})")
         lines.append(f"| {DEFENCE_NAMES.get(d, d)} | " + " | ".join(vals) + " |")
+    return lines
+
+
+def _md_every_attack(cells: dict) -> list[str]:
+    lines: list[str] = []
     for (h, b), by in cells.items():
         ds = list(by)
         lines += ["", f"Every attack, {h} {b} bits (mAP):", "",
                   "| attack | " + " | ".join(DEFENCE_NAMES.get(d, d) for d in ds) + " |", "|---" * (1 + len(ds)) + "|"]
-        names = ["none", *next(iter(by.values()))["attacks"], "worst_case"]
-        for name in names:
+        for name in ["none", *next(iter(by.values()))["attacks"], "worst_case"]:
             vals = []
             for d in ds:
                 res = by[d]
@@ -206,18 +363,27 @@ def _markdown(cfg: RunConfig, cells: dict, r: dict) -> str:
                                                              else res["attacks"].get(name, {}).get("map"))
                 vals.append(_fmt(v))
             lines.append(f"| {ATTACK_NAMES.get(name, name)} | " + " | ".join(vals) + " |")
-        lines.append(f"| random codes (floor) | " + " | ".join(f"{by[d]['random_map']:.4f}" for d in ds) + " |")
-    if r["transfer"]:
-        targets = list(dict.fromkeys(row["target"] for row in r["transfer"]))
-        lines += ["", "## Transfer: crafted on the benign model, scored on each defence (mAP)", "",
-                  "| generator | cell | " + " | ".join(DEFENCE_NAMES.get(t, t) for t in targets) + " |",
-                  "|---" * (2 + len(targets)) + "|"]
-        rows: dict = {}
-        for row in r["transfer"]:
-            rows.setdefault((row["attack"], f"{row['hash']} {row['bits']}"), {})[row["target"]] = row["map"]
-        for (name, cell), per in rows.items():
-            lines.append(f"| {ATTACK_NAMES.get(name, name)} | {cell} | " + " | ".join(_fmt(per.get(t)) for t in targets) + " |")
-    lines += ["", "## Checks", ""]
+        lines.append("| random codes (floor) | " + " | ".join(f"{by[d]['random_map']:.4f}" for d in ds) + " |")
+    return lines
+
+
+def _md_transfer(r: dict) -> list[str]:
+    if not r["transfer"]:
+        return []
+    targets = list(dict.fromkeys(row["target"] for row in r["transfer"]))
+    lines = ["", "## Transfer: crafted on the benign model, scored on each defence (mAP)", "",
+             "| generator | cell | " + " | ".join(DEFENCE_NAMES.get(t, t) for t in targets) + " |",
+             "|---" * (2 + len(targets)) + "|"]
+    rows: dict = {}
+    for row in r["transfer"]:
+        rows.setdefault((row["attack"], f"{row['hash']} {row['bits']}"), {})[row["target"]] = row["map"]
+    for (name, cell), per in rows.items():
+        lines.append(f"| {ATTACK_NAMES.get(name, name)} | {cell} | " + " | ".join(_fmt(per.get(t)) for t in targets) + " |")
+    return lines
+
+
+def _md_checks(r: dict) -> list[str]:
+    lines = ["", "## Checks", ""]
     triggered = [d for d in r["check_details"] if not d["detail"].startswith("not run")]
     skipped = [d for d in r["check_details"] if d["detail"].startswith("not run")]
     if triggered:
@@ -229,11 +395,15 @@ def _markdown(cfg: RunConfig, cells: dict, r: dict) -> str:
     if skipped:
         lines += ["", "**Not run** (a check that did not run says nothing):", ""] + [
             f"- {d['check']} ({d['hash']} {d['bits']}, {d['defence']}): {d['detail']}" for d in skipped]
-    lines += ["", "## The paper's orderings, as measured", "",
-              "Paired over the same queries: difference of mAP (lower side minus upper side) and its standard error; "
-              "within two standard errors the two are tied at this number of queries. Attacks are compared one run "
-              "each: the mainstay attack's first restart against HAG's and SDHA's single run, at the gradient "
-              "steps per query named in each line (the worst case of Table II uses every restart).", ""]
+    return lines
+
+
+def _md_orderings(r: dict) -> list[str]:
+    lines = ["", "## The paper's orderings, as measured", "",
+             "Paired over the same queries: difference of mAP (lower side minus upper side) and its standard error; "
+             "within two standard errors the two are tied at this number of queries. Attacks are compared one run "
+             "each: the mainstay attack's first restart against HAG's and SDHA's single run, at the gradient "
+             "steps per query named in each line (the worst case of Table II uses every restart).", ""]
     for k, v in r["orderings"].items():
         d = r["orderings_detail"].get(k)
         stats = "" if d is None else (f" (difference {d['difference']:+.4f} ± {d['standard_error']:.4f}"
@@ -241,8 +411,7 @@ def _markdown(cfg: RunConfig, cells: dict, r: dict) -> str:
                                       + ("" if d.get("like_for_like", True) else ", NOT like for like: the budgets differ")
                                       + ")")
         lines.append(f"- {'holds' if v else 'does NOT hold'}: {k}{stats}")
-    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in r["plots"]] + [""]
-    return "\n".join(lines)
+    return lines
 
 
 def _plots(cfg: RunConfig, cells: dict, source, out: Path) -> list[str]:

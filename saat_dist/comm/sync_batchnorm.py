@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from saat_dist.distributed.collectives import is_distributed, rank, world_size
+from saat_dist.comm.collectives import is_distributed, rank, world_size
 
 
 class _GatherRows(torch.autograd.Function):

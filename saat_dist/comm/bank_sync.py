@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from saat_dist.distributed.collectives import all_gather_ragged, all_reduce_sum, is_distributed, rank, world_size
+from saat_dist.comm.collectives import all_gather_ragged, all_reduce_sum, is_distributed, rank, world_size
 from saat_dist.mainstay import CodeBank
 
 

@@ -1,0 +1,107 @@
+"""Decoding: one sample of a shard to (image, label, global index), one
+shard to its decoded samples, and the reference's Resize + CenterCrop.
+Everything that reads shards (the training stream, the data source's
+batches) decodes through here; the errors name the shard and the sample."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image
+
+from saat_dist.data.shards import IMAGE_EXTS
+
+
+class ShardError(RuntimeError):
+    """A shard could not be read; the message names the shard and the sample."""
+
+
+class SampleError(ValueError):
+    """One sample is unusable (missing field, undecodable image, bad label)."""
+
+
+def resize_image(img_CHW: torch.Tensor, image_size: int, resize: int | None = None) -> torch.Tensor:
+    """uint8 3 x S x S. ``resize`` None: resized straight to S x S. Else as
+    torchvision's Resize(resize) + CenterCrop(S) (the reference's transform):
+    the shorter side becomes ``resize`` (aspect kept), then the centre S x S."""
+    h, w = img_CHW.shape[1:]
+    if resize is None:
+        size = (image_size, image_size)
+    elif h <= w:
+        size = (resize, int(resize * w / h))
+    else:
+        size = (int(resize * h / w), resize)
+    if (h, w) != size:
+        img_CHW = F.interpolate(img_CHW[None].float(), size=size, mode="bilinear", antialias=True,
+                                align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+    if resize is not None:
+        top, left = int(round((size[0] - image_size) / 2)), int(round((size[1] - image_size) / 2))
+        img_CHW = img_CHW[:, top : top + image_size, left : left + image_size].contiguous()
+    return img_CHW
+
+
+def decode_sample(sample: dict, image_size: int, num_classes: int | None = None, resize: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(uint8 image 3 x S x S, float multi-hot label, global index) of one raw
+    sample (``resize``: see ``resize_image``); ``SampleError`` says what is
+    wrong with it."""
+    if "json" not in sample:
+        raise SampleError("no .json member (label and index)")
+    try:
+        meta = json.loads(sample["json"])
+        index, label = meta["index"], meta["label"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SampleError(f"unreadable .json metadata ({type(e).__name__}: {e})") from e
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise SampleError(f"index {index!r} is not an integer >= 0")
+    if not isinstance(label, list) or any(v not in (0, 1) or isinstance(v, bool) for v in label):
+        raise SampleError("label is not a list of 0/1 values")
+    if num_classes is not None and len(label) != num_classes:
+        raise SampleError(f"label has {len(label)} values, the data set has {num_classes} classes")
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise SampleError(f"no image (looked for {IMAGE_EXTS})")
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as im:
+            img = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+    except Exception as e:
+        raise SampleError(f"undecodable .{ext} image ({type(e).__name__}: {e})") from e
+    return resize_image(img, image_size, resize), torch.tensor(label, dtype=torch.float32), index
+
+
+def iter_shard(url: str, image_size: int, num_classes: int | None = None, *, expected: int | None = None,
+               on_skip=None, resize: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Decoded samples of one shard, in stored order. A bad sample or an
+    unreadable shard raises ``ShardError`` naming the shard and the sample
+    key, unless ``on_skip(count, message)`` is given: then a bad sample is
+    skipped, and so is the rest of a shard that cannot be read on (counted
+    against ``expected``, the manifest's count)."""
+    key, good, bad = None, 0, 0
+    try:
+        for sample in wds.tariterators.tarfile_samples([{"url": url}]):
+            key = sample.get("__key__")
+            try:
+                item = decode_sample(sample, image_size, num_classes, resize)
+            except SampleError as e:
+                message = f"shard {url}: sample {key}: {e}"
+                if on_skip is None:
+                    raise ShardError(message) from e
+                bad += 1
+                on_skip(1, message)
+                continue
+            good += 1
+            yield item
+    except ShardError:
+        raise
+    except Exception as e:
+        where = f"after sample {key}" if key else "at its start"
+        message = f"shard {url}: unreadable {where}: {type(e).__name__}: {e}"
+        if on_skip is None:
+            raise ShardError(message) from e
+        on_skip(max(0, (expected or 0) - good - bad), message)
