@@ -267,7 +267,7 @@ TRANSFER_ATTACKS = ("bim", "difgsm", "nifgsm", "sinifgsm", "vmifgsm")
 @dataclass
 class ChecksConfig:
     blackbox_margin: float = 0.0  # 'black-box beats white-box' triggers when the black-box mAP is below every white-box untargeted mAP by more than this
-    min_drop: float = 0.005  # 'mAP not falling as eps grows' triggers when a step of experiment.eps_sweep to a larger eps lowers mAP by less than this ...
+    min_drop: float = 0.005  # 'mAP not falling as eps grows' triggers when, after an earlier step of experiment.eps_sweep lowered mAP by this much, a step to a larger eps lowers it by less (or the whole sweep does, or a step raises it) ...
     floor_margin: float = 0.05  # ... while mAP is still more than this above both the theory bound and the random-code floor
 
 

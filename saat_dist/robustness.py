@@ -33,11 +33,13 @@ null (not run, with the reason in ``check_details``):
   ``experiment.checks.blackbox_margin``): gradients are not guiding the
   white-box attacks;
 - ``map_not_falling_with_eps``: over ``experiment.eps_sweep`` (the mainstay
-  attack, one run of ``attack.iters`` at every budget) a larger budget
-  lowered mAP by less than ``experiment.checks.min_drop`` while mAP was still
+  attack, one run of ``attack.iters`` at every budget), while mAP is still
   more than ``experiment.checks.floor_margin`` above both the theory bound
-  and the random-code floor: a curve that stops falling before it has
-  anywhere left to fall is the usual sign of masked gradients.
+  and the random-code floor, a larger budget raised mAP, or lowered it by
+  less than ``experiment.checks.min_drop`` after an earlier step lowered it
+  by more, or the whole sweep lowered it by less: a curve that stops falling
+  before it has anywhere left to fall is the usual sign of masked gradients
+  (a robust model's curve starts flat and falls faster as eps grows).
 
 ``transfer``: examples of the transfer generators crafted on this model are
 also scored on other models (``transfer_to``): crafted on A, scored on B.
@@ -601,19 +603,32 @@ def _blackbox(cfg: RunConfig, runs: list[AttackRun], res: dict) -> str:
     return f"{beats} below every white-box untargeted attack (best {min(white.values()):.4f})" if beats else "none"
 
 
-def _plateau(cfg: RunConfig, sweep: dict) -> str:
-    """Steps of the sweep to a larger budget that lower mAP by less than
-    ``checks.min_drop`` while it is still above both floors (theory bound
-    and random codes) by more than ``checks.floor_margin``."""
+def _plateau(cfg: RunConfig, sweep: dict | None) -> str:
+    """Steps of the sweep where mAP stops falling while it is still above
+    both floors (theory bound and random codes) by more than
+    ``checks.floor_margin``: a step to a larger budget that raises mAP, a
+    step that lowers it by less than ``checks.min_drop`` after an earlier
+    step lowered it by more (the curve flattened after it began to fall), or
+    a whole sweep that lowers it by less than ``checks.min_drop``. A robust
+    model is flat at small budgets and falls faster as the budget grows
+    (measured: SAAT 0.7752, 0.7703, 0.7655, 0.7493, 0.6797 at 0, 2, 4, 8,
+    16/255); masking flattens the curve after it falls, or everywhere."""
     c = cfg.experiment.checks
+    if sweep is None:
+        return "not run: this evaluation runs no eps sweep"
     eps, maps = sweep["eps"], sweep["map"]
     if len(eps) < 2:
         return "not run: experiment.eps_sweep has fewer than two budgets"
     floor = max(sweep["theory_map"], sweep["random_map"]) + c.floor_margin
-    flat = [(e0, e1, m0, m1) for e0, e1, m0, m1 in zip(eps, eps[1:], maps, maps[1:])
-            if m0 - m1 < c.min_drop and m0 > floor]
+    whole_flat = maps[0] - maps[-1] < c.min_drop
+    flat, fell = [], False
+    for e0, e1, m0, m1 in zip(eps, eps[1:], maps, maps[1:]):
+        if m0 > floor and (m1 > m0 or (m0 - m1 < c.min_drop and (fell or whole_flat))):
+            flat.append((e0, e1, m0, m1))
+        fell = fell or m0 - m1 >= c.min_drop
     return ("; ".join(f"eps {e0 * 255:.1f}/255 -> {e1 * 255:.1f}/255: mAP {m0:.4f} -> {m1:.4f} "
-                      f"(falls by less than {c.min_drop} while above {floor:.4f})" for e0, e1, m0, m1 in flat)
+                      f"({'rises' if m1 > m0 else f'falls by less than {c.min_drop}'} while above {floor:.4f})"
+                      for e0, e1, m0, m1 in flat)
             if flat else "none")
 
 

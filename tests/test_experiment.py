@@ -237,7 +237,7 @@ def test_an_attack_that_returns_its_input_or_its_random_start_is_caught():
 
 def sweep_result(maps, theory=0.2, rnd=0.3, **attacks):
     return {"attacks": {k: {"map": v} for k, v in attacks.items()},
-            "eps_sweep": {"eps": [0.0, 0.01, 0.02, 0.04][: len(maps)], "map": maps, "theory_map": theory,
+            "eps_sweep": {"eps": [0.0, 0.01, 0.02, 0.04, 0.08][: len(maps)], "map": maps, "theory_map": theory,
                           "random_map": rnd}}
 
 
@@ -261,6 +261,12 @@ def test_blackbox_and_eps_checks_by_hand():
     assert c["map_not_falling_with_eps"] and "0.6000 -> 0.5980" in d["map_not_falling_with_eps"]
     c, d = checks(sweep_result([0.8, 0.5, 0.6], mainstay=0.40, hag=0.45, square=0.41))
     assert c["map_not_falling_with_eps"] and "0.5000 -> 0.6000" in d["map_not_falling_with_eps"]
+    # a robust model's curve: flat at small budgets, falling faster as eps grows (SAAT in the demo) passes;
+    # a curve flat from the start to the largest budget does not
+    c, _ = checks(sweep_result([0.7752, 0.7703, 0.7655, 0.7493, 0.6797], mainstay=0.40, hag=0.45, square=0.41))
+    assert c["map_not_falling_with_eps"] is False
+    c, d = checks(sweep_result([0.8, 0.799, 0.797], mainstay=0.40, hag=0.45, square=0.41))
+    assert c["map_not_falling_with_eps"] and d["map_not_falling_with_eps"].count("falls by less") == 2
     # without a black-box attack the comparison is not run, and says so: never "passed"
     white = [r for r in runs if r.name != "square"]
     c, d = checks(sweep_result([0.8, 0.5], mainstay=0.40, hag=0.45), runs=white)
