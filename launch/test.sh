@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite, after setting up .venv if needed:
-#   bash launch/test.sh [pytest args]
+#   bash launch/test.sh [pytest args]          (-m "not slow": the fast tier)
 # The monitoring test runs a real Prometheus server: Debian's `prometheus`
 # package is installed here when missing and apt is usable (root or
 # passwordless sudo, ~10 s); without it that test is skipped with a reason.
@@ -16,4 +16,17 @@ if ! command -v prometheus >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1
     || echo "[test] could not install prometheus; the test that needs it will be skipped"
 fi
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+# SAAT_DIST_TEST_PROCS=N: N test processes (pytest-xdist), a test file
+# per process at a time (a file's Ray cluster and fixtures stay in one process);
+# 0 (the default) runs in this one: on 2 cores two processes measured no faster.
+procs=${SAAT_DIST_TEST_PROCS:-0}
+if [ "$procs" -gt 0 ]; then
+  # DeepSpeed's CPU comm extension, compiled once here rather than by both
+  # test processes at once (the Dockerfile's own prebuild command)
+  if ! compgen -G "${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}/*/deepspeed_shm_comm/*.so" >/dev/null; then
+    echo "[test] compiling DeepSpeed's CPU comm extension (once)"
+    .venv/bin/python -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()" >/dev/null
+  fi
+  exec .venv/bin/python -m pytest -q -n "$procs" --dist loadfile "$@"
+fi
 exec .venv/bin/python -m pytest -q "$@"

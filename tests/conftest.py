@@ -8,6 +8,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # The session's Ray runs on loopback only; drivers in subprocesses join it without a token.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Every Ray the tests use is their own: never a cluster named by the shell.
+os.environ.pop("RAY_ADDRESS", None)
 
 import pytest
 import torch
@@ -25,26 +27,39 @@ def tiny_demo(tmp_path_factory):
     return out, summary
 
 
-@pytest.fixture(scope="session")
-def ray_address():
-    """One local Ray for the whole session (loopback, 4 logical CPUs): the CLI
-    run in this process joins it (``init_ray`` finds it started), and a CLI
-    in a subprocess joins it with ``--address``; no test stops it."""
+@pytest.fixture(scope="module")
+def ray_address(tmp_path_factory):
+    """One local Ray per test module (loopback, 4 logical CPUs): the CLI run
+    in this process joins it (``init_ray`` finds it started), and a CLI in a
+    subprocess joins it with ``--address``. Per module, not per session: the
+    modules that SIGKILL drivers and workers leave Ray Train's bookkeeping
+    behind them (measured: a later job's controller waited forever after
+    "PlacementGroupCleaner launched"), and a fresh cluster costs ~5 s. One
+    Ray module at a time over the test processes (a file lock): every Ray
+    takes the dashboard agent's fixed port, 52365, and a second one would
+    run without a job API; the other process runs files without Ray."""
     import ray
+    from filelock import FileLock
 
-    if ray.is_initialized():  # started by a test that ran the CLI in this process
+    lock = FileLock(str(tmp_path_factory.getbasetemp().parent / "saat-dist-ray.lock"))
+    lock.acquire(timeout=1800)
+    try:
+        if ray.is_initialized():  # started by a test that ran the CLI in this process
+            ray.shutdown()
+        context = ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+                           _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}},
+                           configure_logging=False)
+        _RAY["dashboard"] = f"http://{context.dashboard_url}"
+        yield ray.get_runtime_context().gcs_address
         ray.shutdown()
-    context = ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-                       runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}, configure_logging=False)
-    _RAY["dashboard"] = f"http://{context.dashboard_url}"
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    finally:
+        lock.release()
 
 
 _RAY: dict = {}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_dashboard(ray_address):
     """The job API of the session's Ray (its dashboard, on 127.0.0.1)."""
     return _RAY["dashboard"]

@@ -75,6 +75,7 @@ def every_step():
     return _run(sync_every=1)
 
 
+@pytest.mark.slow
 def test_sync_every_step_equals_one_process(every_step):
     bank, mainstay, tables = _single_process()
     for rank in (0, 1):
@@ -86,6 +87,7 @@ def test_sync_every_step_equals_one_process(every_step):
         assert torch.equal(every_step[rank]["codes"], bank.codes)
 
 
+@pytest.mark.slow
 def test_table_after_sync_equals_table_from_all_codes():
     res = _run(sync_every=4)
     bank, _, _ = _single_process()
@@ -151,6 +153,7 @@ def _own_items_worker(rank, world, port, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_own_items_bank_on_a_cpu_gloo_group_equals_one_process():
     """Each rank holds half the codes; after each step's sync its DPH loss
     equals the loss one process holding all codes computes."""
@@ -180,6 +183,7 @@ def test_own_items_bank_on_a_cpu_gloo_group_equals_one_process():
         assert out[rank]["bn_mean"] == [0.5, 0.5, 0.5]
 
 
+@pytest.mark.slow
 def test_the_driver_asks_ray_for_a_group_that_carries_cpu_tensors_on_gpus(tmp_path):
     from ray.train.torch import TorchConfig
 

@@ -239,6 +239,7 @@ def test_tha_prototypes_train_on_database_label_sets_at_the_reference_batch(sett
     assert all(any(torch.equal(row, s) for s in db_sets.float()) for b in drawn for row in b)
 
 
+@pytest.mark.slow
 def test_a_prototype_net_reaches_its_target_codes():
     """Trained on a bank where each class has its own code, the PrototypeNet's
     code of a class is that class's code."""
@@ -265,6 +266,7 @@ def _prototype_worker(rank, world, port, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_prototype_training_split_over_processes_equals_one_process():
     """The circle loss's logsumexps combine exactly across two gloo processes
     holding unequal parts of the bank."""

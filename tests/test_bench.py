@@ -11,13 +11,12 @@ pytestmark = pytest.mark.slow
 
 def test_bench_small_writes_json(tmp_path, ray_address, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", ray_address)  # the evaluation case's CLI runs join the session's Ray
-    assert main(["bench", "all", "--small", "--out", str(tmp_path)]) == 0
+    for which in ("map", "mainstay", "saat-step", "eval"):  # the soak is a whole run: the pipeline tests have one
+        assert main(["bench", which, "--small", "--out", str(tmp_path)]) == 0
     m = json.loads((tmp_path / "map.json").read_text())
     assert m["abs_diff"] < 1e-6 and 0 < m["saat_dist"]["map"] < 1  # both methods computed the same mAP
-    assert m["speedup"] == pytest.approx(m["numpy_per_query"]["seconds"] / m["saat_dist"]["seconds"])
     s = json.loads((tmp_path / "mainstay.json").read_text())
     assert s["identical_codes"] is True and s["sizes"]["items"] == 50_000
-    assert s["speedup"] == pytest.approx(s["dense_formula"]["seconds"] / s["code_bank"]["seconds"])
     step = json.loads((tmp_path / "saat-step.json").read_text())
     assert [r["items"] for r in step["rows"]] == [2_000, 20_000]
     assert step["max_loss_rel_diff"] <= 1e-6  # the N-independent DPH loss equals the O(N) formula

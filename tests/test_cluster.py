@@ -116,6 +116,7 @@ def test_dockerfile_copies_only_what_the_build_context_sends():
             assert (ROOT / src).exists() and src not in ignored, src
 
 
+@pytest.mark.slow
 def test_dockerfile_prebuilds_the_deepspeed_cpu_extension_with_a_working_command():
     """The CPU image compiles DeepSpeed's comm extension at build time; run
     that very command here (a cache hit after the DeepSpeed tests)."""

@@ -145,6 +145,7 @@ def test_corrupt_shard_is_named(tmp_path):
         list(iter_shard(str(shard), 16))
 
 
+@pytest.mark.slow
 def test_demo_is_real_multilabel_and_reproducible(tmp_path, tiny_demo):
     out, summary = tiny_demo
     from tests.conftest import TINY
@@ -171,6 +172,7 @@ def test_demo_is_real_multilabel_and_reproducible(tmp_path, tiny_demo):
     assert relevance_fraction(q, d) == pytest.approx(summary["relevance_fraction"])
 
 
+@pytest.mark.slow
 def test_demo_single_label_variant(tmp_path):
     spec = DemoSpec(train=40, query=10, database=50, min_digits=1, max_digits=1, seed=1, shard_size=10)
     summary = build_demo(tmp_path, spec)
@@ -179,6 +181,7 @@ def test_demo_single_label_variant(tmp_path):
     assert summary["relevance_fraction"] < 0.2  # one label of ten: ~0.1
 
 
+@pytest.mark.slow
 def test_other_seed_differs(tmp_path, tiny_demo):
     from tests.conftest import TINY
     import dataclasses
@@ -222,6 +225,7 @@ def test_resize_and_centre_crop_as_torchvision():
     assert resize_image(img, 24).shape == (3, 24, 24)  # no resize: straight to S x S
 
 
+@pytest.mark.slow
 def test_the_harder_demo_variant(tmp_path):
     """Colours and clutter: RGB mosaics with the same labels, strokes in the
     cells the plain mosaic leaves empty; the plain variant stays byte-identical."""

@@ -124,22 +124,34 @@ def test_atrdh_prototypes_split_over_two_ranks_stay_one(engines):
     assert info["parameters_identical"] and info["steps"] == 240 // 32
 
 
-# bf16 against fp32: the spread of epoch-mean losses measured on this machine
-# (2 ranks, ZeRO 2, the tiny config): benign <= 4e-4 relative, SAAT <= 3e-3
-# (bf16 keeps 8 bits of mantissa; the inner attack's signs amplify it). The
-# tolerances below are 3 x those, on the relative difference.
-BF16_REL = {"train": 1.2e-3, "saat": 1e-2}
+# bf16 against fp32, relative difference of each epoch-mean loss (2 ranks,
+# ZeRO 2, the tiny config), measured on this machine at seeds 0, 1, 2
+# (`python tests/bf16_spread.py`): benign epoch 1 <= 8.8e-4, epoch 2
+# <= 7.0e-3 (the two trajectories part as training goes on); SAAT (1 epoch)
+# total <= 4.3e-3, hash <= 4.1e-4, adversarial term <= 4.0e-2 (the inner
+# attack's signs amplify bf16's 8-bit mantissa), quantisation <= 7.2e-3,
+# share of bits flipped <= 4.2e-2. Each tolerance is twice the largest of
+# the three seeds.
+BF16_REL = {("train", 0, "loss"): 2e-3, ("train", 0, "hash"): 2e-3, ("train", 1, "loss"): 1.4e-2,
+            ("train", 1, "hash"): 1.4e-2, ("saat", 0, "loss"): 9e-3, ("saat", 0, "hash"): 9e-4,
+            ("saat", 0, "adv"): 8e-2, ("saat", 0, "quant"): 1.5e-2, ("saat", 0, "bits_flipped"): 9e-2}
 
 
 def test_bf16_trains_attacks_and_evaluates_close_to_fp32(engines):
     runs, root = engines
+    rels = []
     for stage, fp32, bf16 in (("train", ("fp32", "train"), ("bf16", "train")),
                               ("saat", ("zero2", "saat"), ("bf16_saat", "saat"))):
-        for a, b in zip(runs[fp32]["info"]["history"], runs[bf16]["info"]["history"], strict=True):
+        history = list(zip(runs[fp32]["info"]["history"], runs[bf16]["info"]["history"], strict=True))
+        assert {(stage, epoch, part) for epoch, (a, _) in enumerate(history) for part in a} == \
+            {key for key in BF16_REL if key[0] == stage}  # every part of every epoch has its tolerance
+        for epoch, (a, b) in enumerate(history):
             for part in a:
                 rel = abs(a[part] - b[part]) / max(abs(a[part]), 1e-12)
-                print(f"bf16 vs fp32 {stage} {part}: {a[part]:.6f} / {b[part]:.6f} (rel {rel:.2e})")
-                assert rel <= BF16_REL[stage], (stage, part, a[part], b[part])
+                print(f"bf16 vs fp32 {stage} epoch {epoch + 1} {part}: {a[part]:.6f} / {b[part]:.6f} (rel {rel:.2e})")
+                assert rel <= BF16_REL[(stage, epoch, part)], (stage, epoch, part, a[part], b[part])
+                rels.append(rel)
+    assert max(rels) > 1e-5  # bf16 ran: fp32 and bf16 are not the same numbers
     res = json.loads((root / "bf16_saat" / "saat" / "eval.json").read_text())
     assert 0 < res["clean_map"] <= 1 and res["attacks"]["mainstay"]["perceptibility"]["linf"] <= 16 / 255 + 1e-6
 

@@ -158,6 +158,7 @@ def test_the_reference_attack_mode_updates_batchnorm_during_the_inner_attack():
         assert seen[:2] == [moved, moved] and seen[2:] == [True, True]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("defence", ["saat", "cgat", "atrdh", "pgd_at"])
 def test_every_defence_resumes_where_an_uninterrupted_run_ends(tiny_demo, tmp_path, defence):
     """The continuous hash bank and ATRDH's PrototypeNet are part of the checkpoint."""

@@ -40,6 +40,7 @@ def experiment(tiny_demo, tmp_path_factory):
     return out, shards
 
 
+@pytest.mark.slow
 def test_experiment_json_has_the_documented_shape(experiment):
     out, _ = experiment
     r = json.loads((out / "experiment.json").read_text())
@@ -73,6 +74,7 @@ def test_experiment_json_has_the_documented_shape(experiment):
     assert {"map_vs_eps_dph-16.png", "pr_and_precision_at_n_dph-16.png", "retrieval_dph-16_saat.png"} <= names
 
 
+@pytest.mark.slow
 def test_worst_case_is_at_most_every_attack_and_per_query(experiment):
     out, _ = experiment
     for folder in ("benign", "saat", "atrdh", "cgat", "pgd_at"):
@@ -95,6 +97,7 @@ def test_worst_case_is_at_most_every_attack_and_per_query(experiment):
         assert len(ret["clean_top"]) == 4 and len(ret["mainstay_top"][0]) == 10
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_finished_cells_and_redoes_only_stale_evaluations(experiment, caplog):
     out, shards = experiment
     cell = out / "cells" / "dph-16"
@@ -115,6 +118,7 @@ def test_a_rerun_skips_finished_cells_and_redoes_only_stale_evaluations(experime
     assert json.loads((cell / "saat" / "robustness.json").read_text())["attacks"]["hag"]["iters"] == 9
 
 
+@pytest.mark.slow
 def test_changed_training_settings_are_refused_naming_the_key(experiment, capsys):
     out, shards = experiment
     assert main(args(out, shards, "distributed.num_workers=0", "saat.lam=2.0")) == 2
@@ -145,6 +149,7 @@ def masked_config(out, shards, *extra):
                                              *extra])
 
 
+@pytest.mark.slow
 def test_checks_trigger_on_a_gradient_masked_model(experiment, trained_small):
     out, shards = experiment
     model, _ = trained_small
@@ -180,6 +185,7 @@ class Saturated(torch.nn.Module):
         return torch.tanh((1.0 if alpha is None else alpha) * self.logits(x).float())
 
 
+@pytest.mark.slow
 def test_a_saturated_output_trips_the_input_gradient_check(experiment, trained_small):
     out, shards = experiment
     model, _ = trained_small
@@ -204,6 +210,7 @@ class InfiniteLogits(torch.nn.Module):
         return torch.tanh((1.0 if alpha is None else alpha) * self.logits(x).float())
 
 
+@pytest.mark.slow
 def test_infinite_logits_are_caught_before_the_tanh(experiment, trained_small):
     out, shards = experiment
     model, _ = trained_small
@@ -225,6 +232,7 @@ class NaNOnBrightImages(torch.nn.Module):
         return torch.where(x.flatten(1).mean(1, keepdim=True) > 0.05, u * float("nan"), u)
 
 
+@pytest.mark.slow
 def test_nonfinite_codes_are_caught_not_hidden_by_the_sign(experiment, trained_small):
     out, shards = experiment
     model, _ = trained_small

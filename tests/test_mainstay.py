@@ -27,6 +27,7 @@ def objective(b, y, codes, labels):
     return float(b.double() @ total)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(4))
 def test_equals_brute_force_argmax_small_k(seed):
     g = torch.Generator().manual_seed(seed)

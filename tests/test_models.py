@@ -8,6 +8,7 @@ from saat_dist.models import build_hash_model
 from saat_dist.models.backbones import BACKBONE_NAMES
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BACKBONE_NAMES)
 def test_backbone_forward(name):
     size = 64 if name == "alexnet" else 32
@@ -37,6 +38,7 @@ def test_pretrained_weights_from_local_file(tmp_path):
     assert torch.equal(trunk.layer4[1].conv2.weight, ref.layer4[1].conv2.weight)
 
 
+@pytest.mark.slow
 def test_pretrained_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no-such.pth"):
         build_hash_model("alexnet", 16, pretrained_path=str(tmp_path / "no-such.pth"))

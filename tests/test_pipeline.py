@@ -80,6 +80,7 @@ def test_report_needs_evaluations(tmp_path, capsys):
     assert "run the 'benign' evaluation" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_data_commands(tmp_path, capsys):
     assert main(["data", "demo", "--out", str(tmp_path / "d"), "--train", "24", "--query", "8",
                  "--database", "24", "--shard-size", "4"]) == 0
@@ -98,6 +99,7 @@ def test_data_commands(tmp_path, capsys):
     assert "train_label.txt:4: 11 label values, expected 10" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_single_process_run_without_ray(tmp_path, tiny_demo):
     """distributed.num_workers=0: every stage in this process (debugging path)."""
     run = tmp_path / "run"

@@ -48,6 +48,7 @@ def steps(shards, world, steps, **kw):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world, workers, micro", [(2, 0, 1), (3, 2, 1), (4, 1, 2), (6, 0, 1), (2, 3, 2)])
 def test_the_global_batch_is_the_same_at_any_worker_and_loader_count(twelve_shards, world, workers, micro):
     """Step t holds the same samples at 1, 2, 3, 4 or 6 workers, with 0-3
@@ -159,6 +160,7 @@ def http_shards(tiny_demo):
     server.server_close()
 
 
+@pytest.mark.slow
 def test_manifest_and_shards_stream_from_a_url(http_shards, tmp_path):
     """data.base_url: the manifest and the shards come from an HTTP server,
     as a prefix and as a `pipe:` command template; no local copy is needed."""

@@ -57,6 +57,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_golden_losses_of_the_first_steps(tiny_demo, tmp_path, one_thread):
     shards = tiny_demo[1]["shard_dir"]
     cfg = tiny_cfg(tmp_path / "off", shards, *GOLDEN_ARGS, "saat.eps=0")
@@ -87,6 +88,7 @@ class CrashAfterCheckpoints(NullMetrics):
             raise Crash
 
 
+@pytest.mark.slow
 def test_in_process_resume_ends_where_an_uninterrupted_run_ends(tiny_demo, tmp_path):
     shards = tiny_demo[1]["shard_dir"]
     extra = ("distributed.checkpoint_every=3", "saat.epochs=2")
@@ -107,6 +109,7 @@ def test_in_process_resume_ends_where_an_uninterrupted_run_ends(tiny_demo, tmp_p
     assert worst <= 1e-6, worst  # measured: 0.0
 
 
+@pytest.mark.slow
 def test_grad_accum_steps_once_per_global_batch_through_the_loop(tiny_demo, tmp_path, one_thread):
     """distributed.grad_accum=2 through the loop: each optimizer step takes
     the global batch of 32 as two micro-batches of 16, the lr schedule counts
@@ -149,6 +152,7 @@ def test_grad_accum_steps_once_per_global_batch_through_the_loop(tiny_demo, tmp_
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_the_loop_reports_the_first_non_finite_step_and_writes_no_model(tiny_demo, tmp_path, monkeypatch):
     """The loop reads losses back only at log steps and checkpoints. A NaN
     image in the second micro-batch of step 8 (grad_accum=2) poisons every
