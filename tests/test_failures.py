@@ -4,6 +4,7 @@ uninterrupted run ends."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -76,6 +77,19 @@ def _spawn(argv, log):
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
+@contextlib.contextmanager
+def _killed_at_exit(argv, log):
+    """A CLI driver in its own process group, SIGKILLed with the whole group
+    when the block ends, whether the test got there or failed on the way."""
+    proc = _spawn(argv, log)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(60)
+
+
 def _wait_for(pred, timeout, what):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -95,16 +109,10 @@ def test_sigkill_the_driver_mid_saat_then_resume_in_process(tiny_demo, tmp_path)
     clean, run = tmp_path / "clean", tmp_path / "killed"
     proc = _spawn(["run", *args(clean, shards, *extra)], tmp_path / "clean.log")
     assert proc.wait(900) == 0, (tmp_path / "clean.log").read_text()[-3000:]
-    proc = _spawn(["run", *args(run, shards, *extra)], tmp_path / "killed.log")
-    try:
+    with _killed_at_exit(["run", *args(run, shards, *extra)], tmp_path / "killed.log") as proc:
         _wait_for(lambda: len(list((run / "saat" / "checkpoints").glob("step-*"))) >= 2 or proc.poll() is not None,
                   600, "two SAAT checkpoints")
         assert proc.poll() is None, "the run ended before the kill; make it longer"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert not (run / "saat" / "model.pt").exists()
     resumed = _spawn(["run", "--resume", *args(run, shards, *extra)], tmp_path / "resumed.log")
     assert resumed.wait(900) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
@@ -134,8 +142,8 @@ def test_a_killed_worker_then_a_killed_driver_on_ray(tiny_demo, tmp_path, ray_ad
     assert main(["saat", *args(clean, shards, *extra)]) == 0
 
     ckpts = lambda: sorted(p for p in (run / "ray").glob("*-saat-*/checkpoint_*") if p.is_dir())  # noqa: E731
-    proc = _spawn(["saat", "--address", ray_address, *args(run, shards, *extra)], tmp_path / "killed.log")
-    try:
+    with _killed_at_exit(["saat", "--address", ray_address, *args(run, shards, *extra)],
+                         tmp_path / "killed.log") as proc:
         _wait_for(lambda: len(ckpts()) >= 2 or proc.poll() is not None, 600, "two SAAT checkpoints")
         # Ray's controller registers a reported checkpoint when it next polls
         # the workers (reports still queued in a dying worker are lost).
@@ -152,11 +160,6 @@ def test_a_killed_worker_then_a_killed_driver_on_ray(tiny_demo, tmp_path, ray_ad
                   "a checkpoint after the restart")
         time.sleep(4)
         assert proc.poll() is None, "the run ended before the driver was killed; make it longer"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert not (run / "saat" / "model.pt").exists()
     resumed = _spawn(["saat", "--resume", "--address", ray_address, *args(run, shards, *extra)],
                      tmp_path / "resumed.log")
