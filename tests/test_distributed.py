@@ -1,8 +1,7 @@
 """The distributed pipeline on a real local Ray cluster: 2 DeepSpeed workers
 on gloo, streamed shards (6 train shards over 2 workers), the code bank
 all-reduce, Prometheus endpoints scraped directly and by a real Prometheus
-server, a worker killed with SIGKILL, and `ray job submit` against a
-loopback head node."""
+server, all sent with `ray job submit` to a loopback head node."""
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +19,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from saat_dist.cli import main
@@ -33,7 +30,6 @@ from tests.test_cluster import MONITORING, dashboard_queries
 pytestmark = pytest.mark.slow  # real Ray clusters and DeepSpeed engines: the full tier only
 
 ROOT = Path(__file__).resolve().parents[1]
-SAAT_DIST = [sys.executable, "-m", "saat_dist.cli"]
 
 
 @pytest.fixture(scope="module")
@@ -51,19 +47,6 @@ def base_args(run_dir, shards, *extra):
     for e in extra:
         args += ["--set", e]
     return args
-
-
-def _params(run: Path, which: str) -> dict:
-    return torch.load(run / which / "model.pt", weights_only=True)["model"]
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-
-
-def _history(run: Path, which: str) -> list[dict]:
-    return json.loads((run / which / "train.json").read_text())["history"]
 
 
 def test_a_corrupt_sample_stops_the_run_in_one_line(tmp_path, six_shards, capsys, ray_address):
@@ -105,33 +88,39 @@ def _wait_for(pred, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _spawn(args, log_path):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([*SAAT_DIST, *args], cwd=ROOT, env=env, stdout=open(log_path, "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-
-
 class TestLiveRun:
-    """A 2-worker training running in the background while its metrics are
-    scraped: directly over HTTP, and by a real Prometheus server."""
+    """A 2-worker training sent to the module's Ray with `launch/submit.sh`
+    (`ray job submit` through the job API on 127.0.0.1), running in the
+    background while its metrics are scraped: directly over HTTP, and by a
+    real Prometheus server; then stopped through the job API."""
 
     @pytest.fixture(scope="class")
     @classmethod
-    def live_run(cls, six_shards, tmp_path_factory, ray_address):
+    def live_run(cls, six_shards, tmp_path_factory, ray_dashboard):
+        from ray.job_submission import JobSubmissionClient
+
         tmp = tmp_path_factory.mktemp("live")
         run = tmp / "run"
-        proc = _spawn(["train", "--address", ray_address,
-                       *base_args(run, six_shards, "train.epochs=400", "train.batch_size=8",
-                                  "distributed.bank_sync_every=2")], tmp / "log")
+        sets = base_args(run, six_shards, "train.epochs=400", "train.batch_size=8", "distributed.bank_sync_every=2")
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               "RAY_ADDRESS": ray_dashboard, "RAY_BIN": str(Path(sys.executable).with_name("ray")),
+               "JOB_PYTHON": sys.executable, "SAAT_COMMAND": "train", "SUBMIT_FLAGS": "--no-wait"}
+        sub = subprocess.run(["bash", "launch/submit.sh", *sets[1:]], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert sub.returncode == 0, (sub.stdout[-3000:], sub.stderr[-2000:])
+        job_id = re.search(r"Job '(raysubmit_\w+)'", sub.stdout + sub.stderr).group(1)
+        client = JobSubmissionClient(ray_dashboard)
         try:
-            _wait_for(lambda: len(list((run / "metrics").glob("train-rank*.json"))) == 2, 240,
-                      "both workers' metrics target files")
-            yield run
+            _wait_for(lambda: len(list((run / "metrics").glob("train-rank*.json"))) == 2
+                      or client.get_job_status(job_id).is_terminal(), 240, "both workers' metrics target files")
+            assert not client.get_job_status(job_id).is_terminal(), client.get_job_logs(job_id)[-3000:]
+            yield run, client, job_id
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(60)
+            client.stop_job(job_id)
+            _wait_for(lambda: client.get_job_status(job_id).is_terminal(), 120, "the job to stop")
 
     def test_every_worker_serves_metrics_that_move(self, live_run):
+        live_run, _, _ = live_run
         files = sorted((live_run / "metrics").glob("train-rank*.json"))
         ports = {read_target_file(f)["rank"]: read_target_file(f)["port"] for f in files}
         assert set(ports) == {"0", "1"}
@@ -158,6 +147,7 @@ class TestLiveRun:
         rendered for this run (its file_sd targets, 1 s intervals) and
         alerts.yml: series of both ranks arrive through the HTTP API, the
         alert rules load and evaluate, every dashboard query runs."""
+        live_run, _, _ = live_run
         binary = shutil.which("prometheus")
         need(binary is not None, "prometheus is not installed (Debian package `prometheus`; launch/test.sh "
                                  "installs it when apt is usable)")
@@ -210,6 +200,20 @@ class TestLiveRun:
             proc.wait(30)
 
 
+    def test_the_job_ran_on_the_cluster_and_stops_on_request(self, live_run):
+        """Inside the job, saat-dist joined the cluster that runs it (the
+        stage's Ray Train run and its checkpoints land in the run directory);
+        the job API stops it."""
+        from ray.job_submission import JobStatus
+
+        run, client, job_id = live_run
+        assert client.get_job_status(job_id) == JobStatus.RUNNING
+        _wait_for(lambda: list((run / "ray").glob("*-train-*/checkpoint_*")), 120, "a checkpoint of the job's run")
+        assert json.loads((run / "ray_runs.json").read_text())["train"].startswith("tiny-train-")
+        client.stop_job(job_id)
+        assert _wait_for(lambda: client.get_job_status(job_id).is_terminal(), 120, "the job to stop")
+        assert client.get_job_status(job_id) == JobStatus.STOPPED
+
 def _http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=5) as r:
@@ -231,24 +235,3 @@ def _query(api: str, expr: str) -> list:
         raise AssertionError(f"Prometheus rejected {expr!r}: {e.read().decode()}") from e
     assert body["status"] == "success", (expr, body)
     return body["data"]["result"]
-
-
-def test_ray_job_submit(tmp_path, six_shards, ray_dashboard):
-    """`launch/submit.sh` sends a stage to the session's Ray through its job
-    API (the dashboard on 127.0.0.1); the job ends SUCCEEDED and its output lands."""
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    api = ray_dashboard
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    run = tmp_path / "submitted"
-    sub = subprocess.run(
-        ["bash", "launch/submit.sh", "configs/tiny.yaml", "--set", f"output_dir={run}",
-         "--set", f"data.shard_dir={six_shards}", "--set", "data.build_demo=false", "--set", "train.epochs=1"],
-        cwd=ROOT, env={**env, "RAY_ADDRESS": api, "RAY_BIN": ray_bin, "JOB_PYTHON": sys.executable,
-                       "SAAT_COMMAND": "train"},
-        capture_output=True, text=True, timeout=900)
-    assert sub.returncode == 0, (sub.stdout[-3000:], sub.stderr[-2000:])
-    job_id = re.search(r"Job '(raysubmit_\w+)'", sub.stdout + sub.stderr).group(1)
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    assert JobSubmissionClient(api).get_job_status(job_id) == JobStatus.SUCCEEDED
-    assert json.loads((run / "benign" / "train.json").read_text())["parameters_identical"]

@@ -1,7 +1,11 @@
 """Scale changes the speed, never the answer: an evaluation gives the same
-numbers on 1, 2 and 3 workers (gloo process groups, no Ray needed)."""
+numbers on 1, 2 and 4 workers, and training ends at the same parameters up
+to float order (gloo process groups, no Ray needed). One group per worker
+count runs both, the groups once per module."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,12 +17,19 @@ from saat_dist.evaluation import EvaluationStage, evaluate
 from saat_dist.models import build_hash_model
 from tests.gloo import run_on_group
 
-# every attack, a few iterations each, 16 queries in global batches of 4 (at 3 workers: 2 / 1 / 1 batches)
-EVAL = ["eval.num_queries=16", "attack.batch_size=4", "attack.restarts=2",
+pytestmark = pytest.mark.slow  # DeepSpeed engines and every attack on process groups
+
+# every attack, a few iterations each, 16 queries in global batches of 3 (at 4
+# workers: 2 / 2 / 1 / 1 batches, the last one of a single query)
+EVAL = ["eval.num_queries=16", "attack.batch_size=3", "attack.restarts=2",
         "attack.iters=4", "attack.hag.iters=6", "attack.sdha.iters=6", "attack.square.iters=20",
         "attack.transfer.iters=3", "attack.dhta.iters=6", "attack.p2p.iters=6", "attack.tha.pnet_steps=20",
         "attack.tha.iters=4", "attack.strong_queries=6", "experiment.eps_sweep=[0,0.03,0.0627451]",
         "model.bits=16", "model.width=16", "eval.batch_size=7"]
+
+# Benign training with SGD (no sign-like steps: float order stays float order), then SAAT as configured.
+TRAIN_ARGS = ["train.epochs=2", "saat.epochs=1", "train.batch_size=32", "saat.batch_size=32", "log_every_s=30",
+              "metrics.enabled=false", "train.optim.name=sgd", "train.optim.lr=0.05"]
 
 
 def _evaluate(rank, world, tree, shards, state):
@@ -47,27 +58,6 @@ def _numbers(tree, prefix="") -> dict[str, float]:
     return out
 
 
-@pytest.mark.slow
-def test_evaluation_is_the_same_on_1_2_and_3_workers(tiny_demo, trained_small):
-    shards = tiny_demo[1]["shard_dir"]
-    tree = load_config("configs/tiny.yaml", [f"data.shard_dir={shards}", *EVAL]).to_dict()
-    state = trained_small[0].state_dict()
-    results = {w: run_on_group(_evaluate, w, tree, shards, state)[0] for w in (1, 2, 3)}
-    base = _numbers(results[1])
-    assert base[".attacks.mainstay.map"] < base[".clean_map"]  # the attacks did something
-    worst = 0.0
-    for w in (2, 3):
-        got = _numbers(results[w])
-        assert got.keys() == base.keys()
-        for key, value in base.items():
-            if isinstance(value, float):
-                worst = max(worst, abs(got[key] - value))
-                assert got[key] == pytest.approx(value, abs=1e-6), (w, key)
-            else:
-                assert got[key] == value, (w, key)
-    print(f"largest difference over every number at 2 and 3 workers: {worst}")
-
-
 class NoCheckpoints:
     """A checkpointer that keeps nothing: the comparison needs none."""
 
@@ -82,19 +72,17 @@ class NoCheckpoints:
         pass
 
 
-def _train(rank, world, tree, shards, run_dir):
+def _train(rank, world, tree, shards, run_dir, stages=("train", "saat")):
     """Benign then SAAT training on ``world`` DeepSpeed workers; rank 0 returns
     the parameters after each stage and the epoch histories."""
-    from pathlib import Path
-
     from saat_dist.distributed.deepspeed_setup import DeepSpeedBackend
-    from saat_dist.stages import SAAT, TRAIN
+    from saat_dist.stages import TRAINING
     from saat_dist.training.trainer import Launch, NullMetrics, train_stage
 
     cfg = config_from_dict(tree)
     source = DataSource.open(shards)
     out = {}
-    for stage in (TRAIN, SAAT):
+    for stage in (TRAINING[name] for name in stages):
         launch = Launch(rank, world, torch.device("cpu"),
                         lambda m, o, s: DeepSpeedBackend(m, o, cfg.distributed, s, world), NoCheckpoints(), NullMetrics())
         result = train_stage(cfg, stage, Path(run_dir), launch, source)
@@ -108,13 +96,55 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
-# Benign training with SGD (no sign-like steps: float order stays float order), then SAAT as configured.
-TRAIN_ARGS = ["train.epochs=2", "saat.epochs=1", "train.batch_size=32", "saat.batch_size=32", "log_every_s=30",
-              "metrics.enabled=false", "train.optim.name=sgd", "train.optim.lr=0.05"]
+def _group(rank, world, job: dict):
+    """What one worker count runs: the training, the evaluation of a fixed
+    model, and (at 4 workers) benign training without synced BatchNorm."""
+    out = {"train": _train(rank, world, job["train"], job["shards"], job["dir"])}
+    if "eval" in job:
+        out["eval"] = _evaluate(rank, world, job["eval"], job["shards"], job["state"])
+    if "unsynced" in job:
+        out["unsynced"] = _train(rank, world, job["unsynced"], job["shards"], job["dir"] + "-unsynced", ("train",))
+    return out
 
 
-@pytest.mark.slow
-def test_training_ends_at_the_same_parameters_on_1_2_and_4_workers(tiny_demo, tmp_path):
+@pytest.fixture(scope="module")
+def groups(tiny_demo, trained_small, tmp_path_factory):
+    """Rank 0's results at 1, 2 and 4 workers, and at 1 worker on 2 threads."""
+    shards = tiny_demo[1]["shard_dir"]
+    tmp = tmp_path_factory.mktemp("scale")
+    train = load_config("configs/tiny.yaml", [f"data.shard_dir={shards}", *TRAIN_ARGS]).to_dict()
+    unsynced = load_config("configs/tiny.yaml", [f"data.shard_dir={shards}", *TRAIN_ARGS,
+                                                 "distributed.sync_batchnorm=false"]).to_dict()
+    ev = load_config("configs/tiny.yaml", [f"data.shard_dir={shards}", *EVAL]).to_dict()
+    state = trained_small[0].state_dict()
+    out = {}
+    for w in (1, 2, 4):
+        job = {"train": train, "shards": shards, "dir": str(tmp / f"w{w}"), "eval": ev, "state": state}
+        if w == 4:
+            job["unsynced"] = unsynced
+        out[w] = run_on_group(_group, w, job)[0]
+    out["threads"] = run_on_group(_group, 1, {"train": train, "shards": shards, "dir": str(tmp / "threads")},
+                                  threads=2)[0]
+    return out
+
+
+def test_evaluation_is_the_same_on_1_2_and_4_workers(groups):
+    base = _numbers(groups[1]["eval"])
+    assert base[".attacks.mainstay.map"] < base[".clean_map"]  # the attacks did something
+    worst = 0.0
+    for w in (2, 4):
+        got = _numbers(groups[w]["eval"])
+        assert got.keys() == base.keys()
+        for key, value in base.items():
+            if isinstance(value, float):
+                worst = max(worst, abs(got[key] - value))
+                assert got[key] == pytest.approx(value, abs=1e-6), (w, key)
+            else:
+                assert got[key] == value, (w, key)
+    print(f"largest difference over every number at 2 and 4 workers: {worst}")
+
+
+def test_training_ends_at_the_same_parameters_on_1_2_and_4_workers(groups):
     """The same global batches, BatchNorm over the global batch, keyed inner
     attacks: what differs between worker counts is only the order of float
     sums (the gradient all-reduce, combining BatchNorm statistics). Training
@@ -129,10 +159,8 @@ def test_training_ends_at_the_same_parameters_on_1_2_and_4_workers(tiny_demo, tm
     and 0.093 against 0.080. Without distributed.sync_batchnorm 4 workers
     normalise over 8 samples instead of 32: benign 0.032, 19 times the
     yardstick, which the test also checks, so it can tell."""
-    shards = tiny_demo[1]["shard_dir"]
-    tree = load_config("configs/tiny.yaml", [f"data.shard_dir={shards}", *TRAIN_ARGS]).to_dict()
-    runs = {w: run_on_group(_train, w, tree, shards, str(tmp_path / f"w{w}"))[0] for w in (1, 2, 4)}
-    threads = run_on_group(_train, 1, tree, shards, str(tmp_path / "threads"), threads=2)[0]
+    runs = {w: groups[w]["train"] for w in (1, 2, 4)}
+    threads = groups["threads"]["train"]
     yardstick = {stage: _max_diff(runs[1][stage]["params"], threads[stage]["params"]) for stage in ("train", "saat")}
     for w in (2, 4):
         for stage, loss_rel in (("train", 5e-5), ("saat", 0.02)):
@@ -141,8 +169,6 @@ def test_training_ends_at_the_same_parameters_on_1_2_and_4_workers(tiny_demo, tm
             assert d <= 2 * yardstick[stage], (w, stage, d, yardstick[stage])
             for h1, hw in zip(runs[1][stage]["history"], runs[w][stage]["history"]):
                 assert hw["loss"] == pytest.approx(h1["loss"], rel=loss_rel), (w, stage)
-    tree["distributed"]["sync_batchnorm"] = False
-    per_worker = run_on_group(_train, 4, tree, shards, str(tmp_path / "per_worker_bn"))[0]
-    d = _max_diff(runs[1]["train"]["params"], per_worker["train"]["params"])
+    d = _max_diff(runs[1]["train"]["params"], groups[4]["unsynced"]["train"]["params"])
     print(f"benign at 4 workers without sync_batchnorm: max |dtheta| {d:.3g}")
     assert d > 5 * yardstick["train"]
