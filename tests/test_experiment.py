@@ -108,11 +108,11 @@ def test_a_rerun_skips_finished_cells_and_redoes_only_stale_evaluations(experime
     assert {p: p.stat().st_mtime_ns for p in cell.glob("*/model.pt")} == models
     assert {p: p.read_text() for p in cell.glob("*/robustness.json")} == results
     assert "saat evaluated with these settings, skipping" in caplog.text
-    # another attack setting: evaluations again, models kept
+    # another attack setting (and two attacks, to keep it short): evaluations again, models kept
     caplog.clear()
     with caplog.at_level("INFO", logger="saat_dist"):
         assert main(args(out, shards, "distributed.num_workers=0", "attack.hag.iters=9",
-                         "experiment.defences=[saat]")) == 0
+                         "experiment.defences=[saat]", "experiment.attacks=[mainstay,hag]")) == 0
     assert {p: p.stat().st_mtime_ns for p in cell.glob("*/model.pt")} == models
     assert "robustness evaluation of saat" in caplog.text
     assert json.loads((cell / "saat" / "robustness.json").read_text())["attacks"]["hag"]["iters"] == 9

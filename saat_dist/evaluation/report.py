@@ -24,7 +24,9 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from saat_dist.attacks import ATTACK_REGISTRY
 from saat_dist.checkpoint import load_state, write_text_atomic
@@ -473,28 +475,47 @@ def _retrieval_pictures(cfg, tag, by, source, out, plots, plt) -> list[str]:
         if not path.is_file() or "mainstay_top" not in ret:
             continue
         shown = load_state(path)
-        q, top = len(ret["queries"]), len(ret["clean_top"][0])
-        fig, axes = plt.subplots(2 * q, top + 1, figsize=(1.1 * (top + 1), 1.2 * 2 * q), squeeze=False)
-        for i in range(q):
-            for row, (kind, img) in enumerate((("clean", shown["clean"][i]), ("mainstay", shown["adversarial"][i]))):
-                ax = axes[2 * i + row]
-                _show(ax[0], img, "black")
-                ax[0].set_title("query" if kind == "clean" else "adversarial", fontsize=7)
-                for j, (idx, rel) in enumerate(zip(ret[f"{kind}_top"][i], ret[f"{kind}_relevant"][i])):
-                    _show(ax[j + 1], db[idx], "green" if rel else "red")
-        fig.suptitle(f"{DEFENCE_NAMES.get(d, d)} ({tag}): top {top}, clean query (upper row) and under the mainstay "
-                     "attack (lower row); green = relevant", fontsize=8)
+        rows = []
+        for i in range(len(ret["queries"])):
+            for kind, img in (("clean", shown["clean"][i]), ("mainstay", shown["adversarial"][i])):
+                found = [(db[idx], GREEN if rel else RED)
+                         for idx, rel in zip(ret[f"{kind}_top"][i], ret[f"{kind}_relevant"][i])]
+                rows.append([(img, BLACK), *found])
+        # one image of framed thumbnails (a grid of subplots took seconds per picture)
+        grid = _thumbnail_grid(rows)
+        height, width = grid.shape[:2]
+        fig, ax = plt.subplots(figsize=(width / 100, height / 100 + 0.4))
+        ax.imshow(grid, interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(f"{DEFENCE_NAMES.get(d, d)} ({tag}): per query, its top {len(rows[0]) - 1} clean (upper row) "
+                     "and under the mainstay attack (lower row); first column: the query; green = relevant",
+                     fontsize=7)
         written.append(_save(fig, plots / f"retrieval_{tag}_{d}.png", out))
     return written
 
 
-def _show(ax, img: torch.Tensor, frame: str) -> None:
-    ax.imshow(img.permute(1, 2, 0).numpy())
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_edgecolor(frame)
-        spine.set_linewidth(2.5)
+BLACK, GREEN, RED = (0, 0, 0), (0, 160, 0), (220, 0, 0)
+THUMB, FRAME, GAP = 64, 3, 4  # thumbnail side, frame width, space between thumbnails (pixels)
+
+
+def _thumbnail_grid(rows: list[list[tuple[torch.Tensor, tuple[int, int, int]]]]) -> np.ndarray:
+    """uint8 H x W x 3: row r, column c holds image rows[r][c] (uint8 3 x S x S)
+    at THUMB pixels inside a frame of its colour; a wider gap after every
+    second row (a query's pair) and after the first column (the query)."""
+    cell = THUMB + 2 * FRAME
+    cols = max(len(r) for r in rows)
+    height = len(rows) * (cell + GAP) + (len(rows) // 2) * GAP
+    width = cols * (cell + GAP) + GAP
+    grid = np.full((height, width, 3), 255, dtype=np.uint8)
+    for r, row in enumerate(rows):
+        top = r * (cell + GAP) + (r // 2) * GAP
+        for c, (img, colour) in enumerate(row):
+            left = c * (cell + GAP) + (GAP if c else 0)
+            thumb = F.interpolate(img[None].float(), size=(THUMB, THUMB), mode="bilinear", antialias=True,
+                                  align_corners=False)[0].round().clamp(0, 255).byte()
+            grid[top : top + cell, left : left + cell] = colour
+            grid[top + FRAME : top + FRAME + THUMB, left + FRAME : left + FRAME + THUMB] = thumb.permute(1, 2, 0).numpy()
+    return grid
 
 
 def _save(fig, path: Path, out: Path) -> str:

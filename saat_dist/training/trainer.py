@@ -180,6 +180,7 @@ class TrainState:
 
     def __init__(self, stream: ShardStream, bank: SyncedBank, extras: dict | None = None) -> None:
         self.step = 0
+        self.resumed_from = 0  # the step this attempt restored from a checkpoint (0: from the start)
         self.history: list[dict[str, float]] = []  # per-epoch means over every worker
         self.epoch_sums: dict[str, float] = {}  # this rank's host sums of the running epoch
         self.stream, self.bank = stream, bank
@@ -265,6 +266,7 @@ def train_stage(cfg: RunConfig, stage: Stage, run_dir: Path, launch: Launch, sou
     with launch.checkpointer.restore() as ckpt_dir:
         if ckpt_dir is not None:
             state.restore(ckpt_dir, rank, backend)
+            state.resumed_from = state.step
             rank_log.info("rank %d: restored step %d of %d from checkpoint %s", rank, state.step, total,
                           getattr(launch.checkpointer, "where", ckpt_dir))
     if state.step == 0 and stage.needs:
@@ -368,7 +370,7 @@ def _finish(cfg: RunConfig, stage: Stage, run_dir: Path, state: TrainState, sche
         optim = getattr(cfg, stage.section).optim
         save_model(cfg.model, out / "model.pt", weights, state.step)
         write_text_atomic(out / "train.json", json.dumps(
-            {"history": state.history, "steps": state.step, "schedule": {
+            {"history": state.history, "steps": state.step, "resumed_from_step": state.resumed_from, "schedule": {
                 **{k: getattr(schedule, k) for k in ("global_batch", "micro_batch", "grad_accum",
                                                      "steps_per_epoch", "total_steps")},
                 "workers": world, "lr": optim.lr * lr_factor(optim, schedule.global_batch),
