@@ -65,6 +65,7 @@ class DataConfig:
     canonical_slots: int = 0  # the training order is defined over this many slots of the train shards (0: one per shard); any worker count that divides it sees the same global batches (data.order)
     skip_corrupt: bool = False  # skip corrupt samples (and the unreadable rest of a broken shard) with a warning, counted in saat_skipped_samples_total and the report; off: stop with one line naming shard and sample
     base_url: str | None = None  # read manifest + shards from here instead of shard_dir: a prefix (http://host/shards) or a template with {name} (pipe:aws s3 cp s3://b/shards/{name} -)
+    verify_sha256: bool = True  # check each shard's bytes against the manifest's sha256 as they stream past (no second read): a changed shard stops the run naming it (with skip_corrupt: the whole shard is skipped, counted)
 
 
 @dataclass

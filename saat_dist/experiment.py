@@ -41,7 +41,8 @@ log = logging.getLogger("saat_dist")
 TRAINING_SECTIONS = ("seed", "data", "model", "train", *DEFENCE_STAGES)
 # ... but not these keys, which change where the data is or how fast it is read, not what is trained
 # (the data itself is the manifest's digest) ...
-NOT_TRAINING = ("data.loader_workers", "data.build_demo", "data.skip_corrupt", "data.shard_dir", "data.base_url")
+NOT_TRAINING = ("data.loader_workers", "data.build_demo", "data.skip_corrupt", "data.shard_dir", "data.base_url",
+                "data.verify_sha256")
 # ... and these distributed settings, which do change numbers (ZeRO stages and the worker and loader
 # counts do not: measured identical, or within float order with sync_batchnorm; see the README).
 TRAINING_DISTRIBUTED = ("precision", "grad_accum", "gradient_clipping", "bank_sync_every", "sync_batchnorm")

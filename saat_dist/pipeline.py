@@ -45,7 +45,7 @@ log = logging.getLogger("saat_dist")
 def ensure_data(cfg: RunConfig) -> DataSource:
     """The data source (manifest read once); builds the demo data set first when asked and missing."""
     if cfg.data.base_url:  # shards and manifest are served elsewhere; nothing to build
-        return DataSource.open(cfg.data.shard_dir, cfg.data.base_url)
+        return DataSource.open(cfg.data.shard_dir, cfg.data.base_url, cfg.data.verify_sha256)
     shard_dir = Path(cfg.data.shard_dir)
     if cfg.data.build_demo:
         d = cfg.data.demo
@@ -60,7 +60,7 @@ def ensure_data(cfg: RunConfig) -> DataSource:
             log.info("demo data: %s, relevance fraction %.3f", summary["counts"], summary["relevance_fraction"])
         else:
             _check_demo_spec(shard_dir.parent / "demo.json", spec)
-    return DataSource.open(str(shard_dir))
+    return DataSource.open(str(shard_dir), verify=cfg.data.verify_sha256)
 
 
 def _check_demo_spec(path: Path, spec: DemoSpec) -> None:

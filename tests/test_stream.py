@@ -1,6 +1,7 @@
 """The streaming reader: one global order at any worker and loader count, resume (also at another
 worker count), corrupt shards."""
 
+import contextlib
 import itertools
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 
 from saat_dist.data.convert import convert
 from saat_dist.data.decode import ShardError
+from saat_dist.data.source import DataSource
 from saat_dist.data.stream import ShardStream, StreamSpec
 from tests.test_data import make_dataset
 
@@ -139,9 +141,9 @@ def test_corrupt_shard_reported_or_skipped(tmp_path):
     assert s.skipped == 20  # 30 samples of its slot: 3 passes over shard 0, meeting shard 2 after the first two
 
 
-@pytest.fixture()
-def http_shards(tiny_demo):
-    """The tiny demo's shard directory served over HTTP on 127.0.0.1."""
+@contextlib.contextmanager
+def serving(directory):
+    """``directory`` served over HTTP on 127.0.0.1: yields its base URL."""
     import functools
     import http.server
     import threading
@@ -150,14 +152,22 @@ def http_shards(tiny_demo):
         def log_message(self, *args):
             pass
 
-    shard_dir = tiny_demo[1]["shard_dir"]
-    handler = functools.partial(Quiet, directory=str(shard_dir))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(directory)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield shard_dir, f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture()
+def http_shards(tiny_demo):
+    """The tiny demo's shard directory served over HTTP on 127.0.0.1."""
+    shard_dir = tiny_demo[1]["shard_dir"]
+    with serving(shard_dir) as url:
+        yield shard_dir, url
 
 
 @pytest.mark.slow
@@ -187,10 +197,16 @@ def test_unreachable_manifest_url_names_it(http_shards, tmp_path):
         load_manifest(tmp_path, f"{url}/nope")
 
 
-def rewrite_sample(shard, key, change):
-    """Rewrite ``shard`` with sample ``key``'s members passed through ``change(dict) -> dict``."""
+def rewrite_sample(shard, key, change, restamp: bool = True):
+    """Rewrite ``shard`` with sample ``key``'s members passed through
+    ``change(dict) -> dict``. ``restamp``: record the new shard's sha256 in
+    the manifest, as if the sample had been bad when the data set was
+    converted; else the manifest keeps the old digest (changed afterwards)."""
     import io
+    import json
     import tarfile
+
+    from saat_dist.checkpoint import file_sha256
 
     with tarfile.open(shard) as tar:
         members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
@@ -205,6 +221,14 @@ def rewrite_sample(shard, key, change):
                 info = tarfile.TarInfo(f"{k}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+    if restamp:
+        manifest_path = Path(shard).parent / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        for split in manifest["splits"].values():
+            for entry in split["shards"]:
+                if entry["name"] == Path(shard).name:
+                    entry["sha256"] = file_sha256(shard)
+        manifest_path.write_text(json.dumps(manifest))
 
 
 def _wrong_width(fields):
@@ -241,3 +265,82 @@ def test_a_rank_whose_shards_are_all_unreadable_stops_instead_of_spinning(tmp_pa
     s = ShardStream(spec(str(tmp_path / "out"), skip_corrupt=True))
     with pytest.raises(ShardError, match=r"none of the shards \[0\] of canonical slot 0 of split 'train' holds a "):
         next(s)
+
+
+def _relabel(fields):
+    """One changed byte of the .json: the first label value flipped."""
+    import json
+
+    meta = json.loads(fields["json"])
+    meta["label"][0] = 1 - meta["label"][0]
+    return {**fields, "json": json.dumps(meta).encode()}
+
+
+@pytest.fixture()
+def relabelled(tmp_path):
+    """40 train samples in 4 shards; shard 1's sample 13 relabelled after
+    conversion (the manifest keeps the converted shard's sha256)."""
+    root = make_dataset(tmp_path / "src", n=(40, 3, 4), size=(12, 12))
+    convert(root, tmp_path / "out", shard_size=10, shard_multiple=1)
+    rewrite_sample(tmp_path / "out" / "train-000001.tar", "00000013", _relabel, restamp=False)
+    return str(tmp_path / "out")
+
+
+def test_a_shard_changed_after_conversion_stops_the_stream_naming_it(relabelled):
+    """The label edit decodes fine; only the digest knows. The stream stops at
+    the end of that shard, before any of its samples is used (one canonical
+    slot: the shards are read in turn, 4 samples a step)."""
+    from saat_dist.data.decode import ShardDigestError
+
+    s = ShardStream(spec(relabelled, shuffle=False, slots=1))
+    seen = []
+    with pytest.raises(ShardDigestError, match=r"shard \S*train-000001.tar: its sha256 is [0-9a-f]{64}, the "
+                                               r"manifest says [0-9a-f]{64}: the shard changed after"):
+        for _ in range(10):
+            seen += next(s)[2].tolist()
+    assert seen == list(range(8))  # two steps of shard 0; the third needs shard 1 and stops
+    # with the check off (data.verify_sha256: false) the edit trains unnoticed, as before the check
+    off = ShardStream(spec(relabelled, shuffle=False, slots=1, source=DataSource.open(relabelled, verify=False)))
+    assert torch.cat([next(off)[2] for _ in range(10)]).tolist() == list(range(40))
+
+
+def test_a_changed_shard_is_skipped_whole_and_counted_with_skip_corrupt(relabelled):
+    s = ShardStream(spec(relabelled, shuffle=False, skip_corrupt=True, slots=2))
+    idx = torch.cat([next(s)[2] for _ in range(15)]).tolist()
+    assert not any(10 <= i < 20 for i in idx)  # no sample of the changed shard, not only the edited one
+    assert s.skipped == 30  # its slot's 30 samples of 60 take 3 passes over shards 1 (skipped) and 3
+
+
+def test_every_reader_checks_the_digest(relabelled):
+    """Labels for the code bank, evaluation batches, items by index, images
+    for the report: each raises on the changed shard."""
+    from saat_dist.data.decode import ShardDigestError
+
+    source = DataSource.open(relabelled)
+    for read in (lambda: source.labels("train"), lambda: list(source.batches("train", 12, 8)),
+                 lambda: source.read_items("train", [13], 12), lambda: source.images("train", [13, 39], 12)):
+        with pytest.raises(ShardDigestError, match="train-000001.tar"):
+            read()
+    assert source.labels("train", [0, 2, 3])[0].tolist() == [*range(10), *range(20, 40)]  # the others are fine
+
+
+def test_a_changed_shard_served_over_http_is_named(tiny_demo, tmp_path):
+    """The same check on bytes from an HTTP server (no local file to re-read)."""
+    import shutil
+
+    from saat_dist.data.decode import ShardDigestError
+
+    copy = tmp_path / "shards"
+    shutil.copytree(tiny_demo[1]["shard_dir"], copy)
+    rewrite_sample(copy / "test-000000.tar", next(_keys(copy / "test-000000.tar")), _relabel, restamp=False)
+    with serving(copy) as url:
+        with pytest.raises(ShardDigestError, match=rf"shard {url}/test-000000.tar: its sha256"):
+            DataSource.open(str(tmp_path / "nowhere"), url).labels("test")
+
+
+def _keys(shard):
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        for m in tar.getmembers():
+            yield m.name.split(".", 1)[0]

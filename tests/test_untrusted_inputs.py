@@ -82,6 +82,32 @@ def test_a_command_in_a_shard_name_runs_nothing(hostile, tmp_path, capsys):
     assert not marker.exists() and not run.exists()
 
 
+def flip_one_label_byte(shard) -> None:
+    """One byte of the shard changed in place: a label digit of its first
+    .json member (the tar stays valid; only the manifest's sha256 knows)."""
+    data = bytearray(shard.read_bytes())
+    at = data.index(b'"label": [') + len(b'"label": [')
+    data[at] = ord("1") if data[at] == ord("0") else ord("0")
+    shard.write_bytes(bytes(data))
+
+
+def test_a_shard_edited_after_conversion_stops_training_naming_it(tiny_demo, tmp_path, capsys):
+    """One changed byte in a train shard's .json, the manifest untouched
+    (before the check: the stage ran to the end, exit 0): the stage stops in
+    one line naming the shard and writes no model."""
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_demo[1]["shard_dir"], shards)
+    flip_one_label_byte(shards / "train-000001.tar")
+    run = tmp_path / "run"
+    code = main(["train", "--config", "configs/tiny.yaml", "--set", f"output_dir={run}",
+                 "--set", f"data.shard_dir={shards}", "--set", "data.build_demo=false",
+                 "--set", "distributed.num_workers=0", "--set", "metrics.enabled=false"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2
+    assert err.startswith("saat-dist: error: shard ") and "train-000001.tar: its sha256 is" in err
+    assert not (run / "benign" / "model.pt").exists()
+
+
 def test_urls_are_built_from_shard_names_only():
     assert file_url("pipe:cat /s/{name}", "train-000001.tar") == "pipe:cat /s/train-000001.tar"
     with pytest.raises(ManifestError, match="refusing to build a URL"):

@@ -1,25 +1,80 @@
-"""Decoding: one sample of a shard to (image, label, global index), one
-shard to its decoded samples, and the reference's Resize + CenterCrop.
-Everything that reads shards (the training stream, the data source's
-batches) decodes through here; the errors name the shard and the sample."""
+"""Reading and decoding: one shard to its raw samples (its bytes read once,
+their sha256 checked against the manifest's as they stream past), one
+sample to (image, label, global index), one shard to its decoded samples,
+and the reference's Resize + CenterCrop. Everything that reads shards (the
+training stream, the data source) reads through here; the errors name the
+shard and the sample."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
+from webdataset.gopen import gopen
 
 from saat_dist.data.shards import IMAGE_EXTS
 
 
 class ShardError(RuntimeError):
     """A shard could not be read; the message names the shard and the sample."""
+
+
+class ShardDigestError(ShardError):
+    """A shard's bytes are not those its manifest recorded (sha256): it was
+    changed after conversion or damaged on the way. ``good``: the samples of
+    it already decoded (a reader that skips the shard counts them)."""
+
+    def __init__(self, message: str, good: int = 0) -> None:
+        super().__init__(message)
+        self.good = good
+
+
+class _HashingReader:
+    """A binary stream that hashes the bytes its reader takes from it."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.sha256 = stream, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.sha256.update(data)
+        return data
+
+    def hexdigest_to_end(self) -> str:
+        """The digest of the whole stream: what tarfile left unread (the
+        archive's end padding) passes through here first."""
+        while self.read(1 << 20):
+            pass
+        return self.sha256.hexdigest()
+
+
+def shard_samples(url: str, sha256: str | None = None,
+                  select_files: Callable[[str], bool] | None = None) -> Iterator[dict]:
+    """The raw samples of one shard (its members grouped by key, as
+    WebDataset does), its bytes read once. With ``sha256`` (the manifest's
+    digest of the shard) the bytes are hashed as they stream past and a
+    mismatch raises ``ShardDigestError`` when the shard ends, before the
+    reader returns: a reader that must not use a changed shard's samples
+    holds them until then (the training stream does)."""
+    stream = gopen(url, "rb")
+    reader = _HashingReader(stream) if sha256 else stream
+    try:
+        files = wds.tariterators.tar_file_expander([{"url": url, "stream": reader}], select_files=select_files)
+        yield from wds.tariterators.group_by_keys(files)
+        if sha256:
+            got = reader.hexdigest_to_end()
+            if got != sha256:
+                raise ShardDigestError(f"shard {url}: its sha256 is {got}, the manifest says {sha256}: the shard "
+                                       "changed after `data convert` (or was damaged on the way)")
+    finally:
+        stream.close()
 
 
 class SampleError(ValueError):
@@ -76,15 +131,17 @@ def decode_sample(sample: dict, image_size: int, num_classes: int | None = None,
 
 
 def iter_shard(url: str, image_size: int, num_classes: int | None = None, *, expected: int | None = None,
-               on_skip=None, resize: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+               on_skip=None, resize: int | None = None, sha256: str | None = None
+               ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """Decoded samples of one shard, in stored order. A bad sample or an
     unreadable shard raises ``ShardError`` naming the shard and the sample
     key, unless ``on_skip(count, message)`` is given: then a bad sample is
     skipped, and so is the rest of a shard that cannot be read on (counted
-    against ``expected``, the manifest's count)."""
+    against ``expected``, the manifest's count). ``sha256``: checked as in
+    ``shard_samples``; a mismatch always raises (``ShardDigestError``)."""
     key, good, bad = None, 0, 0
     try:
-        for sample in wds.tariterators.tarfile_samples([{"url": url}]):
+        for sample in shard_samples(url, sha256):
             key = sample.get("__key__")
             try:
                 item = decode_sample(sample, image_size, num_classes, resize)
@@ -97,6 +154,9 @@ def iter_shard(url: str, image_size: int, num_classes: int | None = None, *, exp
                 continue
             good += 1
             yield item
+    except ShardDigestError as e:
+        e.good = good
+        raise
     except ShardError:
         raise
     except Exception as e:

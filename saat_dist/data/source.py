@@ -16,9 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-import webdataset as wds
 
-from saat_dist.data.decode import SampleError, ShardError, decode_sample, iter_shard
+from saat_dist.data.decode import SampleError, ShardError, decode_sample, iter_shard, shard_samples
 from saat_dist.data.shards import load_manifest, shard_urls
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images, labels B x C, global index B
@@ -29,11 +28,12 @@ class DataSource:
     shard_dir: str
     base_url: str | None
     manifest: dict
+    verify: bool = True  # check every shard read against the manifest's sha256 (data.verify_sha256)
     _shard_items: dict = field(default_factory=dict, compare=False, repr=False)  # split -> global indices per shard
 
     @classmethod
-    def open(cls, shard_dir: str, base_url: str | None = None) -> "DataSource":
-        return cls(str(shard_dir), base_url, load_manifest(shard_dir, base_url))
+    def open(cls, shard_dir: str, base_url: str | None = None, verify: bool = True) -> "DataSource":
+        return cls(str(shard_dir), base_url, load_manifest(shard_dir, base_url), verify)
 
     @property
     def num_classes(self) -> int:
@@ -53,6 +53,11 @@ class DataSource:
     def urls(self, split: str) -> list[str]:
         return shard_urls(self.shard_dir, self.manifest, split, self.base_url)
 
+    def digests(self, split: str) -> list[str | None]:
+        """Each shard's sha256 as the manifest records it, to check as it is
+        read (None: not checked: ``verify`` off, or a manifest without it)."""
+        return [s.get("sha256") if self.verify else None for s in self.manifest["splits"][split]["shards"]]
+
     def rank_shards(self, split: str, rank: int, world: int) -> list[int]:
         """The shards of ``split`` that rank ``rank`` of ``world`` reads, for the whole run."""
         return list(range(rank, len(self.counts(split)), world))
@@ -60,16 +65,17 @@ class DataSource:
     def labels(self, split: str, shards: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(global index N', labels N' x C) of the chosen shards (all: every
         item), read from the metadata members only (images are not decoded)."""
-        urls = self.urls(split)
+        urls, digests = self.urls(split), self.digests(split)
         chosen = range(len(urls)) if shards is None else shards
         index, labels = [], []
         for j in chosen:
             try:
-                for sample in wds.tariterators.tarfile_samples(
-                        [{"url": urls[j]}], select_files=lambda name: name.endswith(".json")):
+                for sample in shard_samples(urls[j], digests[j], select_files=lambda name: name.endswith(".json")):
                     meta = json.loads(sample["json"])
                     index.append(int(meta["index"]))
                     labels.append(meta["label"])
+            except ShardError:
+                raise
             except Exception as e:
                 raise ShardError(f"shard {urls[j]}: unreadable: {e}") from e
         expected = sum(self.counts(split)[j] for j in chosen)
@@ -88,10 +94,10 @@ class DataSource:
         differ in their last bits with the batch's company). ``keep(index) ->
         bool`` filters samples by global index; ``resize`` as
         ``decode.resize_image``."""
-        urls = self.urls(split)
+        urls, digests = self.urls(split), self.digests(split)
         for j in (range(len(urls)) if shards is None else shards):
             buf: list = []
-            for img, label, i in iter_shard(urls[j], image_size, resize=resize):
+            for img, label, i in iter_shard(urls[j], image_size, resize=resize, sha256=digests[j]):
                 if keep is not None and not keep(i):
                     continue
                 buf.append((img, label, i))
@@ -119,11 +125,11 @@ class DataSource:
         indices, in the order given, reading only the shards that hold them."""
         wanted = {int(i): k for k, i in enumerate(indices)}
         found: dict[int, tuple] = {}
-        urls = self.urls(split)
+        urls, digests = self.urls(split), self.digests(split)
         for j, held in enumerate(self.shard_items(split)):
             if not any(i in wanted for i in held):
                 continue
-            for sample in wds.tariterators.tarfile_samples([{"url": urls[j]}]):
+            for sample in shard_samples(urls[j], digests[j]):
                 try:  # only the wanted samples are decoded
                     if int(json.loads(sample["json"])["index"]) in wanted:
                         img, label, i = decode_sample(sample, image_size, self.num_classes, resize)
@@ -140,10 +146,10 @@ class DataSource:
         """uint8 images 3 x S x S of the items with these global indices (one
         pass over the split's shards; only the wanted images are decoded)."""
         wanted, out = {int(i) for i in indices}, {}
-        for url in self.urls(split):
+        for url, digest in zip(self.urls(split), self.digests(split)):
             if len(out) == len(wanted):
                 break
-            for sample in wds.tariterators.tarfile_samples([{"url": url}]):
+            for sample in shard_samples(url, digest):
                 try:
                     i = int(json.loads(sample["json"])["index"])
                 except (KeyError, ValueError, TypeError) as e:

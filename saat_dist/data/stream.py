@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from saat_dist.data.decode import ShardError, iter_shard
+from saat_dist.data.decode import ShardDigestError, ShardError, iter_shard
 from saat_dist.data.order import GlobalOrder
 from saat_dist.data.source import DataSource
 
@@ -77,8 +77,8 @@ class _RankStream(torch.utils.data.IterableDataset):
     with each sample's global position (see module docstring)."""
 
     def __init__(self, spec: StreamSpec, order: GlobalOrder, counts: list[int], urls: list[str],
-                 start_step: int, num_classes: int) -> None:
-        self.spec, self.order, self.counts, self.urls = spec, order, counts, urls
+                 digests: list[str | None], start_step: int, num_classes: int) -> None:
+        self.spec, self.order, self.counts, self.urls, self.digests = spec, order, counts, urls, digests
         self.start_step, self.num_classes = start_step, num_classes
         self.skipped = 0  # samples skipped (data.skip_corrupt) and not yet reported with a chunk
 
@@ -97,8 +97,15 @@ class _RankStream(torch.utils.data.IterableDataset):
                                      "(with fewer data.canonical_slots each slot holds more shards)")
                 read_in_pass = 0
             pass_epoch = epoch
-            items = list(iter_shard(self.urls[j], self.spec.image_size, self.num_classes, expected=self.counts[j],
-                                    on_skip=self._skip if self.spec.skip_corrupt else None, resize=self.spec.resize))
+            try:  # the whole shard before any of it is used: a changed shard's digest is known at its end
+                items = list(iter_shard(self.urls[j], self.spec.image_size, self.num_classes, expected=self.counts[j],
+                                        on_skip=self._skip if self.spec.skip_corrupt else None,
+                                        resize=self.spec.resize, sha256=self.digests[j]))
+            except ShardDigestError as e:
+                if not self.spec.skip_corrupt:
+                    raise
+                self._skip(e.good, f"{e} (the whole shard)")
+                items = []
             read_in_pass += len(items)
             for p in self.order.sample_order(j, epoch, len(items))[skip_in_shard:]:
                 yield items[p]
@@ -160,7 +167,8 @@ class ShardStream:
         self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def _open(self) -> Iterator:
-        ds = _RankStream(self.spec, self.order, self.counts, self.urls, self.steps_taken, self.source.num_classes)
+        ds = _RankStream(self.spec, self.order, self.counts, self.urls, self.source.digests(self.spec.split),
+                         self.steps_taken, self.source.num_classes)
         if self.spec.num_workers == 0:
             return iter(ds)
         loader = torch.utils.data.DataLoader(

@@ -122,7 +122,8 @@ class StageFailed(RuntimeError):
         self.bad_input = bad_input
 
 
-BAD_INPUT_ERRORS = ("ShardError", "ManifestError", "CheckpointError", "ConfigError", "DataFormatError")
+BAD_INPUT_ERRORS = ("ShardError", "ShardDigestError", "ManifestError", "CheckpointError", "ConfigError",
+                    "DataFormatError")
 
 
 def _root_error(exc: BaseException) -> BaseException:

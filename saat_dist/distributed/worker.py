@@ -44,7 +44,7 @@ def worker_main(config: dict) -> None:
     if cfg.metrics.enabled:
         port = metrics.serve(cfg.metrics.bind, cfg.metrics.port, run_dir, local_rank)
         rank_log.info("rank %d (pid %d) serves metrics on %s:%d", rank, os.getpid(), cfg.metrics.bind, port)
-    source = DataSource.open(cfg.data.shard_dir, cfg.data.base_url)  # the manifest, read once
+    source = DataSource.open(cfg.data.shard_dir, cfg.data.base_url, cfg.data.verify_sha256)  # the manifest, read once
 
     def make_backend(model, optim, schedule):
         return DeepSpeedBackend(model, optim, cfg.distributed, schedule, world)
