@@ -19,6 +19,14 @@ and the compared methods run side by side in one call.
   eval:     the streaming evaluation on 2 Ray workers of databases of
             50,000 and 200,000 images at 32 px (real MNIST-mosaic images,
             repeated): wall time and peak RSS of every rank.
+  stream:   one training worker's stream (1 thread, no loader process), in
+            images/s: from disk and from an HTTP server (a separate
+            process on 127.0.0.1), with and without the shards' sha256
+            check, for the demo's PNG mosaics at 32 px and 500 x 375 JPEG
+            photos decoded, resized to 256 and centre-cropped to 224 (the
+            reference's transform); beside it the bytes alone (reading the
+            shards, no decoding) and the decoding alone (samples in memory),
+            which say where the limit is.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ SIZES["saat-step"] = {"items": [10_000, 100_000, 1_000_000], "label_sets": 500, 
                       "bits": 32, "image_size": 32, "steps": 20, "warmup": 3}
 SIZES["soak"] = {"config": "configs/demo.yaml", "overrides": []}
 SIZES["eval"] = {"database": [50_000, 200_000], "queries": 100, "workers": 2, "attack_iters": 5}
+SIZES["stream"] = {"images": 2048, "batch": 32, "shards": 16, "photo": [500, 375], "jpeg_quality": 90}
 SMALL = {
     "map": {"queries": 100, "database": 20_000, "bits": 64, "classes": 21, "top_k": 500},
     "mainstay": {"batch": 32, "items": 50_000, "label_sets": 100, "classes": 80, "bits": 64},
@@ -47,6 +56,7 @@ SMALL = {
     "eval": {"database": [600, 2_400], "queries": 16, "workers": 2, "attack_iters": 2},
     "saat-step": {"items": [2_000, 20_000], "label_sets": 50, "classes": 21, "batch": 8, "bits": 16,
                   "image_size": 32, "steps": 2, "warmup": 1},
+    "stream": {"images": 64, "batch": 16, "shards": 4, "photo": [500, 375], "jpeg_quality": 90},
 }
 
 
@@ -382,12 +392,144 @@ def bench_mainstay(sizes: dict) -> dict:
     }
 
 
+def _stream_data(tmp: Path, s: dict) -> dict[str, dict]:
+    """The same ``s["images"]`` train items twice: the demo's PNG mosaics
+    (read at 32 px), and as JPEG photos of ``s["photo"]`` pixels (each mosaic
+    upscaled, with noise so that it compresses like a photo; read as the
+    reference does: shorter side to 256, centre 224 x 224)."""
+    import numpy as np
+    from PIL import Image
+
+    from saat_dist.data.convert import convert
+    from saat_dist.data.demo import DemoSpec, build_demo
+
+    n = s["images"]
+    build_demo(tmp / "demo", DemoSpec(train=n, query=8, database=16, seed=5, shard_size=-(-n // s["shards"])))
+    src, photos = tmp / "demo" / "list", tmp / "photos"
+    rng = np.random.default_rng(0)
+    for split in ("train", "test", "database"):
+        rel = (src / f"{split}_img.txt").read_text().split()
+        out = []
+        for k, path in enumerate(rel):
+            img = Image.open(src / path).convert("RGB").resize(tuple(s["photo"]), Image.BILINEAR)
+            noisy = np.clip(np.asarray(img, dtype=np.int16) + rng.integers(-24, 25, (*img.size[::-1], 3)), 0, 255)
+            (photos / "img").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(noisy.astype(np.uint8)).save(photos / "img" / f"{split}_{k}.jpg", quality=s["jpeg_quality"])
+            out.append(f"img/{split}_{k}.jpg")
+        (photos / f"{split}_img.txt").write_text("\n".join(out) + "\n")
+        (photos / f"{split}_label.txt").write_text((src / f"{split}_label.txt").read_text())
+    convert(photos, tmp / "photo-shards", shard_size=-(-n // s["shards"]), shard_multiple=1)
+    return {"png_32": {"shard_dir": tmp / "demo" / "shards", "image_size": 32, "resize": None},
+            "jpeg_224": {"shard_dir": tmp / "photo-shards", "image_size": 224, "resize": 256}}
+
+
+def _stream_rate(source, data: dict, batch: int) -> float:
+    """Images per second of one epoch of a 1-rank training stream."""
+    from saat_dist.data.stream import ShardStream, StreamSpec
+
+    stream = ShardStream(StreamSpec(shard_dir=source.shard_dir, split="train", batch_size=batch,
+                                    image_size=data["image_size"], resize=data["resize"], source=source,
+                                    base_url=source.base_url))
+    t = time.perf_counter()
+    images = sum(len(b[2]) for b in stream.epoch())
+    return images / (time.perf_counter() - t)
+
+
+def _bytes_rate(source) -> dict:
+    """The train shards' bytes alone, through the same reader (no decoding)."""
+    from saat_dist.data.decode import shard_samples
+
+    t, samples, size = time.perf_counter(), 0, 0
+    for url, digest in zip(source.urls("train"), source.digests("train")):
+        for sample in shard_samples(url, digest):
+            samples += 1
+            size += sum(len(v) for k, v in sample.items() if not k.startswith("__"))
+    seconds = time.perf_counter() - t
+    return {"samples_per_second": samples / seconds, "mib_per_second": size / seconds / 2**20}
+
+
+def _decode_rate(source, data: dict) -> float:
+    """Decoding alone (image decode, resize, crop) of samples already in memory."""
+    from saat_dist.data.decode import decode_sample, shard_samples
+
+    samples = [x for url in source.urls("train") for x in shard_samples(url)]
+    t = time.perf_counter()
+    for sample in samples:
+        decode_sample(sample, data["image_size"], resize=data["resize"])
+    return len(samples) / (time.perf_counter() - t)
+
+
+def _http_server(directory: Path):
+    """``python -m http.server`` on 127.0.0.1 serving ``directory``, in its own process."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                             "--directory", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"{url}/manifest.json", timeout=1).close()
+            return proc, url
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"the HTTP server for {directory} did not start")
+
+
+def bench_stream(sizes: dict) -> dict:
+    import tempfile
+
+    from saat_dist.data.source import DataSource
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one training worker's CPU (Ray's cpus_per_worker: 1)
+    rows, parts = [], {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="saat-bench-stream-") as tmp:
+            for kind, data in _stream_data(Path(tmp), sizes).items():
+                server, url = _http_server(data["shard_dir"])
+                try:
+                    for where, base in (("disk", None), ("http", url)):
+                        for verify in (True, False):
+                            source = DataSource.open(str(data["shard_dir"]), base, verify)
+                            rows.append({"data": kind, "from": where, "sha256_check": verify,
+                                         "images_per_second": _stream_rate(source, data, sizes["batch"]),
+                                         "bytes_alone": _bytes_rate(source)})
+                    parts[kind] = {"decode_alone_images_per_second": _decode_rate(DataSource.open(
+                        str(data["shard_dir"])), data)}
+                finally:
+                    server.kill()
+                    server.wait()
+    finally:
+        torch.set_num_threads(threads)
+
+    def rate(kind, where, verify):
+        return next(r["images_per_second"] for r in rows
+                    if (r["data"], r["from"], r["sha256_check"]) == (kind, where, verify))
+
+    for kind, part in parts.items():
+        full = rate(kind, "http", True)
+        part["stream_vs_decode_alone"] = full / part["decode_alone_images_per_second"]
+        part["sha256_check_cost"] = {w: 1 - rate(kind, w, True) / rate(kind, w, False) for w in ("disk", "http")}
+        part["http_vs_disk"] = full / rate(kind, "disk", True)
+        part["loader_processes_per_1000_images_per_second"] = 1000 / full
+    return {"case": "training stream of one worker", "sizes": sizes, "rows": rows, "by_data": parts,
+            "note": "loader_processes_per_1000_images_per_second: data.loader_workers one worker needs per "
+                    "1,000 images/s its accelerator's SAAT step consumes (each a CPU like the one measured)"}
+
+
 def run_bench(which: str, out_dir: Path, small: bool = False) -> dict:
     table = SMALL if small else SIZES
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, fn in (("map", bench_map), ("mainstay", bench_mainstay), ("saat-step", bench_saat_step),
-                     ("eval", bench_eval), ("soak", bench_soak)):
+                     ("eval", bench_eval), ("stream", bench_stream), ("soak", bench_soak)):
         if which == name or (which == "all" and name != "soak"):  # soak is a whole demo run: only by name
             res = fn(table[name])
             res["machine"] = {"cpu_threads": torch.get_num_threads(), "python": platform.python_version(),

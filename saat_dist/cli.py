@@ -6,7 +6,7 @@
   saat-dist train|saat|evaluate|report --config ...   one stage, in the run directory
   saat-dist data demo --out DIR [--seed S]            build the embedded demo data set
   saat-dist data convert --root DIR --out DIR         DeepHash list format -> WebDataset shards
-  saat-dist bench map|mainstay|saat-step|eval|soak|all --out DIR  benchmarks (JSON in DIR)
+  saat-dist bench map|mainstay|saat-step|eval|stream|soak|all --out DIR  benchmarks (JSON in DIR)
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--shard-size", type=int, default=500)
 
     bench = sub.add_parser("bench", help="benchmarks that write JSON")
-    bench.add_argument("which", choices=["map", "mainstay", "saat-step", "eval", "soak", "all"])
+    bench.add_argument("which", choices=["map", "mainstay", "saat-step", "eval", "stream", "soak", "all"])
     bench.add_argument("--out", default="bench-results", help="directory for <which>.json")
     bench.add_argument("--small", action="store_true", help="small sizes (a smoke run, not the target sizes)")
     return parser

@@ -9,7 +9,7 @@ from saat_dist.cli import main
 pytestmark = pytest.mark.slow
 
 
-def test_bench_small_writes_json(tmp_path, ray_address, monkeypatch):
+def test_bench_small_writes_json(tmp_path):
     from saat_dist.bench import SMALL, bench_eval
 
     for which in ("map", "mainstay", "saat-step"):  # the soak is a whole run: the pipeline tests have one
@@ -24,9 +24,23 @@ def test_bench_small_writes_json(tmp_path, ray_address, monkeypatch):
     for r in step["rows"]:
         # same model, bank and batches: both paths train alike
         assert r["code_bank"]["first_step_losses"] == pytest.approx(r["o_n_formula"]["first_step_losses"], rel=1e-5)
-    # the evaluation case at its smaller size only (a Ray Train job per size):
-    # its `saat-dist evaluate` joins the module's Ray
-    monkeypatch.setenv("RAY_ADDRESS", ray_address)
-    ev = bench_eval({**SMALL["eval"], "database": SMALL["eval"]["database"][:1]})
+    # the evaluation case at its smaller size, its `saat-dist evaluate` on one
+    # in-process rank (a streaming evaluation on 2 Ray workers: tests/test_pipeline.py)
+    ev = bench_eval({**SMALL["eval"], "database": SMALL["eval"]["database"][:1], "workers": 0})
     (row,) = ev["rows"]
-    assert row["database"] == 600 and len(row["peak_rss_mib_per_rank"]) == 2 and 0 < row["clean_map"] <= 1
+    assert row["database"] == 600 and len(row["peak_rss_mib_per_rank"]) == 1 and 0 < row["clean_map"] <= 1
+
+def test_bench_stream_measures_every_path(tmp_path):
+    """`bench stream --small`: both kinds of data, from disk and over HTTP,
+    with and without the sha256 check, and the parts (bytes alone, decoding alone)."""
+    assert main(["bench", "stream", "--small", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "stream.json").read_text())
+    paths = {(row["data"], row["from"], row["sha256_check"]) for row in r["rows"]}
+    assert paths == {(d, w, v) for d in ("png_32", "jpeg_224") for w in ("disk", "http") for v in (True, False)}
+    for row in r["rows"]:
+        assert row["images_per_second"] > 0 and row["bytes_alone"]["samples_per_second"] > 0
+    for part in r["by_data"].values():
+        # the stream decodes what the bytes carry: never faster than decoding alone
+        assert 0 < part["stream_vs_decode_alone"] <= 1.2
+    assert r["by_data"]["png_32"]["decode_alone_images_per_second"] > \
+        r["by_data"]["jpeg_224"]["decode_alone_images_per_second"]  # a 500 x 375 JPEG costs more than a mosaic
