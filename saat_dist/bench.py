@@ -48,7 +48,8 @@ SIZES["saat-step"] = {"items": [10_000, 100_000, 1_000_000], "label_sets": 500, 
                       "bits": 32, "image_size": 32, "steps": 20, "warmup": 3}
 SIZES["soak"] = {"config": "configs/demo.yaml", "overrides": []}
 SIZES["eval"] = {"database": [50_000, 200_000], "queries": 100, "workers": 2, "attack_iters": 5}
-SIZES["stream"] = {"images": 2048, "batch": 32, "shards": 16, "photo": [500, 375], "jpeg_quality": 90}
+SIZES["stream"] = {"images": 1024, "batch": 32, "shards": 16, "photo": [500, 375], "jpeg_quality": 90,
+                   "rounds": 3}
 SMALL = {
     "map": {"queries": 100, "database": 20_000, "bits": 64, "classes": 21, "top_k": 500},
     "mainstay": {"batch": 32, "items": 50_000, "label_sets": 100, "classes": 80, "bits": 64},
@@ -56,7 +57,7 @@ SMALL = {
     "eval": {"database": [600, 2_400], "queries": 16, "workers": 2, "attack_iters": 2},
     "saat-step": {"items": [2_000, 20_000], "label_sets": 50, "classes": 21, "batch": 8, "bits": 16,
                   "image_size": 32, "steps": 2, "warmup": 1},
-    "stream": {"images": 64, "batch": 16, "shards": 4, "photo": [500, 375], "jpeg_quality": 90},
+    "stream": {"images": 64, "batch": 16, "shards": 4, "photo": [500, 375], "jpeg_quality": 90, "rounds": 1},
 }
 
 
@@ -483,10 +484,14 @@ def _http_server(directory: Path):
 
 
 def bench_stream(sizes: dict) -> dict:
+    """Each path ``sizes["rounds"]`` times, interleaved (a round visits the
+    paths in a rotated order): medians, with the spread."""
+    import statistics
     import tempfile
 
     from saat_dist.data.source import DataSource
 
+    paths = [(where, verify) for where in ("disk", "http") for verify in (True, False)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one training worker's CPU (Ray's cpus_per_worker: 1)
     rows, parts = [], {}
@@ -494,30 +499,39 @@ def bench_stream(sizes: dict) -> dict:
         with tempfile.TemporaryDirectory(prefix="saat-bench-stream-") as tmp:
             for kind, data in _stream_data(Path(tmp), sizes).items():
                 server, url = _http_server(data["shard_dir"])
+                stream, raw = {p: [] for p in paths}, {p: [] for p in paths}
+                decode = []
                 try:
-                    for where, base in (("disk", None), ("http", url)):
-                        for verify in (True, False):
-                            source = DataSource.open(str(data["shard_dir"]), base, verify)
-                            rows.append({"data": kind, "from": where, "sha256_check": verify,
-                                         "images_per_second": _stream_rate(source, data, sizes["batch"]),
-                                         "bytes_alone": _bytes_rate(source)})
-                    parts[kind] = {"decode_alone_images_per_second": _decode_rate(DataSource.open(
-                        str(data["shard_dir"])), data)}
+                    for r in range(sizes["rounds"]):
+                        for where, verify in paths[r % len(paths):] + paths[: r % len(paths)]:
+                            source = DataSource.open(str(data["shard_dir"]), url if where == "http" else None, verify)
+                            stream[(where, verify)].append(_stream_rate(source, data, sizes["batch"]))
+                            raw[(where, verify)].append(_bytes_rate(source)["samples_per_second"])
+                        decode.append(_decode_rate(DataSource.open(str(data["shard_dir"])), data))
                 finally:
                     server.kill()
                     server.wait()
+                for where, verify in paths:
+                    rows.append({"data": kind, "from": where, "sha256_check": verify,
+                                 "images_per_second": statistics.median(stream[(where, verify)]),
+                                 "images_per_second_all": stream[(where, verify)],
+                                 "bytes_alone_samples_per_second": statistics.median(raw[(where, verify)])})
+                parts[kind] = {"decode_alone_images_per_second": statistics.median(decode)}
     finally:
         torch.set_num_threads(threads)
 
-    def rate(kind, where, verify):
-        return next(r["images_per_second"] for r in rows
-                    if (r["data"], r["from"], r["sha256_check"]) == (kind, where, verify))
+    def med(kind, where, verify, key="images_per_second"):
+        return next(r[key] for r in rows if (r["data"], r["from"], r["sha256_check"]) == (kind, where, verify))
 
     for kind, part in parts.items():
-        full = rate(kind, "http", True)
+        full = med(kind, "http", True)
         part["stream_vs_decode_alone"] = full / part["decode_alone_images_per_second"]
-        part["sha256_check_cost"] = {w: 1 - rate(kind, w, True) / rate(kind, w, False) for w in ("disk", "http")}
-        part["http_vs_disk"] = full / rate(kind, "disk", True)
+        part["http_vs_disk"] = full / med(kind, "disk", True)
+        # the check's share of a streamed image's time, from the bytes-alone
+        # rates (cheap to time well) rather than two noisy stream rates
+        part["sha256_check_share_of_stream_time"] = {w: max(0.0, (
+            1 / med(kind, w, True, "bytes_alone_samples_per_second")
+            - 1 / med(kind, w, False, "bytes_alone_samples_per_second")) * med(kind, w, True)) for w in ("disk", "http")}
         part["loader_processes_per_1000_images_per_second"] = 1000 / full
     return {"case": "training stream of one worker", "sizes": sizes, "rows": rows, "by_data": parts,
             "note": "loader_processes_per_1000_images_per_second: data.loader_workers one worker needs per "
