@@ -18,9 +18,11 @@ want=$(cat requirements.txt requirements-dev.txt requirements.lock pyproject.tom
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing pinned requirements (first time: several minutes, ~6 GB for torch)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  # --no-compile: Python compiles the modules it imports on first use; compiling
-  # every file of torch & co. up front took 45 s of a 113 s install (2 cores)
-  "$VENV/bin/python" -m pip install -q --no-compile -r requirements-dev.txt -c requirements.lock
+  # compiled at install (45 s of a 113 s install on 2 cores): where
+  # PYTHONDONTWRITEBYTECODE is set, as on these machines, Python never caches a
+  # module it compiles, and every process would compile torch again (measured:
+  # --no-compile made the test suite 40 % slower)
+  "$VENV/bin/python" -m pip install -q -r requirements-dev.txt -c requirements.lock
   "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"
 else
