@@ -1,7 +1,9 @@
 """The distributed pipeline on a real local Ray cluster: 2 DeepSpeed workers
 on gloo, streamed shards (6 train shards over 2 workers), the code bank
 all-reduce, Prometheus endpoints scraped directly and by a real Prometheus
-server, all sent with `ray job submit` to a loopback head node."""
+server, the live training sent with `ray job submit` to the loopback head
+node. (The whole `run`, a killed worker and a killed driver on Ray:
+tests/test_pipeline.py.)"""
 
 from __future__ import annotations
 
