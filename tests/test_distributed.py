@@ -28,6 +28,7 @@ from saat_dist.data.convert import convert
 from saat_dist.monitoring.prometheus import read_target_file
 from tests.conftest import need
 from tests.test_cluster import MONITORING, dashboard_queries
+from tests.test_failures import _wait_for
 
 pytestmark = pytest.mark.slow  # real Ray clusters and DeepSpeed engines: the full tier only
 
@@ -78,16 +79,6 @@ def _scrape(port: int) -> str:
 def _value(text: str, name: str, rank: int) -> float | None:
     m = re.search(rf'^{name}\{{[^}}]*rank="{rank}"[^}}]*\}} (\S+)$', text, re.M)
     return float(m.group(1)) if m else None
-
-
-def _wait_for(pred, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class TestLiveRun:
