@@ -40,8 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
         _config_args(p)
         p.add_argument("--address", help="Ray cluster to join (default: start a local Ray); sets distributed.address")
         if name in ("run", "train", "saat"):
-            p.add_argument("--resume", action="store_true",
-                           help="continue from the newest complete checkpoint of this run directory")
+            p.add_argument("--resume", nargs="?", const="auto", choices=["auto", "off"],
+                           help="auto (the same as plain --resume): skip finished stages and continue an interrupted "
+                                "one from the newest complete checkpoint under the storage path; off: start afresh "
+                                "(default: the config's resume key)")
         if name == "evaluate":
             p.add_argument("--which", choices=["benign", "saat", "both"], default="both")
 
@@ -65,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--clutter", type=int, default=0,
                       help="harder variant: stroke fragments of non-label digits per mosaic")
     demo.add_argument("--shard-size", type=int, default=500)
+
+    from saat_dist.distributed import local_cluster
+
+    local_cluster.add_arguments(sub.add_parser(
+        "cluster", help="a Ray cluster of several nodes on this machine, to try multi-node runs and failures "
+                        "(launch/local-cluster.sh)"))
 
     bench = sub.add_parser("bench", help="benchmarks that write JSON")
     bench.add_argument("which", choices=["map", "mainstay", "saat-step", "eval", "stream", "soak", "all"])
@@ -110,6 +118,11 @@ def _main(args) -> int:
 
     if args.command == "data":
         return _data(args)
+    if args.command == "cluster":
+        from saat_dist.distributed.local_cluster import command
+
+        print(json.dumps(command(args), indent=1))
+        return 0
     if args.command == "bench":
         from saat_dist.bench import run_bench
 
@@ -139,6 +152,11 @@ def _data(args) -> int:
     return 0
 
 
+def _resume(args, cfg) -> bool:
+    """--resume on the line, else the config's ``resume`` key."""
+    return (getattr(args, "resume", None) or cfg.resume) == "auto"
+
+
 def _stage(args, cfg) -> int:
     from saat_dist import pipeline
     from saat_dist.evaluation.report import write_run_report
@@ -151,16 +169,16 @@ def _stage(args, cfg) -> int:
                           "report": str(Path(cfg.output_dir) / "experiment.md")}, indent=1))
         return 0
     if args.command == "run":
-        report = pipeline.run_all(cfg, resume=args.resume)
+        report = pipeline.run_all(cfg, resume=_resume(args, cfg))
         print(json.dumps({k: report[k] for k in ("random_map", "benign", "saat", "stage_seconds")}, indent=1, default=str)[:4000])
         return 0
     if args.command != "report":
         pipeline.ensure_data(cfg)  # untrusted manifests are checked before anything is written
     run_dir = pipeline.prepare_run_dir(cfg)
     if args.command == "train":
-        pipeline.stage_train(cfg, run_dir, resume=args.resume)
+        pipeline.stage_train(cfg, run_dir, resume=_resume(args, cfg))
     elif args.command == "saat":
-        pipeline.stage_saat(cfg, run_dir, resume=args.resume)
+        pipeline.stage_saat(cfg, run_dir, resume=_resume(args, cfg))
     elif args.command == "evaluate":
         for which in (["benign", "saat"] if args.which == "both" else [args.which]):
             pipeline.stage_evaluate(cfg, run_dir, which)

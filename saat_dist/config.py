@@ -136,7 +136,10 @@ class EvalConfig:
 
 @dataclass
 class DistributedConfig:
-    num_workers: int = 2  # Ray Train workers (processes); 0 runs every stage in this process, without Ray
+    num_workers: int | list[int] = 2  # Ray Train workers (processes); 0 runs every stage in this process, without Ray; [min, max]: elastic (Ray Train starts with what the cluster has, at least min, and restarts from the newest checkpoint with fewer workers when a node is lost or more when nodes join; the global batch stays as configured; needs zero_stage 0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # Ray placement of the workers: PACK fills a node first; SPREAD (the cluster configs) one worker per node where it can; STRICT_SPREAD one per node or wait
+    elastic_resize_s: float = 60.0  # with elastic num_workers: how often Ray Train looks for room to grow the worker group (a restart from the newest checkpoint)
+    worker_start_timeout_s: float = 60.0  # how long a (re)started worker group waits for its workers before Ray Train tries again (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S); elastic: just after a node's loss Ray may still count its resources and ask for too many workers, and shrinks only after this wait
     address: str | None = None  # Ray cluster to join (e.g. "auto", "ray://head:10001"); None starts a local Ray
     use_gpu: bool = False  # one GPU per worker (set device to auto or cuda)
     cpus_per_worker: float = 1.0  # CPUs Ray reserves per worker
@@ -149,13 +152,21 @@ class DistributedConfig:
     bank_sync_every: int = 1  # all-reduce the code bank's label-set table every N steps (and at epoch ends)
     checkpoint_every: int = 0  # also checkpoint every N steps (0: only at epoch ends)
     storage_path: str | None = None  # Ray Train storage for checkpoints (None: <output_dir>/ray); shared or s3:// on clusters
-    max_failures: int = 2  # Ray Train restarts the worker group from the newest checkpoint up to this many times
+    max_failures: int = 2  # Ray Train restarts the worker group from the newest checkpoint up to this many times (worker errors, lost nodes)
+    max_preemptions: int = -1  # restarts after node preemptions (Ray's drain notices), counted apart from max_failures (-1: no limit)
+    preemption_check_every: int = 1  # steps between checks for a preemption notice (a barrier over the workers); on a notice every worker checkpoints at once and trains on until Ray stops it at the node's deadline
+    preemption_poll_s: float = 5.0  # how often Ray Train polls Ray for draining nodes (RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S): a preempted node's grace must cover this, preemption_check_every steps and one checkpoint
     num_to_keep: int = 2  # checkpoints kept per stage
     local_cpus: int | None = None  # CPUs of the local Ray started when address is None (None: all)
 
     def problems(self, section: str) -> list[tuple[str, bool, str]]:
         return [
-            (f"{section}.num_workers", self.num_workers >= 0, "must be >= 0"),
+            *self._worker_problems(section),
+            (f"{section}.elastic_resize_s", self.elastic_resize_s > 0, "must be > 0"),
+            (f"{section}.worker_start_timeout_s", self.worker_start_timeout_s > 0, "must be > 0"),
+            (f"{section}.max_preemptions", self.max_preemptions >= -1, "must be >= -1 (-1: no limit)"),
+            (f"{section}.preemption_check_every", self.preemption_check_every >= 1, "must be >= 1"),
+            (f"{section}.preemption_poll_s", self.preemption_poll_s > 0, "must be > 0"),
             (f"{section}.cpus_per_worker", self.cpus_per_worker >= 0, "must be >= 0"),
             (f"{section}.gpus_per_worker", self.gpus_per_worker > 0 if self.use_gpu else self.gpus_per_worker >= 0,
              "must be > 0 when use_gpu" if self.use_gpu else "must be >= 0"),
@@ -168,6 +179,34 @@ class DistributedConfig:
             (f"{section}.max_failures", self.max_failures >= -1, "must be >= -1 (-1: no limit)"),
             (f"{section}.num_to_keep", self.num_to_keep >= 1, "must be >= 1"),
         ]
+
+    def _worker_problems(self, section: str) -> list[tuple[str, bool, str]]:
+        key = f"{section}.num_workers"
+        if not isinstance(self.num_workers, list):
+            return [(key, self.num_workers >= 0, "must be >= 0")]
+        lo_hi = self.num_workers
+        if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1]:
+            return [(key, False, f"{lo_hi}: an elastic range is [min, max] with 1 <= min <= max")]
+        # DeepSpeed's ZeRO 1-3 checkpoints hold one optimizer partition per
+        # rank: they do not load at another worker count
+        return [(key, self.zero_stage == 0, f"elastic {lo_hi} needs distributed.zero_stage 0 (ZeRO "
+                 f"{self.zero_stage} saves one optimizer partition per worker; they cannot be re-split)")]
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list)
+
+    @property
+    def worker_counts(self) -> list[int]:
+        """Every worker count a stage may run at: one, or each of an elastic range."""
+        if isinstance(self.num_workers, list):
+            return list(range(self.num_workers[0], self.num_workers[1] + 1))
+        return [self.num_workers]
+
+    @property
+    def in_process(self) -> bool:
+        """num_workers 0: every stage in this process, without Ray."""
+        return self.num_workers == 0
 
 
 @dataclass
@@ -237,6 +276,7 @@ class RunConfig:
     seed: int = 0  # seed of models, data order and attacks
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when visible, else CPU
     log_every_s: float = 10.0  # seconds between progress lines
+    resume: Literal["off", "auto"] = "off"  # auto (the cluster configs): a rerun of the same command skips finished stages and continues an interrupted one from the newest complete checkpoint under distributed.storage_path (what a restarted head or driver needs); off: stages start afresh. `--resume [auto|off]` overrides it
     data: DataConfig = field(default_factory=DataConfig)  # data
     model: ModelConfig = field(default_factory=ModelConfig)  # hash model
     train: TrainConfig = field(default_factory=TrainConfig)  # benign training
@@ -286,27 +326,27 @@ class RunConfig:
         ]
 
     def _training_problems(self, section: str) -> list[tuple[str, bool, str]]:
-        """A training section's batch, schedule and optimizer against the worker layout."""
+        """A training section's batch, schedule and optimizer against the worker
+        layout (at every worker count of an elastic range)."""
         d, tc = self.distributed, getattr(self, section)
-        workers = max(1, d.num_workers)
-        per_bn = tc.batch_size // workers // d.grad_accum * (workers if d.sync_batchnorm else 1)
-        return [
-            (f"{section}.epochs", tc.epochs >= 0, "must be >= 0"),
-            (f"{section}.batch_size", tc.batch_size >= 2, "must be >= 2 (BatchNorm needs two samples)"),
-            (f"{section}.batch_size", tc.batch_size % (workers * d.grad_accum) == 0,
-             f"the global batch {tc.batch_size} must split evenly into {workers} worker(s) x {d.grad_accum} "
-             "micro-batch(es) (distributed.num_workers x distributed.grad_accum)"),
-            (f"{section}.batch_size", per_bn >= 2,
-             f"BatchNorm would normalise over {per_bn} sample(s) (a micro-batch, over every worker with "
-             "distributed.sync_batchnorm): it needs two"),
-            *tc.optim.problems(f"{section}.optim"),
-        ]
+        out = [(f"{section}.epochs", tc.epochs >= 0, "must be >= 0"),
+               (f"{section}.batch_size", tc.batch_size >= 2, "must be >= 2 (BatchNorm needs two samples)")]
+        for workers in (max(1, w) for w in d.worker_counts):
+            per_bn = tc.batch_size // workers // d.grad_accum * (workers if d.sync_batchnorm else 1)
+            out += [
+                (f"{section}.batch_size", tc.batch_size % (workers * d.grad_accum) == 0,
+                 f"the global batch {tc.batch_size} must split evenly into {workers} worker(s) x {d.grad_accum} "
+                 "micro-batch(es) (distributed.num_workers x distributed.grad_accum)"),
+                (f"{section}.batch_size", per_bn >= 2,
+                 f"BatchNorm would normalise over {per_bn} sample(s) (a micro-batch, over every worker with "
+                 "distributed.sync_batchnorm): it needs two")]
+        return out + tc.optim.problems(f"{section}.optim")
 
     def warnings(self) -> list[str]:
         """Options set away from their defaults that have no effect in this mode."""
         d, default = self.distributed, DistributedConfig()
         out = list(getattr(self, "_deprecated", []))
-        if d.num_workers == 0:
+        if d.in_process:
             for key in ("bank_sync_every", "zero_stage", "use_gpu", "max_failures", "storage_path", "address"):
                 if getattr(d, key) != getattr(default, key):
                     out.append(f"distributed.{key}={getattr(d, key)!r} has no effect with distributed.num_workers=0 "
@@ -354,7 +394,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _convert(value, args[0], key)
+        listed = [a for a in args if typing.get_origin(a) is list]  # e.g. int | list[int]: a list takes the list form
+        return _convert(value, listed[0] if listed and isinstance(value, list) else args[0], key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {[f.name for f in dataclasses.fields(tp)]}")

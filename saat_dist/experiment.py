@@ -89,8 +89,8 @@ def training_settings(cfg: RunConfig, source: DataSource) -> dict:
     out["data_manifest"] = manifest_digest(source)
     out["distributed"] = {k: getattr(d, k) for k in TRAINING_DISTRIBUTED}
     if not d.sync_batchnorm:
-        out["distributed"]["num_workers"] = max(1, d.num_workers)
-    out["device"] = _device_kind(cfg, d.num_workers > 0)
+        out["distributed"]["num_workers"] = d.num_workers if d.elastic else max(1, d.num_workers)
+    out["device"] = _device_kind(cfg, not d.in_process)
     return out
 
 
@@ -106,7 +106,7 @@ def evaluation_settings(cfg: RunConfig, source: DataSource) -> dict:
     out["data"] = {k: tree["data"][k] for k in EVALUATION_DATA}
     out["data_manifest"] = manifest_digest(source)
     out["precision"] = cfg.distributed.precision
-    out["device"] = _device_kind(cfg, cfg.distributed.num_workers > 0)
+    out["device"] = _device_kind(cfg, not cfg.distributed.in_process)
     return out
 
 

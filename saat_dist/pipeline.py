@@ -81,8 +81,7 @@ def check_layout(cfg: RunConfig, source: DataSource, stages: list[Stage]) -> Non
     from saat_dist.config import ConfigError
     from saat_dist.data.stream import stream_layout_error
 
-    workers = max(1, cfg.distributed.num_workers)
-    for stage in stages:
+    for stage, workers in ((s, max(1, w)) for s in stages for w in cfg.distributed.worker_counts):
         tc = getattr(cfg, stage.section)
         why = stream_layout_error(source.count("train"), len(source.counts("train")), tc.batch_size,
                                   cfg.data.canonical_slots, workers, cfg.distributed.grad_accum)
@@ -125,7 +124,7 @@ def launch(cfg: RunConfig, stage: Stage | EvaluationStage, run_dir: Path, resume
     from saat_dist.training.trainer import Launch
 
     t = time.monotonic()
-    if cfg.distributed.num_workers > 0:
+    if not cfg.distributed.in_process:
         from saat_dist.distributed.driver import run_stage
 
         run_stage(cfg, stage, run_dir, resume)

@@ -17,5 +17,5 @@ from saat_dist.training.trainer import Launch, train_stage
 def run_here(cfg: RunConfig, stage: Stage | EvaluationStage, run_dir: Path, launch: Launch, source: DataSource):
     """Run ``stage`` on this process's part (rank ``launch.rank`` of ``launch.world``)."""
     if isinstance(stage, EvaluationStage):
-        return evaluate_stage(cfg, stage, run_dir, launch.place, source)
+        return evaluate_stage(cfg, stage, run_dir, launch.place, source, launch.where)
     return train_stage(cfg, stage, run_dir, launch, source)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -31,6 +32,43 @@ def tiny_demo(tmp_path_factory):
     return out, summary
 
 
+@contextlib.contextmanager
+def one_ray_at_a_time(tmp_path_factory):
+    """One Ray module at a time over the test processes (a file lock): every
+    Ray takes the dashboard agent's fixed port, 52365, and a second one would
+    run without a job API; the other process runs files without Ray."""
+    import ray
+    from filelock import FileLock
+
+    lock = FileLock(str(tmp_path_factory.getbasetemp().parent / "saat-dist-ray.lock"))
+    lock.acquire(timeout=1800)
+    try:
+        if ray.is_initialized():  # started by a test that ran the CLI in this process
+            ray.shutdown()
+        yield
+    finally:
+        lock.release()
+
+
+@pytest.fixture(scope="module")
+def local_cluster(tmp_path_factory):
+    """A Ray cluster of a head (no CPUs: drivers and Ray Train's controller
+    only) and 2 worker nodes of 1 CPU each, every node its own raylet and
+    process (saat_dist.distributed.local_cluster), on 127.0.0.1; preempted
+    nodes drain for 10 s. A driver joins it with ``--address``."""
+    import ray
+
+    from saat_dist.distributed.local_cluster import LocalCluster
+
+    with one_ray_at_a_time(tmp_path_factory):
+        cluster = LocalCluster.start(tmp_path_factory.mktemp("cluster"), workers=2, grace_s=10)
+        try:
+            yield cluster
+        finally:
+            ray.shutdown()
+            cluster.stop()
+
+
 @pytest.fixture(scope="module")
 def ray_address(tmp_path_factory):
     """One local Ray per test module (loopback, 4 logical CPUs): the CLI run
@@ -43,21 +81,14 @@ def ray_address(tmp_path_factory):
     takes the dashboard agent's fixed port, 52365, and a second one would
     run without a job API; the other process runs files without Ray."""
     import ray
-    from filelock import FileLock
 
-    lock = FileLock(str(tmp_path_factory.getbasetemp().parent / "saat-dist-ray.lock"))
-    lock.acquire(timeout=1800)
-    try:
-        if ray.is_initialized():  # started by a test that ran the CLI in this process
-            ray.shutdown()
+    with one_ray_at_a_time(tmp_path_factory):
         context = ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
                            _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}},
                            configure_logging=False)
         _RAY["dashboard"] = f"http://{context.dashboard_url}"
         yield ray.get_runtime_context().gcs_address
         ray.shutdown()
-    finally:
-        lock.release()
 
 
 _RAY: dict = {}

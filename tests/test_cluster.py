@@ -484,3 +484,32 @@ def test_dashboard_and_alerts_use_only_exported_metrics():
               for r in g["rules"]}
     assert alerts == {"SAATWorkerDown", "SAATThroughputFalling", "SAATLossNotFinite", "SAATBankSyncStalled",
                       "SAATCheckpointsStopped"}
+
+
+def test_jobs_resume_after_a_lost_head_and_workers_drain_when_preempted(overlay):
+    """The RayJob's entrypoint resumes by itself (--resume auto for `run`; an
+    experiment always resumes) and KubeRay retries a failed job (a lost head)
+    on a new cluster; a worker pod's preStop hook drains its Ray node with a
+    deadline inside the pod's termination grace, which Ray Train's poll of
+    draining nodes, a step and a checkpoint fit in."""
+    from saat_dist.distributed import preemption
+
+    _, docs = overlay
+    job = _rayjob(docs)
+    argv, path = _entry_config(job)
+    cfg = load_config(path, [argv[i + 1] for i, a in enumerate(argv) if a == "--set"])
+    if argv[1] == "run":
+        assert argv[argv.index("--resume") + 1] == "auto" and cfg.resume == "auto"
+    assert job["spec"]["backoffLimit"] >= 1
+    (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    pod = group["template"]["spec"]
+    (container,) = pod["containers"]
+    hook = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert hook[:3] == ["python", "-m", "saat_dist.distributed.preemption"] and "--wait" in hook
+    grace = float(hook[hook.index("--grace-s") + 1])
+    assert grace + 5 <= pod["terminationGracePeriodSeconds"]
+    assert {"name": "MY_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in container["env"]
+    assert cfg.distributed.preemption_poll_s + 10 <= grace and cfg.distributed.preemption_check_every == 1
+    with pytest.raises(SystemExit) as exit_:  # the hook's arguments parse (the module's own --help)
+        preemption.main([*hook[3:], "--help"])
+    assert exit_.value.code == 0

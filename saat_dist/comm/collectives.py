@@ -7,6 +7,8 @@ and CUDA tensors over NCCL, so callers never move data to suit the backend.
 
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.distributed as dist
 
@@ -52,6 +54,18 @@ def all_gather_ragged(t: torch.Tensor, with_sizes: bool = False):
     m = max(sizes)
     out = torch.cat([gathered[i * m : i * m + s] for i, s in enumerate(sizes)])
     return (out, sizes) if with_sizes else out
+
+
+def all_gather_json(value) -> list:
+    """Every process's JSON-able ``value``, in rank order (small things: where
+    each rank runs, counts)."""
+    data = torch.tensor(list(json.dumps(value).encode()), dtype=torch.uint8)
+    gathered, sizes = all_gather_ragged(data, with_sizes=True)
+    out, start = [], 0
+    for size in sizes:
+        out.append(json.loads(bytes(gathered[start:start + size].tolist()).decode()))
+        start += size
+    return out
 
 
 def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:

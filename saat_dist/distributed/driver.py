@@ -31,7 +31,7 @@ def init_ray(cfg: RunConfig) -> None:
     if ray.is_initialized():
         return
     d = cfg.distributed
-    env = {"DS_ACCELERATOR": "cuda" if d.use_gpu else "cpu"}
+    env = job_env(cfg)
     address = d.address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit` jobs
     if address:
         ray.init(address=address, runtime_env={"env_vars": env})
@@ -42,17 +42,58 @@ def init_ray(cfg: RunConfig) -> None:
              _node_ip_address="127.0.0.1", runtime_env={"env_vars": env}, configure_logging=False)
 
 
+def job_env(cfg: RunConfig) -> dict[str, str]:
+    """Environment of every process of the job: workers, Ray Train's controller
+    and its preemption watcher."""
+    d = cfg.distributed
+    return {"DS_ACCELERATOR": "cuda" if d.use_gpu else "cpu",
+            "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": str(d.preemption_poll_s),
+            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(d.worker_start_timeout_s)}
+
+
 def _run_name(cfg: RunConfig, stage: str, run_dir: Path, resume: bool) -> str:
+    """The Ray Train run name of ``stage``: with ``resume``, the one recorded in
+    ``<run_dir>/ray_runs.json``, else the newest of this run's name under the
+    storage path that holds a checkpoint (a head whose disk went with it
+    finds its runs there); otherwise a new one, recorded."""
     path = run_dir / "ray_runs.json"
     runs = json.loads(path.read_text()) if path.is_file() else {}
     if resume and runs.get(stage):
         return runs[stage]
     if resume:
-        log.info("--resume: no earlier %s run recorded in %s, starting fresh", stage, path)
+        found = newest_run_with_checkpoint(storage_path(cfg), f"{cfg.name}-{stage}-")
+        if found:
+            log.info("resume: %s has no %s run recorded; continuing %s found under %s", path, stage, found,
+                     storage_path(cfg))
+            runs[stage] = found
+            write_text_atomic(path, json.dumps(runs, indent=1))
+            return found
+        log.info("resume: no earlier %s run in %s or under %s, starting fresh", stage, path, storage_path(cfg))
     name = f"{cfg.name}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     runs[stage] = name
     write_text_atomic(path, json.dumps(runs, indent=1))
     return name
+
+
+def newest_run_with_checkpoint(storage: str, prefix: str) -> str | None:
+    """The newest Ray Train run ``<prefix><timestamp>`` under ``storage`` (a
+    path or a pyarrow URI such as s3://bucket/dir) with a ``checkpoint_*``
+    folder in it. Ray restores that run's newest complete checkpoint."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage) if "://" in storage else (pyarrow.fs.LocalFileSystem(), storage)
+    try:
+        runs = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    except OSError as e:
+        log.warning("resume: cannot list %s (%s)", storage, e)
+        return None
+    names = sorted((i.base_name for i in runs if i.type == pyarrow.fs.FileType.Directory
+                    and i.base_name.startswith(prefix)), reverse=True)
+    for name in names:
+        inside = fs.get_file_info(pyarrow.fs.FileSelector(f"{root}/{name}", allow_not_found=True))
+        if any(i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_") for i in inside):
+            return name
+    return None
 
 
 def storage_path(cfg: RunConfig) -> str:
@@ -99,14 +140,16 @@ def build_trainer(cfg: RunConfig, stage, run_dir: Path, resume: bool = False):
         worker_main,
         train_loop_config={"run": _absolute_paths(cfg, run_dir), "stage": stage},
         torch_config=TorchConfig(backend=process_group_backend(cfg)),
-        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=tuple(d.num_workers) if d.elastic else d.num_workers,
+                                     use_gpu=d.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=d.placement_strategy,
+                                     elastic_resize_monitor_interval_s=d.elastic_resize_s),
         run_config=RayRunConfig(
             name=_run_name(cfg, key, run_dir, resume),
             storage_path=storage_path(cfg),
-            failure_config=FailureConfig(max_failures=d.max_failures),
+            failure_config=FailureConfig(max_failures=d.max_failures, max_preemption_failures=d.max_preemptions),
             checkpoint_config=CheckpointConfig(num_to_keep=d.num_to_keep),
-            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if d.use_gpu else "cpu",
-                                             "PYTHONUNBUFFERED": "1"}},
+            worker_runtime_env={"env_vars": {**job_env(cfg), "PYTHONUNBUFFERED": "1"}},
         ),
     )
 

@@ -22,7 +22,7 @@ from saat_dist.distributed.deepspeed_setup import DeepSpeedBackend
 from saat_dist.distributed.ray_checkpoint import RayCheckpointer
 from saat_dist.monitoring.prometheus import WorkerMetrics
 from saat_dist.runner import run_here
-from saat_dist.training.trainer import Launch
+from saat_dist.training.trainer import Launch, this_process
 
 log = logging.getLogger("saat_dist")
 rank_log = logging.getLogger("saat_dist.rank")
@@ -49,11 +49,31 @@ def worker_main(config: dict) -> None:
     def make_backend(model, optim, schedule):
         return DeepSpeedBackend(model, optim, cfg.distributed, schedule, world)
 
+    where = {**this_process(), "node_id": ray.get_runtime_context().get_node_id(),
+             "node_ip": ray.util.get_node_ip_address()}
+    rank_log.info("rank %d of %d on node %s (%s, pid %d)", rank, world, where["node_id"][:12], where["host"],
+                  where["pid"])
     try:
-        run_here(cfg, stage, run_dir, Launch(rank, world, _device(cfg), make_backend, RayCheckpointer(), metrics),
-                 source)
+        run_here(cfg, stage, run_dir, Launch(rank, world, _device(cfg), make_backend, RayCheckpointer(), metrics,
+                                             where, preemption_notice), source)
     finally:
         metrics.close(cfg.metrics.linger_s if cfg.metrics.enabled else 0.0)
+
+
+def preemption_notice() -> str | None:
+    """Ray Train's preemption notice, agreed by every worker (a barrier): a
+    node of this worker group is draining (a spot reclaim, a Kubernetes pod's
+    preStop hook, ``ray drain-node``) and will be gone at its deadline."""
+    import time
+
+    import ray.train
+
+    info = ray.train.get_preemption_info()
+    if info is None:
+        return None
+    nodes = ", ".join(n[:12] for n in info.preempted_node_to_ranks)
+    left = f", {info.deadline_ms / 1000 - time.time():.1f} s before its deadline" if info.deadline_ms else ""
+    return f"preemption notice for node(s) {nodes} (ranks {sorted(r for v in info.preempted_node_to_ranks.values() for r in v)}){left}"
 
 
 def _device(cfg: RunConfig) -> torch.device:

@@ -124,10 +124,15 @@ def write_run_report(cfg: RunConfig, run_dir: str | Path) -> dict:
     stages_path = run_dir / "stages.json"
     stage_seconds = json.loads(stages_path.read_text()) if stages_path.is_file() else {}
     skipped = {}  # corrupt samples skipped in training (data.skip_corrupt), all ranks
+    where = {}  # each stage's ranks: host, process and (on Ray) node id
     for stage in ("benign", "saat"):
         train_json = run_dir / stage / "train.json"
         if train_json.is_file():
-            skipped[stage] = sum(json.loads(train_json.read_text()).get("skipped_samples_per_rank", []))
+            train = json.loads(train_json.read_text())
+            skipped[stage] = sum(train.get("skipped_samples_per_rank", []))
+            where[f"train_{stage}"] = train.get("ranks", [])
+        results = json.loads((run_dir / stage / "eval.json").read_text())
+        where[f"evaluate_{stage}"] = results.get("resources", {}).get("where", [])
     report = {
         "name": cfg.name,
         "random_map": evals["benign"]["random_map"],
@@ -142,6 +147,7 @@ def write_run_report(cfg: RunConfig, run_dir: str | Path) -> dict:
         **{stage: {k: v for k, v in res.items() if k != "random_map"} for stage, res in evals.items()},
         "stage_seconds": stage_seconds,
         "skipped_samples": skipped,
+        "ranks": where,
     }
     report["plots"] = _run_plots(run_dir, evals)
     write_text_atomic(run_dir / "report.json", json.dumps(report, indent=1))
@@ -166,6 +172,11 @@ def _run_markdown(r: dict) -> str:
     p = r["benign"]["perceptibility"]
     lines += ["", f"Perturbation (benign attack): L-inf {p['linf']:.4f}, L2 {p['l2']:.3f}, MSE {p['mse']:.2e}", "",
               "Stage wall times (s): " + ", ".join(f"{k} {v}" for k, v in r["stage_seconds"].items()), ""]
+    nodes = {w.get("node_id", w.get("host")) for ranks in r.get("ranks", {}).values() for w in ranks}
+    if r.get("ranks"):
+        lines += ["Where the ranks ran (node, host): " + "; ".join(
+            f"{stage} " + ", ".join(f"{w['rank']}: {str(w.get('node_id', '-'))[:12]} {w.get('host', '')}" for w in ranks)
+            for stage, ranks in r["ranks"].items() if ranks) + f" ({len(nodes)} node(s))", ""]
     if any(r["skipped_samples"].values()):
         lines += ["**Corrupt training samples skipped** (data.skip_corrupt): " + ", ".join(
             f"{k} {v}" for k, v in r["skipped_samples"].items()), ""]

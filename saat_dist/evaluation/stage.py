@@ -23,7 +23,7 @@ from torch import nn
 
 from saat_dist.attacks.transfer import GENERATORS
 from saat_dist.checkpoint import save_state, write_text_atomic
-from saat_dist.comm.collectives import all_gather_ragged, barrier
+from saat_dist.comm.collectives import all_gather_json, all_gather_ragged, barrier
 from saat_dist.config import RunConfig
 from saat_dist.data.source import DataSource
 from saat_dist.device import Place
@@ -94,7 +94,7 @@ def _map(q_codes, db_codes, q_lab, db_lab, cfg: RunConfig) -> float:
 
 
 def evaluate_stage(cfg: RunConfig, stage: EvaluationStage, run_dir: Path, place: Place,
-                   source: DataSource) -> dict | None:
+                   source: DataSource, where: dict | None = None) -> dict | None:
     """Evaluate ``run_dir/<stage.folder>/model.pt`` (and score its transfer
     examples on the models of ``stage.transfer_to``); rank 0 writes the
     results file and the retrieval picture's images into the folder."""
@@ -109,8 +109,9 @@ def evaluate_stage(cfg: RunConfig, stage: EvaluationStage, run_dir: Path, place:
     res = evaluate(cfg, model, source, stage, place, others, run_dir / stage.folder)
     # peak resident memory of every rank: streaming keeps it flat in the split sizes
     peak = all_gather_ragged(torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss], dtype=torch.int64))
+    ranks = [{"rank": r, **w} for r, w in enumerate(all_gather_json(where or {}))]  # where each rank ran
     if place.rank == 0:
-        res["resources"].update({"seconds": round(time.monotonic() - t, 2), "ranks": place.world,
+        res["resources"].update({"seconds": round(time.monotonic() - t, 2), "ranks": place.world, "where": ranks,
                                  "peak_rss_mib_per_rank": [round(int(v) / 1024, 1) for v in peak]})
         write_text_atomic(run_dir / stage.folder / stage.results, json.dumps(res, indent=1))
     barrier()

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,7 +45,7 @@ from saat_dist.data.source import DataSource
 from saat_dist.data.stream import ShardStream, StreamSpec
 from saat_dist.device import Place
 from saat_dist.comm.bank_sync import SyncedBank
-from saat_dist.comm.collectives import all_gather_ragged, all_reduce_sum, barrier
+from saat_dist.comm.collectives import all_gather_json, all_gather_ragged, all_reduce_sum, barrier
 from saat_dist.comm.sync_batchnorm import convert_sync_batchnorm
 from saat_dist.hashing import build_hash_loss
 from saat_dist.mainstay import CodeBank, label_set_counts
@@ -79,6 +81,10 @@ class NullMetrics:
         pass
 
 
+def this_process() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
 @dataclass
 class Launch:
     """What a launcher hands the loop."""
@@ -89,6 +95,11 @@ class Launch:
     make_backend: Callable  # (model, optim_cfg, Schedule) -> backend
     checkpointer: object  # .restore() context, .save(step, metrics, write)
     metrics: object = field(default_factory=NullMetrics)
+    # where this rank runs (host, process, and the launcher's own ids such as a Ray node id): train.json lists every rank's
+    where: dict = field(default_factory=lambda: this_process())
+    # a collective (every rank calls it at the same steps): a description of a notice that the job is about to be
+    # stopped (a node's preemption), or None; on a notice the loop checkpoints at once and trains on
+    notice: Callable[[], str | None] | None = None
 
     @property
     def place(self) -> Place:
@@ -181,6 +192,7 @@ class TrainState:
     def __init__(self, stream: ShardStream, bank: SyncedBank, extras: dict | None = None) -> None:
         self.step = 0
         self.resumed_from = 0  # the step this attempt restored from a checkpoint (0: from the start)
+        self.resumed_from_workers: int | None = None  # the worker count that wrote that checkpoint
         self.history: list[dict[str, float]] = []  # per-epoch means over every worker
         self.epoch_sums: dict[str, float] = {}  # this rank's host sums of the running epoch
         self.stream, self.bank = stream, bank
@@ -205,13 +217,58 @@ class TrainState:
         for k, v in self.extras.items():
             v.load_state_dict(saved[k])
 
-    def save(self, directory: Path, rank: int, backend) -> None:
+    def save(self, directory: Path, rank: int, world: int, backend, why: str = "") -> None:
+        """This rank's state (a collective: the epoch's running sums over every
+        rank go in too, for a restart at another worker count); ``why``: what
+        asked for this checkpoint (epoch end, every N steps, a preemption notice)."""
+        keys = sorted(self.epoch_sums)
+        total = all_reduce_sum(torch.tensor([self.epoch_sums[k] for k in keys], dtype=torch.float64)).tolist()
         backend.save(directory)
-        save_state(self.state_dict(), Path(directory) / f"rank-{rank}.pt")
+        save_state({**self.state_dict(), "world": world, "why": why,
+                    "epoch_sums_per_rank": {k: v / world for k, v in zip(keys, total)}},
+                   Path(directory) / f"rank-{rank}.pt")
 
-    def restore(self, directory: Path, rank: int, backend) -> None:
+    def restore(self, directory: Path, rank: int, world: int, backend) -> int:
+        """Load a checkpoint written at any worker count (elastic restarts);
+        returns the worker count that wrote it. Every rank's file holds the
+        same model, bank and data position; a rank the writer did not have
+        starts from rank 0's, and the epoch's running sums are re-split."""
         backend.load(directory)
-        self.load_state_dict(load_state(Path(directory) / f"rank-{rank}.pt"))
+        directory = Path(directory)
+        state = load_state(directory / "rank-0.pt")
+        saved_world = int(state.get("world", world))
+        if saved_world == world:
+            self.load_state_dict(load_state(directory / f"rank-{rank}.pt"))
+            return world
+        # another worker count: the code banks hold each rank's items, so this
+        # rank's come from the writers' files; the rest is every rank's alike
+        saved = [state, *(load_state(directory / f"rank-{r}.pt") for r in range(1, saved_world))]
+        state["bank"] = _regroup_bank(self.bank, [s["bank"] for s in saved])
+        for key, extra in self.extras.items():
+            if isinstance(extra, SyncedBank):
+                state["extras"][key] = _regroup_bank(extra, [s["extras"][key] for s in saved])
+        self.load_state_dict(state)
+        # the epoch's running sums as if this worker count had run the whole epoch
+        self.epoch_sums = {k: (v * world if rank == 0 else 0.0) for k, v in state["epoch_sums_per_rank"].items()}
+        return saved_world
+
+
+def _regroup_bank(bank: SyncedBank, saved: list[dict]) -> dict:
+    """``bank``'s state with the codes of its items taken from the banks the
+    ranks of another worker count saved (each holds its ranks' items, by
+    global item index, or all of them)."""
+    own = bank.state_dict()
+    ours = own["bank"]
+    count = max(int(s["bank"]["index"].max()) + 1 if "index" in s["bank"] else len(s["bank"]["codes"]) for s in saved)
+    codes = torch.zeros(count, ours["codes"].shape[1], dtype=ours["codes"].dtype)
+    for s in saved:
+        b = s["bank"]
+        codes[b["index"] if "index" in b else torch.arange(len(b["codes"]))] = b["codes"]
+    mine = ours["index"] if "index" in ours else torch.arange(len(ours["codes"]))
+    if int(mine.max()) >= count:
+        raise CheckpointError(f"the checkpoint's code banks hold items 0..{count - 1}, this rank needs item "
+                              f"{int(mine.max())}: written for another training set")
+    return {**own, "bank": {**ours, "codes": codes[mine]}, "updates": saved[0]["updates"]}
 
 
 @dataclass
@@ -265,10 +322,12 @@ def train_stage(cfg: RunConfig, stage: Stage, run_dir: Path, launch: Launch, sou
 
     with launch.checkpointer.restore() as ckpt_dir:
         if ckpt_dir is not None:
-            state.restore(ckpt_dir, rank, backend)
-            state.resumed_from = state.step
-            rank_log.info("rank %d: restored step %d of %d from checkpoint %s", rank, state.step, total,
-                          getattr(launch.checkpointer, "where", ckpt_dir))
+            saved_world = state.restore(ckpt_dir, rank, launch.world, backend)
+            state.resumed_from, state.resumed_from_workers = state.step, saved_world
+            rank_log.info("rank %d: restored step %d of %d from checkpoint %s%s", rank, state.step, total,
+                          getattr(launch.checkpointer, "where", ckpt_dir),
+                          f" (written by {saved_world} workers, now {launch.world})" if saved_world != launch.world
+                          else "")
     if state.step == 0 and stage.needs:
         fill_bank(cfg, source, backend.module, bank, launch.place, also=hash_bank)
     step_fn = make_step(stage, cfg, backend, bank, loss_fn, extras, launch, schedule)
@@ -295,6 +354,7 @@ def _loop(cfg: RunConfig, stage: Stage, state: TrainState, schedule: Schedule, s
     last_log = t_interval = time.monotonic()
     skipped_reported = stream.skipped
     epoch_rss: list[list[float]] = []
+    noticed, noticed_at = None, -1  # one checkpoint per notice: the workers then train on until the launcher stops them
     backend.model.train()
     while state.step < total:
         for _ in range(accum):
@@ -305,6 +365,12 @@ def _loop(cfg: RunConfig, stage: Stage, state: TrainState, schedule: Schedule, s
         state.step += 1
         epoch_end = state.step % spe == 0
         checkpoint = epoch_end or (d.checkpoint_every and state.step % d.checkpoint_every == 0)
+        if launch.notice is not None and not noticed and state.step < total and \
+                state.step % d.preemption_check_every == 0:
+            noticed, noticed_at = launch.notice(), state.step
+            if noticed and rank == 0:
+                log.warning("%s: %s: checkpoint at step %d now", stage.name, noticed, state.step)
+            checkpoint = checkpoint or bool(noticed)
         now = time.monotonic()
         if stream.skipped != skipped_reported:  # corrupt samples skipped (data.skip_corrupt)
             metrics.record_skipped(stream.skipped - skipped_reported)
@@ -317,7 +383,9 @@ def _loop(cfg: RunConfig, stage: Stage, state: TrainState, schedule: Schedule, s
         if epoch_end:
             epoch_rss.append(_end_epoch(cfg, stage, state, schedule, rank, world))
         if checkpoint:
-            _checkpoint(state, schedule, epoch_end, rank, backend, launch)
+            why = "preemption notice" if noticed and noticed_at == state.step else (
+                "epoch end" if epoch_end else f"every {d.checkpoint_every} steps")
+            _checkpoint(state, schedule, epoch_end, rank, backend, launch, why)
     return log_records, epoch_rss
 
 
@@ -334,7 +402,8 @@ def _end_epoch(cfg: RunConfig, stage: Stage, state: TrainState, schedule: Schedu
     return rss
 
 
-def _checkpoint(state: TrainState, schedule: Schedule, epoch_end: bool, rank: int, backend, launch: Launch) -> None:
+def _checkpoint(state: TrainState, schedule: Schedule, epoch_end: bool, rank: int, backend, launch: Launch,
+                why: str) -> None:
     """Every bank's statistics synced, then this rank's state into the checkpointer."""
     t = time.perf_counter()
     for bank in (state.bank, *(v for v in state.extras.values() if isinstance(v, SyncedBank))):
@@ -342,7 +411,7 @@ def _checkpoint(state: TrainState, schedule: Schedule, epoch_end: bool, rank: in
     spe, accum = schedule.steps_per_epoch, schedule.grad_accum
     means = state.history[-1] if epoch_end else {
         k: v / max(1, (state.step % spe) * accum) for k, v in state.epoch_sums.items()}
-    launch.checkpointer.save(state.step, means, lambda directory: state.save(directory, rank, backend))
+    launch.checkpointer.save(state.step, means, lambda directory: state.save(directory, rank, launch.world, backend, why))
     launch.metrics.record_checkpoint(time.perf_counter() - t)
 
 
@@ -358,6 +427,7 @@ def _finish(cfg: RunConfig, stage: Stage, run_dir: Path, state: TrainState, sche
             launch: Launch, log_records: list[dict[str, float]], epoch_rss: list[list[float]]) -> None:
     """The model file and train.json (rank 0), with every rank's parameter digest."""
     rank, world = launch.rank, launch.world
+    workers = [{"rank": r, **w} for r, w in enumerate(all_gather_json(launch.where))]
     digests = [bytes(r.tolist()).hex() for r in all_gather_ragged(
         torch.tensor(list(bytes.fromhex(backend.parameter_digest())), dtype=torch.uint8)[None])]
     skipped = all_gather_ragged(torch.tensor([state.stream.skipped], dtype=torch.int64)).tolist()
@@ -370,13 +440,14 @@ def _finish(cfg: RunConfig, stage: Stage, run_dir: Path, state: TrainState, sche
         optim = getattr(cfg, stage.section).optim
         save_model(cfg.model, out / "model.pt", weights, state.step)
         write_text_atomic(out / "train.json", json.dumps(
-            {"history": state.history, "steps": state.step, "resumed_from_step": state.resumed_from, "schedule": {
+            {"history": state.history, "steps": state.step, "resumed_from_step": state.resumed_from,
+             "resumed_from_workers": state.resumed_from_workers, "schedule": {
                 **{k: getattr(schedule, k) for k in ("global_batch", "micro_batch", "grad_accum",
                                                      "steps_per_epoch", "total_steps")},
                 "workers": world, "lr": optim.lr * lr_factor(optim, schedule.global_batch),
                 "lr_rule": _lr_rule(optim, schedule.global_batch),
                 "sync_batchnorm": cfg.distributed.sync_batchnorm},
-             "parameter_checksums": digests, "parameters_identical": same,
+             "ranks": workers, "parameter_checksums": digests, "parameters_identical": same,
              "skipped_samples_per_rank": skipped, "epoch_rss_mib_per_rank": epoch_rss,
              "log": log_records}, indent=1))
     barrier()
