@@ -154,7 +154,7 @@ class DistributedConfig:
     storage_path: str | None = None  # Ray Train storage for checkpoints (None: <output_dir>/ray); shared or s3:// on clusters
     max_failures: int = 2  # Ray Train restarts the worker group from the newest checkpoint up to this many times (worker errors, lost nodes)
     max_preemptions: int = -1  # restarts after node preemptions (Ray's drain notices), counted apart from max_failures (-1: no limit)
-    preemption_check_every: int = 1  # steps between checks for a preemption notice (a barrier over the workers); on a notice every worker checkpoints at once and trains on until Ray stops it at the node's deadline
+    preemption_check_every: int = 1  # steps between checks for a preemption notice (a barrier over the workers); on a notice every worker checkpoints at once, trains on, checkpoints again when the node's deadline is three steps and two checkpoints away and waits for Ray to stop it
     preemption_poll_s: float = 5.0  # how often Ray Train polls Ray for draining nodes (RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S): a preempted node's grace must cover this, preemption_check_every steps and one checkpoint
     num_to_keep: int = 2  # checkpoints kept per stage
     local_cpus: int | None = None  # CPUs of the local Ray started when address is None (None: all)

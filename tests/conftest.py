@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
+from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # The session's Ray runs on loopback only; drivers in subprocesses join it without a token.
@@ -21,6 +24,7 @@ import torch
 
 from saat_dist.data.demo import DemoSpec, build_demo
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = DemoSpec(train=240, query=60, database=300, seed=3, shard_size=20)
 
 
@@ -55,18 +59,28 @@ def local_cluster(tmp_path_factory):
     """A Ray cluster of a head (no CPUs: drivers and Ray Train's controller
     only) and 2 worker nodes of 1 CPU each, every node its own raylet and
     process (saat_dist.distributed.local_cluster), on 127.0.0.1; preempted
-    nodes drain for 10 s. A driver joins it with ``--address``."""
+    nodes drain for 10 s. Started and stopped by the users' script,
+    launch/local-cluster.sh; a driver joins it with ``--address``."""
     import ray
 
     from saat_dist.distributed.local_cluster import LocalCluster
 
+    state = tmp_path_factory.mktemp("cluster")
+    script = [str(ROOT / "launch" / "local-cluster.sh")]
     with one_ray_at_a_time(tmp_path_factory):
-        cluster = LocalCluster.start(tmp_path_factory.mktemp("cluster"), workers=2, grace_s=10)
+        up = subprocess.run(["bash", *script, "up", "--state-dir", str(state), "--workers", "2", "--grace-s", "10"],
+                            capture_output=True, text=True, timeout=300)
         try:
+            assert up.returncode == 0, up.stdout + up.stderr
+            cluster = LocalCluster.attach(state)
+            assert json.loads(up.stdout)["address"] == cluster.address and cluster.workers == ["worker-1", "worker-2"]
             yield cluster
         finally:
             ray.shutdown()
-            cluster.stop()
+            down = subprocess.run(["bash", *script, "down", "--state-dir", str(state)], capture_output=True,
+                                  text=True, timeout=300)
+            assert down.returncode == 0, down.stdout + down.stderr
+            assert not list(state.glob("*.json")), "a node outlived `down`"
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Fault drill on the demo config, by hand (minutes; not a test): a 3-node
 local Ray cluster (a head and 2 worker nodes of 1 CPU), the demo's benign
 model trained once, then its SAAT stage run uninterrupted and three times
-more, each with one fault at about a third of the stage:
+more, each with one fault at 40 % of its steps (mid-epoch):
 
 - ``node_lost``: a worker node SIGKILLed; a node added back 5 s later;
 - ``preempted``: SIGTERM to a worker node (it drains with a ``--grace-s``
@@ -87,27 +87,28 @@ def _watch_until(run: Path, pred, timeout: float = 900) -> dict | None:
     raise TimeoutError(f"{run}: no progress")
 
 
-def drill(out: Path, grace_s: float) -> dict:
+def drill(out: Path, grace_s: float, at: float = 0.4, faults=("node_lost", "preempted", "head_lost")) -> dict:
     from saat_dist.distributed.local_cluster import LocalCluster
 
     out.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster.start(out / "cluster", workers=2, grace_s=grace_s)
-    results: dict = {"grace_s": grace_s, "config": "configs/demo.yaml", "sets": SETS}
+    results: dict = {"grace_s": grace_s, "config": "configs/demo.yaml", "sets": SETS, "fault_at": at}
     try:
         t = time.monotonic()
-        assert _spawn(_argv(out, "reference", cluster.address, "train"), out / "reference.log").wait() == 0
-        assert _spawn(_argv(out, "reference", cluster.address, "saat"), out / "reference.log").wait() == 0
-        results["reference_seconds"] = round(time.monotonic() - t, 1)
+        if not (out / "reference" / "saat" / "model.pt").is_file():  # the uninterrupted run, once per --out
+            assert _spawn(_argv(out, "reference", cluster.address, "train"), out / "reference.log").wait() == 0
+            assert _spawn(_argv(out, "reference", cluster.address, "saat"), out / "reference.log").wait() == 0
+            results["reference_seconds"] = round(time.monotonic() - t, 1)
         total = json.loads((out / "reference" / "saat" / "train.json").read_text())["steps"]
         reference = _params(out / "reference")
-        for fault in ("node_lost", "preempted", "head_lost"):
+        for fault in faults:
             run = out / fault
             shutil.rmtree(run, ignore_errors=True)
             (run / "benign").mkdir(parents=True)
             shutil.copy(out / "reference" / "benign" / "model.pt", run / "benign" / "model.pt")
             log = out / f"{fault}.log"
             proc = _spawn(_argv(out, fault, cluster.address, "saat"), log)
-            first = _watch_until(run, lambda s, last: s is not None and s["steps"] >= total // 3)
+            first = _watch_until(run, lambda s, last: s is not None and s["steps"] >= int(total * at))
             row = {}
             if fault == "node_lost":
                 before, t_fault = _rank0(run), time.monotonic()
@@ -143,7 +144,9 @@ def drill(out: Path, grace_s: float) -> dict:
 
             ray.shutdown()
         cluster.stop()
-    (out / "drill.json").write_text(json.dumps(results, indent=1))
+    path = out / "drill.json"
+    earlier = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**earlier, **results}, indent=1))
     return results
 
 
@@ -151,5 +154,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "fault-drill")
     p.add_argument("--grace-s", type=float, default=10.0)
+    p.add_argument("--at", type=float, default=0.4, help="the fault when this share of the steps is done (mid-epoch)")
+    p.add_argument("--faults", nargs="+", default=["node_lost", "preempted", "head_lost"])
     a = p.parse_args()
-    print(json.dumps(drill(a.out.resolve(), a.grace_s), indent=1))
+    print(json.dumps(drill(a.out.resolve(), a.grace_s, a.at, a.faults), indent=1))

@@ -6,6 +6,7 @@ tests/test_pipeline.py, against its 2-worker run.)"""
 from __future__ import annotations
 
 import contextlib
+import json
 import errno
 import os
 import re
@@ -122,3 +123,29 @@ def test_sigkill_the_driver_mid_saat_then_resume_in_process(tiny_demo, tmp_path)
     assert re.search(r"rank 0: restored step (\d+)", log), log[-3000:]
     assert (run / "report.json").is_file()
     assert max_diff(params(clean), params(run)) <= 1e-6
+
+
+def test_resume_finds_the_newest_run_of_this_directory_under_the_storage_path(tmp_path):
+    """A head whose disk went with it has no ray_runs.json: --resume auto
+    then takes the newest run of this run directory under the storage path
+    that holds a checkpoint, never one of another directory (an experiment's
+    other cell) and never one without a checkpoint; with none, a new run."""
+    from saat_dist.config import load_config
+    from saat_dist.distributed.driver import _run_name
+
+    run_dir, storage = tmp_path / "run", tmp_path / "storage"
+    cfg = load_config("configs/tiny.yaml", [f"output_dir={run_dir}", f"distributed.storage_path={storage}"])
+    run_dir.mkdir()
+    fresh = _run_name(cfg, "saat", run_dir, resume=False)  # recorded, then the record is lost
+    key = fresh.split("-")[2]
+    (run_dir / "ray_runs.json").unlink()
+    for name, ckpt in [(f"tiny-saat-{key}-20261201-100000", True), (f"tiny-saat-{key}-20261201-120000", True),
+                       (f"tiny-saat-{key}-20261201-130000", False), ("tiny-saat-0ther000-20261201-140000", True),
+                       (f"tiny-train-{key}-20261201-150000", True)]:
+        (storage / name).mkdir(parents=True)
+        if ckpt:
+            (storage / name / "checkpoint_2026-12-01_12-00-00.000000").mkdir()
+    assert _run_name(cfg, "saat", run_dir, resume=True) == f"tiny-saat-{key}-20261201-120000"
+    assert json.loads((run_dir / "ray_runs.json").read_text())["saat"] == f"tiny-saat-{key}-20261201-120000"
+    (run_dir / "ray_runs.json").unlink()
+    assert _run_name(cfg, "evaluate", run_dir, resume=True).startswith(f"tiny-evaluate-{key}-")  # none: a new one

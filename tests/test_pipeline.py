@@ -211,11 +211,13 @@ def test_a_lost_node_a_preemption_and_a_lost_head(tiny_run, local_cluster, tmp_p
        the newest checkpoint;
     2. SIGTERM to worker node 1 (a preemption with a 10 s grace): it asks Ray
        to drain it, every rank checkpoints at its next step, within the
-       grace; the node goes at its deadline, a node is added back and the
-       group restores that checkpoint or a newer one;
-    3. the driver SIGKILLed and the head taken down with every node: on a
-       new cluster the same command finishes from the newest checkpoint
-       under the storage path.
+       grace, trains on and checkpoints again just before the deadline; a
+       replacement node joins, the victim goes at its deadline and the group
+       restores that last checkpoint (no step redone);
+    3. the driver SIGKILLed and the head taken down with every node, and
+       the run directory's record of its Ray runs deleted: on a new cluster
+       the same command finds the run under the storage path and finishes
+       from its newest checkpoint.
     The parameters equal the uninterrupted run's (1e-6; measured 0.0)."""
     cluster, again = local_cluster, _SaatAgain(tiny_run, tmp_path / "faults", tmp_path / "faults.log")
     with _killed_at_exit(["saat", "--address", cluster.address, *again.args], again.log) as proc:
@@ -231,7 +233,7 @@ def test_a_lost_node_a_preemption_and_a_lost_head(tiny_run, local_cluster, tmp_p
         assert going(), "the stage ended before the node was lost; make it longer"
         before, last = {r: again.pid(r) for r in (0, 1)}, again.newest()
         cluster.kill(cluster.workers[-1])
-        time.sleep(2.0)  # nothing can start on one node: the group waits for capacity
+        time.sleep(1.0)  # nothing can start on one node: the group waits for capacity
         cluster.add_node()
         new_group(before, "a new worker group after the node's loss")
         _wait_for(lambda: again.newest() > last or not going(), 300, "a checkpoint after the restart")
@@ -248,12 +250,15 @@ def test_a_lost_node_a_preemption_and_a_lost_head(tiny_run, local_cluster, tmp_p
         assert going(), "the stage ended before the preemption; make it longer"
         assert saved_after <= 10.0, f"the preemption checkpoint came {saved_after:.1f} s after SIGTERM"
         jit_step = _step(jit[0])
+        cluster.add_node()  # a replacement joins while the victim drains (as an autoscaler would)
         cluster.wait_gone(victim, 60)
+        # trained on, then checkpointed again just before the deadline and waited for the stop
+        final = [p for p in again.checkpoints() if p.name > jit[0].name and _why(p) == "preemption deadline"]
+        assert final and _step(final[0]) > jit_step, [(_step(p), _why(p)) for p in again.checkpoints()]
         last = again.newest()
-        cluster.add_node()
         new_group(before, "a new worker group after the preemption")
         _wait_for(lambda: again.newest() > last or not going(), 300, "a checkpoint after the preemption's restart")
-        assert again.first_after(last) > jit_step  # it went on from that checkpoint or a newer one
+        assert again.first_after(last) > _step(final[0])  # it went on from the deadline's checkpoint: no step redone
 
         # 3. the driver and the head lost mid-stage
         last = again.newest()
@@ -265,6 +270,7 @@ def test_a_lost_node_a_preemption_and_a_lost_head(tiny_run, local_cluster, tmp_p
 
     ray.shutdown()  # this process's connection to the old head (from the module's run)
     cluster.restart(workers=2)
+    (again.run / "ray_runs.json").unlink()  # as if the head's disk went too: the run is found under the storage path
     assert not again.ended()
     assert main(["saat", "--address", cluster.address, *again.args]) == 0  # the same command, on a new cluster
     train = json.loads((again.run / "saat" / "train.json").read_text())

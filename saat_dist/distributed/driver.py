@@ -3,13 +3,16 @@
 Each stage is a ``TorchTrainer`` whose ScalingConfig (workers, CPU/GPU,
 resources per worker) and RunConfig (storage path, failure and checkpoint
 config) come from ``cfg.distributed``. Ray Train runs are named
-``<name>-<stage>-<timestamp>`` and recorded in ``<run_dir>/ray_runs.json``;
-``resume=True`` reuses the newest recorded run of the stage, so Ray restores
-its newest complete checkpoint and the workers continue from it.
+``<name>-<stage>-<run dir key>-<timestamp>`` and recorded in
+``<run_dir>/ray_runs.json``; ``resume=True`` reuses the recorded run of the
+stage (or, that file gone, the newest run of this run directory under the
+storage path that has a checkpoint), so Ray restores its newest complete
+checkpoint and the workers continue from it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -60,8 +63,11 @@ def _run_name(cfg: RunConfig, stage: str, run_dir: Path, resume: bool) -> str:
     runs = json.loads(path.read_text()) if path.is_file() else {}
     if resume and runs.get(stage):
         return runs[stage]
+    # the run directory's key in the name: runs of other directories (an
+    # experiment's other cells) under the same storage path are never taken
+    prefix = f"{cfg.name}-{stage}-{hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:8]}-"
     if resume:
-        found = newest_run_with_checkpoint(storage_path(cfg), f"{cfg.name}-{stage}-")
+        found = newest_run_with_checkpoint(storage_path(cfg), prefix)
         if found:
             log.info("resume: %s has no %s run recorded; continuing %s found under %s", path, stage, found,
                      storage_path(cfg))
@@ -69,7 +75,7 @@ def _run_name(cfg: RunConfig, stage: str, run_dir: Path, resume: bool) -> str:
             write_text_atomic(path, json.dumps(runs, indent=1))
             return found
         log.info("resume: no earlier %s run in %s or under %s, starting fresh", stage, path, storage_path(cfg))
-    name = f"{cfg.name}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}"
     runs[stage] = name
     write_text_atomic(path, json.dumps(runs, indent=1))
     return name

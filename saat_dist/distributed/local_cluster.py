@@ -131,6 +131,8 @@ class LocalCluster:
               timeout_s: float = 120.0) -> "LocalCluster":
         cluster = cls(Path(state_dir), cpus_per_node, grace_s)
         cluster.state_dir.mkdir(parents=True, exist_ok=True)
+        # what nodes added later get (attach reads it)
+        _write_json(cluster.state_dir / "settings.conf", {"cpus_per_node": cpus_per_node, "grace_s": grace_s})
         try:
             cluster._spawn("head", ["--head", "--num-cpus", "0"], timeout_s)
             for _ in range(workers):  # one at a time: raylets starting together can pick the same free port
@@ -143,7 +145,8 @@ class LocalCluster:
     @classmethod
     def attach(cls, state_dir: Path) -> "LocalCluster":
         """The cluster whose node processes wrote their state under ``state_dir``."""
-        cluster = cls(Path(state_dir))
+        settings = Path(state_dir) / "settings.conf"
+        cluster = cls(Path(state_dir), **(json.loads(settings.read_text()) if settings.is_file() else {}))
         for f in sorted(cluster.state_dir.glob("*.json")):
             cluster.nodes[f.stem] = json.loads(f.read_text())
         if "head" not in cluster.nodes:
@@ -256,17 +259,16 @@ class LocalCluster:
         self.nodes, self.procs = fresh.nodes, fresh.procs
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Stop every node this cluster started: workers first, then the head
-        (SIGINT: at once, no drain); SIGKILL for any still up after ``timeout_s``."""
-        names = [n for n in (*self.workers, "head") if n in self.nodes or n in self.procs]
-        names += [n for n in self.procs if n not in names]
-        for name in names:
-            pid = self.nodes[name]["pid"] if name in self.nodes else self.procs[name].pid
+        """Stop every node this cluster started (SIGINT: at once, no drain),
+        workers and head together; SIGKILL for any still up after ``timeout_s``."""
+        pids = {n: (self.nodes[n]["pid"] if n in self.nodes else self.procs[n].pid) for n in {*self.nodes, *self.procs}}
+        for pid in pids.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGINT)
-            deadline = time.monotonic() + timeout_s
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.1)
+        deadline = time.monotonic() + timeout_s
+        while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for name, pid in pids.items():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             self._forget(name)

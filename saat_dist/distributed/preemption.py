@@ -2,9 +2,10 @@
 
 Ray Train (2.60) watches Ray's draining nodes and tells the workers
 (``ray.train.get_preemption_info``); the training loop then checkpoints at
-once (``distributed.preemption_check_every``) and trains on until Ray Train
-stops the group at the node's deadline and restarts it from that checkpoint
-when capacity is back. What turns a cloud's or Kubernetes' notice into a
+once (``distributed.preemption_check_every``), trains on, checkpoints again
+just before the node's deadline and waits (``training.trainer.PreemptionWatch``);
+Ray Train stops the group at the deadline and restarts it from that last
+checkpoint when capacity is back. What turns a cloud's or Kubernetes' notice into a
 drain: a worker pod's preStop hook runs ``python -m
 saat_dist.distributed.preemption --grace-s 25`` (cluster/base/rayjob.yaml),
 and the local cluster's nodes drain themselves on SIGTERM

@@ -22,7 +22,7 @@ from saat_dist.distributed.deepspeed_setup import DeepSpeedBackend
 from saat_dist.distributed.ray_checkpoint import RayCheckpointer
 from saat_dist.monitoring.prometheus import WorkerMetrics
 from saat_dist.runner import run_here
-from saat_dist.training.trainer import Launch, this_process
+from saat_dist.training.trainer import Launch, Notice, this_process
 
 log = logging.getLogger("saat_dist")
 rank_log = logging.getLogger("saat_dist.rank")
@@ -60,7 +60,7 @@ def worker_main(config: dict) -> None:
         metrics.close(cfg.metrics.linger_s if cfg.metrics.enabled else 0.0)
 
 
-def preemption_notice() -> str | None:
+def preemption_notice() -> Notice | None:
     """Ray Train's preemption notice, agreed by every worker (a barrier): a
     node of this worker group is draining (a spot reclaim, a Kubernetes pod's
     preStop hook, ``ray drain-node``) and will be gone at its deadline."""
@@ -72,8 +72,10 @@ def preemption_notice() -> str | None:
     if info is None:
         return None
     nodes = ", ".join(n[:12] for n in info.preempted_node_to_ranks)
-    left = f", {info.deadline_ms / 1000 - time.time():.1f} s before its deadline" if info.deadline_ms else ""
-    return f"preemption notice for node(s) {nodes} (ranks {sorted(r for v in info.preempted_node_to_ranks.values() for r in v)}){left}"
+    ranks = sorted(r for v in info.preempted_node_to_ranks.values() for r in v)
+    deadline = info.deadline_ms / 1000 if info.deadline_ms else None
+    left = f", {deadline - time.time():.1f} s before its deadline" if deadline else ""
+    return Notice(f"preemption notice for node(s) {nodes} (ranks {ranks}){left}", deadline)
 
 
 def _device(cfg: RunConfig) -> torch.device:

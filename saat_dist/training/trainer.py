@@ -81,6 +81,59 @@ class NullMetrics:
         pass
 
 
+@dataclass(frozen=True)
+class Notice:
+    """The launcher's word that this job will be stopped: what and (if known)
+    when, in unix seconds."""
+
+    text: str
+    deadline: float | None = None
+
+
+class PreemptionWatch:
+    """What the loop does about a preemption notice, asked every
+    ``distributed.preemption_check_every`` steps: checkpoint at once, train
+    on, and when the deadline is near (three steps and two checkpoints
+    away, the time of each as last measured) checkpoint again and wait for
+    the stop, so that a restart loses no step. The decision is agreed by
+    every rank (a one-number all-reduce per step once noticed). If no stop
+    comes by a minute past the deadline, training goes on."""
+
+    def __init__(self, launch: Launch, every: int, stage: str) -> None:
+        self.ask, self.every, self.stage, self.rank = launch.notice, every, stage, launch.rank
+        self.notice: Notice | None = None
+        self.final = False
+        self.step_s = self.checkpoint_s = 0.0
+
+    def why_checkpoint(self, step: int, total: int) -> str | None:
+        """A reason to checkpoint after ``step`` (a collective), or None."""
+        if self.ask is None or step >= total or self.final:
+            return None
+        if self.notice is None:
+            if step % self.every:
+                return None
+            self.notice = self.ask()
+            if self.notice is not None and self.rank == 0:
+                log.warning("%s: %s: checkpoint at step %d now", self.stage, self.notice.text, step)
+            return "preemption notice" if self.notice else None
+        if self.notice.deadline is None:
+            return None
+        near = time.time() + 3 * self.step_s + 2 * self.checkpoint_s + 1.0 >= self.notice.deadline
+        if not all_reduce_sum(torch.tensor([float(near)], dtype=torch.float64)).item():
+            return None
+        self.final = True
+        return "preemption deadline"
+
+    def wait_for_the_stop(self, step: int) -> None:
+        """After the last checkpoint before the deadline: no step the restart would redo."""
+        if self.rank == 0:
+            log.warning("%s: checkpoint of step %d written %.1f s before the preemption deadline; waiting for "
+                        "the stop", self.stage, step, self.notice.deadline - time.time())
+        while time.time() < self.notice.deadline + 60.0:
+            time.sleep(0.5)
+        log.warning("%s: no stop a minute after the preemption deadline: training on", self.stage)
+
+
 def this_process() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
@@ -97,9 +150,9 @@ class Launch:
     metrics: object = field(default_factory=NullMetrics)
     # where this rank runs (host, process, and the launcher's own ids such as a Ray node id): train.json lists every rank's
     where: dict = field(default_factory=lambda: this_process())
-    # a collective (every rank calls it at the same steps): a description of a notice that the job is about to be
-    # stopped (a node's preemption), or None; on a notice the loop checkpoints at once and trains on
-    notice: Callable[[], str | None] | None = None
+    # a collective (every rank calls it at the same steps): a Notice that the job is about to be stopped (a node's
+    # preemption), or None; see PreemptionWatch
+    notice: Callable[[], "Notice | None"] | None = None
 
     @property
     def place(self) -> Place:
@@ -354,9 +407,10 @@ def _loop(cfg: RunConfig, stage: Stage, state: TrainState, schedule: Schedule, s
     last_log = t_interval = time.monotonic()
     skipped_reported = stream.skipped
     epoch_rss: list[list[float]] = []
-    noticed, noticed_at = None, -1  # one checkpoint per notice: the workers then train on until the launcher stops them
+    preemption = PreemptionWatch(launch, d.preemption_check_every, stage.name)
     backend.model.train()
     while state.step < total:
+        t_step = time.monotonic()
         for _ in range(accum):
             x, y, index = (t.to(device, non_blocking=True) for t in next(stream))
             if channels_last:
@@ -364,13 +418,10 @@ def _loop(cfg: RunConfig, stage: Stage, state: TrainState, schedule: Schedule, s
             pending.append(step_fn((x, y, index), state.step))
         state.step += 1
         epoch_end = state.step % spe == 0
+        preemption.step_s = time.monotonic() - t_step
         checkpoint = epoch_end or (d.checkpoint_every and state.step % d.checkpoint_every == 0)
-        if launch.notice is not None and not noticed and state.step < total and \
-                state.step % d.preemption_check_every == 0:
-            noticed, noticed_at = launch.notice(), state.step
-            if noticed and rank == 0:
-                log.warning("%s: %s: checkpoint at step %d now", stage.name, noticed, state.step)
-            checkpoint = checkpoint or bool(noticed)
+        why = preemption.why_checkpoint(state.step, total)
+        checkpoint = checkpoint or why is not None
         now = time.monotonic()
         if stream.skipped != skipped_reported:  # corrupt samples skipped (data.skip_corrupt)
             metrics.record_skipped(stream.skipped - skipped_reported)
@@ -383,9 +434,12 @@ def _loop(cfg: RunConfig, stage: Stage, state: TrainState, schedule: Schedule, s
         if epoch_end:
             epoch_rss.append(_end_epoch(cfg, stage, state, schedule, rank, world))
         if checkpoint:
-            why = "preemption notice" if noticed and noticed_at == state.step else (
-                "epoch end" if epoch_end else f"every {d.checkpoint_every} steps")
-            _checkpoint(state, schedule, epoch_end, rank, backend, launch, why)
+            t_ckpt = time.monotonic()
+            _checkpoint(state, schedule, epoch_end, rank, backend, launch,
+                        why or ("epoch end" if epoch_end else f"every {d.checkpoint_every} steps"))
+            preemption.checkpoint_s = time.monotonic() - t_ckpt
+            if why == "preemption deadline":
+                preemption.wait_for_the_stop(state.step)
     return log_records, epoch_rss
 
 
