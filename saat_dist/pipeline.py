@@ -4,8 +4,10 @@ prepare -> train (benign) -> evaluate benign -> saat -> evaluate saat -> report.
 Every stage reads the previous stage's files from the run directory, so each
 also runs alone (``saat-dist train | saat | evaluate | report``). Every
 stage is a value (a training ``Stage`` or an ``EvaluationStage``) that
-``launch`` runs: a Ray Train job with ``distributed.num_workers >= 1`` (the
-default), this process with 0; both run it through ``runner.run_here``.
+``launch`` runs, alone or chained (``run`` launches a training stage and the
+evaluation of its model together): a Ray Train job with
+``distributed.num_workers >= 1`` (the default), this process with 0; both
+run each stage through ``runner.run_here``.
 
 Run directory layout:
   config.yaml               the resolved configuration
@@ -29,7 +31,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from saat_dist.checkpoint import write_text_atomic
 from saat_dist.config import RunConfig, save_config
 from saat_dist.data.demo import DemoSpec, build_demo
 from saat_dist.data.shards import MANIFEST
@@ -92,10 +93,9 @@ def check_layout(cfg: RunConfig, source: DataSource, stages: list[Stage]) -> Non
 
 def record_stage(run_dir: Path, stage: str, seconds: float) -> None:
     """Add a stage's wall time to ``<run_dir>/stages.json``."""
-    path = run_dir / "stages.json"
-    times = json.loads(path.read_text()) if path.is_file() else {}
-    times[stage] = round(seconds, 2)
-    write_text_atomic(path, json.dumps(times, indent=1))
+    from saat_dist.runner import record_stage as record
+
+    record(run_dir, stage, seconds)
 
 
 def _metrics_sink(cfg: RunConfig, stage: Stage | EvaluationStage, run_dir: Path):
@@ -111,18 +111,19 @@ def _metrics_sink(cfg: RunConfig, stage: Stage | EvaluationStage, run_dir: Path)
     return metrics
 
 
-def launch(cfg: RunConfig, stage: Stage | EvaluationStage, run_dir: Path, resume: bool = False,
+def launch(cfg: RunConfig, stage: Stage | EvaluationStage | tuple, run_dir: Path, resume: bool = False,
            source: DataSource | None = None) -> None:
-    """Run one stage value: the one in-process-or-Ray dispatch. With
-    ``distributed.num_workers >= 1`` a Ray Train job of that many workers
-    (``distributed.driver``); with 0 this process, with a torch optimizer,
-    local ``step-N`` checkpoints and (if enabled) a metrics endpoint. Either
-    way ``runner.run_here`` runs it; its wall time goes into stages.json."""
-    from saat_dist.runner import run_here
-    from saat_dist.training.backend import LocalBackend
-    from saat_dist.training.checkpointing import LocalCheckpointer
-    from saat_dist.training.trainer import Launch
+    """Run one stage value, or a chain of them (a tuple, run in order: a
+    training stage and the evaluation of its model start one worker group,
+    not two): the one in-process-or-Ray dispatch. With
+    ``distributed.num_workers >= 1`` a Ray Train job (``distributed.driver``);
+    with 0 this process, with a torch optimizer, local ``step-N`` checkpoints
+    and (if enabled) a metrics endpoint. Either way ``runner.run_here`` runs
+    each stage. Wall times go into stages.json: a chain's stages each their
+    own, the first with the job's start."""
+    from saat_dist.runner import run_timed
 
+    stages = stage if isinstance(stage, tuple) else (stage,)
     t = time.monotonic()
     if not cfg.distributed.in_process:
         from saat_dist.distributed.driver import run_stage
@@ -130,18 +131,30 @@ def launch(cfg: RunConfig, stage: Stage | EvaluationStage, run_dir: Path, resume
         run_stage(cfg, stage, run_dir, resume)
     else:
         source = source or ensure_data(cfg)
-        ckpt_root = run_dir / (stage.out if isinstance(stage, Stage) else stage.folder) / "checkpoints"
-        if not resume and isinstance(stage, Stage):
-            shutil.rmtree(ckpt_root, ignore_errors=True)  # a fresh training never picks up an older run's state
-        metrics = _metrics_sink(cfg, stage, run_dir)
-        try:
-            run_here(cfg, stage, run_dir, Launch(
-                0, 1, select_device(cfg.device),
-                lambda model, optim, schedule: LocalBackend(model, optim, schedule, cfg.distributed.gradient_clipping),
-                LocalCheckpointer(ckpt_root, cfg.distributed.num_to_keep, resume), metrics), source)
-        finally:
-            metrics.close(cfg.metrics.linger_s)
-    record_stage(run_dir, stage.name, time.monotonic() - t)
+        for one in stages:
+            here = _in_process(cfg, one, run_dir, resume)
+            try:
+                run_timed(cfg, one, run_dir, here, source)
+            finally:
+                here.metrics.close(cfg.metrics.linger_s)
+    times_path = run_dir / "stages.json"
+    times = json.loads(times_path.read_text()) if times_path.is_file() else {}
+    rest = sum(times.get(s.name, 0.0) for s in stages[1:]) if len(stages) > 1 else 0.0
+    record_stage(run_dir, stages[0].name, time.monotonic() - t - rest)
+
+
+def _in_process(cfg: RunConfig, stage: Stage | EvaluationStage, run_dir: Path, resume: bool):
+    """The Launch of one stage in this process."""
+    from saat_dist.training.backend import LocalBackend
+    from saat_dist.training.checkpointing import LocalCheckpointer
+    from saat_dist.training.trainer import Launch
+
+    ckpt_root = run_dir / (stage.out if isinstance(stage, Stage) else stage.folder) / "checkpoints"
+    if not resume and isinstance(stage, Stage):
+        shutil.rmtree(ckpt_root, ignore_errors=True)  # a fresh training never picks up an older run's state
+    return Launch(0, 1, select_device(cfg.device),
+                  lambda model, optim, schedule: LocalBackend(model, optim, schedule, cfg.distributed.gradient_clipping),
+                  LocalCheckpointer(ckpt_root, cfg.distributed.num_to_keep, resume), _metrics_sink(cfg, stage, run_dir))
 
 
 def train(cfg: RunConfig, stage: Stage, run_dir: Path, resume: bool = False) -> None:
@@ -194,13 +207,15 @@ def run_all(cfg: RunConfig, resume: bool = False) -> dict:
     check_layout(cfg, source, [TRAIN, SAAT])
     run_dir = prepare_run_dir(cfg)
     record_stage(run_dir, "data", time.monotonic() - t0)
-    # --resume skips stages whose outputs exist and resumes an interrupted one
-    if not (resume and (run_dir / "benign" / "model.pt").is_file()):
-        stage_train(cfg, run_dir, resume)
-    if not (resume and results_current(run_dir / "benign" / RUN_RESULTS)):
-        stage_evaluate(cfg, run_dir, "benign")
-    if not (resume and (run_dir / "saat" / "model.pt").is_file()):
-        stage_saat(cfg, run_dir, resume)
-    stage_evaluate(cfg, run_dir, "saat")
+    # --resume skips stages whose outputs exist and resumes an interrupted
+    # one; a training stage and the evaluation of its model share one launch
+    for training, which in ((TRAIN, "benign"), (SAAT, "saat")):
+        chain = (() if resume and (run_dir / which / "model.pt").is_file() else (training,)) + (
+            () if resume and which == "benign" and results_current(run_dir / which / RUN_RESULTS)
+            else (run_evaluation(cfg, which),))
+        if chain and chain[0] is training and training.needs and not (run_dir / training.needs / "model.pt").is_file():
+            raise FileNotFoundError(f"{run_dir / training.needs / 'model.pt'}: run the stage that writes it first")
+        if chain:
+            launch(cfg, chain if len(chain) > 1 else chain[0], run_dir, resume, source)
     record_stage(run_dir, "total", time.monotonic() - t0)
     return write_run_report(cfg, run_dir)

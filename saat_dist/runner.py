@@ -5,13 +5,34 @@ in-process launcher (``pipeline.launch``) and every Ray worker
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
+from saat_dist.checkpoint import write_text_atomic
 from saat_dist.config import RunConfig
 from saat_dist.data.source import DataSource
 from saat_dist.evaluation import EvaluationStage, evaluate_stage
 from saat_dist.stages import Stage
 from saat_dist.training.trainer import Launch, train_stage
+
+
+def record_stage(run_dir: Path, stage: str, seconds: float) -> None:
+    """Add a stage's wall time to ``<run_dir>/stages.json``."""
+    path = Path(run_dir) / "stages.json"
+    times = json.loads(path.read_text()) if path.is_file() else {}
+    times[stage] = round(seconds, 2)
+    write_text_atomic(path, json.dumps(times, indent=1))
+
+
+def run_timed(cfg: RunConfig, stage: Stage | EvaluationStage, run_dir: Path, launch: Launch, source: DataSource):
+    """``run_here``, its wall time recorded by rank 0 (the stages of a chain
+    run in one launch: each gets its own time)."""
+    t = time.monotonic()
+    out = run_here(cfg, stage, run_dir, launch, source)
+    if launch.rank == 0:
+        record_stage(run_dir, stage.name, time.monotonic() - t)
+    return out
 
 
 def run_here(cfg: RunConfig, stage: Stage | EvaluationStage, run_dir: Path, launch: Launch, source: DataSource):

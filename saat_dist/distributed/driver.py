@@ -1,6 +1,7 @@
-"""The driver: starts (or joins) Ray and runs one stage as a Ray Train job.
+"""The driver: starts (or joins) Ray and runs one stage (or a chain of them)
+as a Ray Train job.
 
-Each stage is a ``TorchTrainer`` whose ScalingConfig (workers, CPU/GPU,
+Each stage or chain is a ``TorchTrainer`` whose ScalingConfig (workers, CPU/GPU,
 resources per worker) and RunConfig (storage path, failure and checkpoint
 config) come from ``cfg.distributed``. Ray Train runs are named
 ``<name>-<stage>-<run dir key>-<timestamp>`` and recorded in
@@ -129,9 +130,10 @@ def process_group_backend(cfg: RunConfig) -> str:
 
 
 def build_trainer(cfg: RunConfig, stage, run_dir: Path, resume: bool = False):
-    """The TorchTrainer of one stage value (a training ``Stage`` or an
-    ``EvaluationStage``; not started): scaling, storage, failure handling and
-    the process-group backend all come from the config here."""
+    """The TorchTrainer of a stage value (a training ``Stage`` or an
+    ``EvaluationStage``) or of a chain of them (a tuple: run in order by one
+    worker group, named after the first; not started): scaling, storage,
+    failure handling and the process-group backend all come from the config here."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -141,10 +143,11 @@ def build_trainer(cfg: RunConfig, stage, run_dir: Path, resume: bool = False):
     resources = {"CPU": d.cpus_per_worker}
     if d.use_gpu:
         resources["GPU"] = d.gpus_per_worker
-    key = stage.name
+    stages = stage if isinstance(stage, tuple) else (stage,)
+    key = stages[0].name
     return TorchTrainer(
         worker_main,
-        train_loop_config={"run": _absolute_paths(cfg, run_dir), "stage": stage},
+        train_loop_config={"run": _absolute_paths(cfg, run_dir), "stages": stages},
         torch_config=TorchConfig(backend=process_group_backend(cfg)),
         scaling_config=ScalingConfig(num_workers=tuple(d.num_workers) if d.elastic else d.num_workers,
                                      use_gpu=d.use_gpu, resources_per_worker=resources,
@@ -220,7 +223,7 @@ def run_stage(cfg: RunConfig, stage, run_dir: Path, resume: bool = False):
     from ray.train import TrainingFailedError
 
     init_ray(cfg)
-    key = stage.name
+    key = "+".join(s.name for s in (stage if isinstance(stage, tuple) else (stage,)))
     try:
         result = build_trainer(cfg, stage, run_dir, resume).fit()
     except TrainingFailedError as e:

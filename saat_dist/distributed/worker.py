@@ -21,7 +21,7 @@ from saat_dist.data.source import DataSource
 from saat_dist.distributed.deepspeed_setup import DeepSpeedBackend
 from saat_dist.distributed.ray_checkpoint import RayCheckpointer
 from saat_dist.monitoring.prometheus import WorkerMetrics
-from saat_dist.runner import run_here
+from saat_dist.runner import run_timed
 from saat_dist.training.trainer import Launch, Notice, this_process
 
 log = logging.getLogger("saat_dist")
@@ -29,21 +29,20 @@ rank_log = logging.getLogger("saat_dist.rank")
 
 
 def worker_main(config: dict) -> None:
-    """One worker's part of the stage value in ``config["stage"]``."""
+    """One worker's part of the stage values in ``config["stages"]``, in
+    order (a training stage and the evaluation of its model: one worker
+    group, one start). After a restart a finished training stage restores
+    its last checkpoint and only writes its model again."""
     import ray.train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     cfg: RunConfig = config_from_dict(config["run"])
-    stage = config["stage"]
+    stages = config["stages"]
     ctx = ray.train.get_context()
     rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
     if rank != 0:  # progress and results are logged once, by rank 0
         log.setLevel(logging.WARNING)
     run_dir = Path(cfg.output_dir)
-    metrics = WorkerMetrics(rank, stage.name)
-    if cfg.metrics.enabled:
-        port = metrics.serve(cfg.metrics.bind, cfg.metrics.port, run_dir, local_rank)
-        rank_log.info("rank %d (pid %d) serves metrics on %s:%d", rank, os.getpid(), cfg.metrics.bind, port)
     source = DataSource.open(cfg.data.shard_dir, cfg.data.base_url, cfg.data.verify_sha256)  # the manifest, read once
 
     def make_backend(model, optim, schedule):
@@ -53,11 +52,16 @@ def worker_main(config: dict) -> None:
              "node_ip": ray.util.get_node_ip_address()}
     rank_log.info("rank %d of %d on node %s (%s, pid %d)", rank, world, where["node_id"][:12], where["host"],
                   where["pid"])
-    try:
-        run_here(cfg, stage, run_dir, Launch(rank, world, _device(cfg), make_backend, RayCheckpointer(), metrics,
-                                             where, preemption_notice), source)
-    finally:
-        metrics.close(cfg.metrics.linger_s if cfg.metrics.enabled else 0.0)
+    for stage in stages:
+        metrics = WorkerMetrics(rank, stage.name)
+        if cfg.metrics.enabled:
+            port = metrics.serve(cfg.metrics.bind, cfg.metrics.port, run_dir, local_rank)
+            rank_log.info("rank %d (pid %d) serves metrics on %s:%d", rank, os.getpid(), cfg.metrics.bind, port)
+        try:
+            run_timed(cfg, stage, run_dir, Launch(rank, world, _device(cfg), make_backend, RayCheckpointer(),
+                                                  metrics, where, preemption_notice), source)
+        finally:
+            metrics.close(cfg.metrics.linger_s if cfg.metrics.enabled else 0.0)
 
 
 def preemption_notice() -> Notice | None:
