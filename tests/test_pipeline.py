@@ -219,7 +219,9 @@ def test_a_lost_node_a_preemption_and_a_lost_head(tiny_run, local_cluster, tmp_p
        the same command finds the run under the storage path and finishes
        from its newest checkpoint.
     The parameters equal the uninterrupted run's (1e-6; measured 0.0)."""
-    cluster, again = local_cluster, _SaatAgain(tiny_run, tmp_path / "faults", tmp_path / "faults.log")
+    # every checkpoint kept: the preemption's may otherwise rotate away before the test reads it
+    cluster = local_cluster
+    again = _SaatAgain(tiny_run, tmp_path / "faults", tmp_path / "faults.log", "distributed.num_to_keep=1000")
     with _killed_at_exit(["saat", "--address", cluster.address, *again.args], again.log) as proc:
         going = lambda: proc.poll() is None and not again.ended()  # noqa: E731
 
@@ -249,7 +251,7 @@ def test_a_lost_node_a_preemption_and_a_lost_head(tiny_run, local_cluster, tmp_p
         saved_after = time.monotonic() - t
         assert going(), "the stage ended before the preemption; make it longer"
         assert saved_after <= 10.0, f"the preemption checkpoint came {saved_after:.1f} s after SIGTERM"
-        jit_step = _step(jit[0])
+        jit_step = _wait_for(lambda: _step(jit[0]), 30, "the preemption checkpoint's step")
         cluster.add_node()  # a replacement joins while the victim drains (as an autoscaler would)
         cluster.wait_gone(victim, 60)
         # trained on, then checkpointed again just before the deadline and waited for the stop
@@ -258,7 +260,8 @@ def test_a_lost_node_a_preemption_and_a_lost_head(tiny_run, local_cluster, tmp_p
         last = again.newest()
         new_group(before, "a new worker group after the preemption")
         _wait_for(lambda: again.newest() > last or not going(), 300, "a checkpoint after the preemption's restart")
-        assert again.first_after(last) > _step(final[0])  # it went on from the deadline's checkpoint: no step redone
+        assert again.first_after(last) > _step(final[0])
+        final_step = _step(final[0])
 
         # 3. the driver and the head lost mid-stage
         last = again.newest()
@@ -275,6 +278,11 @@ def test_a_lost_node_a_preemption_and_a_lost_head(tiny_run, local_cluster, tmp_p
     assert main(["saat", "--address", cluster.address, *again.args]) == 0  # the same command, on a new cluster
     train = json.loads((again.run / "saat" / "train.json").read_text())
     assert 0 < train["resumed_from_step"] < train["steps"]  # it went on from a checkpoint
+    # every restore: after the lost node (a checkpoint), after the preemption (the deadline's checkpoint:
+    # no step redone), after the lost head (the newest)
+    restored = [r["step"] for r in train["restores"]]
+    assert len(restored) == 3 and 3 <= restored[0] < jit_step and restored[1] == final_step, train["restores"]
+    assert restored[2] == train["resumed_from_step"] > final_step
     assert max_diff(params(again.reference), params(again.run)) <= 1e-6
 
 
@@ -328,6 +336,7 @@ def test_elastic_goes_on_with_fewer_workers(tiny_run, local_cluster, tmp_path):
         assert proc.wait(600) == 0, again.log.read_text()[-3000:]
     train = json.loads((again.run / "saat" / "train.json").read_text())
     assert train["resumed_from_workers"] == 2  # a 2-worker checkpoint, restored by one worker
+    assert [(r["written_by_workers"], r["workers"]) for r in train["restores"]] == [(2, 1)]
     assert train["schedule"]["workers"] == 1 and train["schedule"]["global_batch"] == 16
     assert [r["rank"] for r in train["ranks"]] == [0]
     assert 0 < train["resumed_from_step"] < train["steps"] == 24

@@ -76,7 +76,7 @@ def _run_name(cfg: RunConfig, stage: str, run_dir: Path, resume: bool) -> str:
             write_text_atomic(path, json.dumps(runs, indent=1))
             return found
         log.info("resume: no earlier %s run in %s or under %s, starting fresh", stage, path, storage_path(cfg))
-    name = f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}"
+    name = f"{prefix}{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"  # UTC: ordered across hosts and DST
     runs[stage] = name
     write_text_atomic(path, json.dumps(runs, indent=1))
     return name

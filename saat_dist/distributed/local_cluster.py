@@ -26,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,16 +79,18 @@ def node_main(argv: list[str] | None = None) -> None:
     state = {"name": a.name, "pid": os.getpid(), "node_id": node.node_id, "head": a.head,
              "address": node.gcs_address, "dashboard": f"http://{node.webui_url}" if a.head else None}
     stopping: list[str] = []
+    signalled = threading.Event()  # set by the handler: no signal is lost between a check and a wait
 
     def on_signal(signum, _frame):
         stopping.append("preempted" if signum == signal.SIGTERM else "stopped")
+        signalled.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     _write_json(state_file, state)
     log.info("node %s (%s) up: %s", a.name, node.node_id[:12], state)
-    while not stopping:
-        signal.pause()
+    while not signalled.wait(1.0):
+        pass
     if stopping[0] == "preempted" and not a.head and a.grace_s > 0:
         log.info("node %s: SIGTERM, draining with a %.1f s deadline", a.name, a.grace_s)
         t = time.monotonic()
@@ -182,7 +185,7 @@ class LocalCluster:
         log_file = open(self.state_dir / f"{name}.log", "ab")
         env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "saat_dist.distributed.local_cluster", "--state-dir", str(self.state_dir),
+            [sys.executable, "-m", "saat_dist.distributed.local_cluster", "--state-dir", str(self.state_dir.resolve()),
              "--name", name, *args], stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         if timeout_s is not None:
             self._wait_state(name, timeout_s)
@@ -239,8 +242,9 @@ class LocalCluster:
         self._forget(name)
 
     def _signal(self, name: str, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self._pid(name), signum)
+        if _ours(self._pid(name), self.state_dir):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid(name), signum)
 
     def _forget(self, name: str) -> None:
         proc = self.procs.pop(name, None)
@@ -262,6 +266,9 @@ class LocalCluster:
         """Stop every node this cluster started (SIGINT: at once, no drain),
         workers and head together; SIGKILL for any still up after ``timeout_s``."""
         pids = {n: (self.nodes[n]["pid"] if n in self.nodes else self.procs[n].pid) for n in {*self.nodes, *self.procs}}
+        pids = {n: p for n, p in pids.items() if _ours(p, self.state_dir)}
+        for name in {*self.nodes, *self.procs} - set(pids):
+            self._forget(name)  # gone already (its pid may belong to another process now)
         for pid in pids.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGINT)
@@ -272,6 +279,16 @@ class LocalCluster:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             self._forget(name)
+
+
+def _ours(pid: int, state_dir: Path) -> bool:
+    """Whether ``pid`` is still a node process of this state directory (a
+    recorded pid may have been reused by another process since)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"saat_dist.distributed.local_cluster" in argv and str(Path(state_dir).resolve()).encode() in argv
 
 
 def _alive(pid: int) -> bool:

@@ -47,7 +47,7 @@ def this_node_id(address: str, node_ip: str) -> str:
     return nodes[0].node_id.hex()
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m saat_dist.distributed.preemption",
                                 description="drain this Ray node: a preemption notice with a deadline")
     p.add_argument("--grace-s", type=float, required=True, help="seconds until the node goes")
@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--wait", action="store_true",
                    help="return only when the deadline has passed (a preStop hook: Kubernetes sends SIGTERM, "
                         "which stops Ray at once, when the hook returns)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
     a = p.parse_args(argv)
     address = a.address
     if not address:

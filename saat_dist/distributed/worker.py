@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -52,7 +53,7 @@ def worker_main(config: dict) -> None:
              "node_ip": ray.util.get_node_ip_address()}
     rank_log.info("rank %d of %d on node %s (%s, pid %d)", rank, world, where["node_id"][:12], where["host"],
                   where["pid"])
-    for stage in stages:
+    for i, stage in enumerate(stages):
         metrics = WorkerMetrics(rank, stage.name)
         if cfg.metrics.enabled:
             port = metrics.serve(cfg.metrics.bind, cfg.metrics.port, run_dir, local_rank)
@@ -61,7 +62,11 @@ def worker_main(config: dict) -> None:
             run_timed(cfg, stage, run_dir, Launch(rank, world, _device(cfg), make_backend, RayCheckpointer(),
                                                   metrics, where, preemption_notice), source)
         finally:
-            metrics.close(cfg.metrics.linger_s if cfg.metrics.enabled else 0.0)
+            linger = cfg.metrics.linger_s if cfg.metrics.enabled else 0.0
+            if i + 1 < len(stages):  # the next stage starts now; this endpoint lingers for Prometheus meanwhile
+                threading.Thread(target=metrics.close, args=(linger,), daemon=True).start()
+            else:
+                metrics.close(linger)
 
 
 def preemption_notice() -> Notice | None:

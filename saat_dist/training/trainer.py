@@ -27,6 +27,7 @@ workers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -246,6 +247,8 @@ class TrainState:
         self.step = 0
         self.resumed_from = 0  # the step this attempt restored from a checkpoint (0: from the start)
         self.resumed_from_workers: int | None = None  # the worker count that wrote that checkpoint
+        self.restores: list[dict] = []  # every restore of this stage, oldest first: step and the writers' count
+        self.settings = ""  # digest of the settings that shape training: a checkpoint of other settings is refused
         self.history: list[dict[str, float]] = []  # per-epoch means over every worker
         self.epoch_sums: dict[str, float] = {}  # this rank's host sums of the running epoch
         self.stream, self.bank = stream, bank
@@ -254,12 +257,18 @@ class TrainState:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "history": self.history, "epoch_sums": self.epoch_sums,
+                "restores": self.restores, "settings": self.settings,
                 "stream": self.stream.state_dict(), "bank": self.bank.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "extras": {k: v.state_dict() for k, v in self.extras.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        if self.settings and state.get("settings", self.settings) != self.settings:
+            raise CheckpointError("the checkpoint was written with other training settings (the stage's section, "
+                                  "model, loss, seed or images changed): start afresh (--resume off) or restore "
+                                  "the settings")
         self.step, self.history, self.epoch_sums = int(state["step"]), state["history"], state["epoch_sums"]
+        self.restores = list(state.get("restores", []))
         self.stream.load_state_dict(state["stream"])
         self.bank.load_state_dict(state["bank"])
         torch.set_rng_state(state["torch_rng"])
@@ -301,8 +310,9 @@ class TrainState:
             if isinstance(extra, SyncedBank):
                 state["extras"][key] = _regroup_bank(extra, [s["extras"][key] for s in saved])
         self.load_state_dict(state)
-        # the epoch's running sums as if this worker count had run the whole epoch
+        # the epoch's running sums as if this worker count had run the whole epoch; skipped samples counted once
         self.epoch_sums = {k: (v * world if rank == 0 else 0.0) for k, v in state["epoch_sums_per_rank"].items()}
+        self.stream.skipped = sum(int(s["stream"].get("skipped", 0)) for s in saved) if rank == 0 else 0
         return saved_world
 
 
@@ -314,13 +324,15 @@ def _regroup_bank(bank: SyncedBank, saved: list[dict]) -> dict:
     ours = own["bank"]
     count = max(int(s["bank"]["index"].max()) + 1 if "index" in s["bank"] else len(s["bank"]["codes"]) for s in saved)
     codes = torch.zeros(count, ours["codes"].shape[1], dtype=ours["codes"].dtype)
+    held = torch.zeros(count, dtype=torch.bool)
     for s in saved:
         b = s["bank"]
-        codes[b["index"] if "index" in b else torch.arange(len(b["codes"]))] = b["codes"]
+        where = b["index"] if "index" in b else torch.arange(len(b["codes"]))
+        codes[where], held[where] = b["codes"], True
     mine = ours["index"] if "index" in ours else torch.arange(len(ours["codes"]))
-    if int(mine.max()) >= count:
-        raise CheckpointError(f"the checkpoint's code banks hold items 0..{count - 1}, this rank needs item "
-                              f"{int(mine.max())}: written for another training set")
+    if int(mine.max()) >= count or not bool(held[mine].all()):
+        raise CheckpointError("the checkpoint's code banks do not hold every item this rank needs: written for "
+                              "another training set")
     return {**own, "bank": {**ours, "codes": codes[mine]}, "updates": saved[0]["updates"]}
 
 
@@ -372,11 +384,13 @@ def train_stage(cfg: RunConfig, stage: Stage, run_dir: Path, launch: Launch, sou
                           launch, schedule)
     hash_bank = extras.get("hash_bank")
     state = TrainState(stream, bank, extras)
+    state.settings = training_digest(cfg, stage)
 
     with launch.checkpointer.restore() as ckpt_dir:
         if ckpt_dir is not None:
             saved_world = state.restore(ckpt_dir, rank, launch.world, backend)
             state.resumed_from, state.resumed_from_workers = state.step, saved_world
+            state.restores.append({"step": state.step, "written_by_workers": saved_world, "workers": launch.world})
             rank_log.info("rank %d: restored step %d of %d from checkpoint %s%s", rank, state.step, total,
                           getattr(launch.checkpointer, "where", ckpt_dir),
                           f" (written by {saved_world} workers, now {launch.world})" if saved_world != launch.world
@@ -389,6 +403,16 @@ def train_stage(cfg: RunConfig, stage: Stage, run_dir: Path, launch: Launch, sou
     seconds = time.monotonic() - t0
     _finish(cfg, stage, run_dir, state, schedule, backend, launch, log_records, epoch_rss)
     return TrainResult(state.step, seconds, state.history, log_records)
+
+
+def training_digest(cfg: RunConfig, stage: Stage) -> str:
+    """What a checkpoint of this stage must have been written with: its
+    section (epochs, batch, optimizer, budget...), the model, the hash loss,
+    the seed and the image settings; not the worker count or the ports."""
+    tree = cfg.to_dict()
+    shape = {"section": tree[stage.section], "model": tree["model"], "loss": cfg.train.loss, "seed": cfg.seed,
+             "images": [cfg.data.image_size, cfg.data.resize], "stage": stage.name}
+    return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _loop(cfg: RunConfig, stage: Stage, state: TrainState, schedule: Schedule, step_fn, backend,
@@ -492,10 +516,14 @@ def _finish(cfg: RunConfig, stage: Stage, run_dir: Path, state: TrainState, sche
             log.info("%s: parameters %s across %d ranks", stage.name, "identical" if same else "DIFFER", world)
         out = run_dir / stage.out
         optim = getattr(cfg, stage.section).optim
+        earlier = out / "train.json"
+        if state.resumed_from == state.step and earlier.is_file():  # nothing trained now: keep what was recorded
+            kept = json.loads(earlier.read_text())
+            log_records, epoch_rss = kept.get("log", log_records), kept.get("epoch_rss_mib_per_rank", epoch_rss)
         save_model(cfg.model, out / "model.pt", weights, state.step)
         write_text_atomic(out / "train.json", json.dumps(
             {"history": state.history, "steps": state.step, "resumed_from_step": state.resumed_from,
-             "resumed_from_workers": state.resumed_from_workers, "schedule": {
+             "resumed_from_workers": state.resumed_from_workers, "restores": state.restores, "schedule": {
                 **{k: getattr(schedule, k) for k in ("global_batch", "micro_batch", "grad_accum",
                                                      "steps_per_epoch", "total_steps")},
                 "workers": world, "lr": optim.lr * lr_factor(optim, schedule.global_batch),
