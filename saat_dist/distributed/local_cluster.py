@@ -308,8 +308,10 @@ def command(args: argparse.Namespace) -> dict:
     cluster whose state lives in ``args.state_dir``; returns what to print."""
     d = Path(args.state_dir)
     if args.action == "up":
-        if (d / "head.json").is_file() and _alive(json.loads((d / "head.json").read_text())["pid"]):
-            raise RuntimeError(f"{d}: a local cluster is already up (saat-dist cluster down --state-dir {d})")
+        up = [f.stem for f in sorted(d.glob("*.json")) if _ours(json.loads(f.read_text())["pid"], d)]
+        if up:  # a head may be gone while its nodes run on: never leave those behind untracked
+            raise RuntimeError(f"{d}: nodes {up} of a local cluster are still up (saat-dist cluster down "
+                               f"--state-dir {d})")
         for stale in d.glob("*.json"):
             stale.unlink()
         cluster = LocalCluster.start(d, args.workers, args.cpus_per_node, args.grace_s)
