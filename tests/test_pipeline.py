@@ -173,7 +173,8 @@ class _SaatAgain:
         base_url = next(a.split("=", 1)[1] for a in args if a.startswith("data.base_url="))
         self.args = _args(run, tmp / "no-shared-shards", base_url, *extra)
         (run / "benign").mkdir(parents=True)
-        shutil.copy(tmp / "run" / "benign" / "model.pt", run / "benign" / "model.pt")
+        for done in ("model.pt", "eval.json"):  # the benign stages are done: `run --resume auto` goes on to SAAT
+            shutil.copy(tmp / "run" / "benign" / done, run / "benign" / done)
 
     def checkpoints(self):
         return sorted(p for p in (self.run / "ray").glob("*-saat-*/checkpoint_*") if p.is_dir())
@@ -204,8 +205,10 @@ REGISTERED_S = 1.0
 
 @pytest.mark.slow
 def test_a_lost_node_a_preemption_and_a_lost_head(tiny_run, local_cluster, tmp_path):
-    """The run's SAAT stage again, from its benign model, on the 3-node
-    cluster with a spawned driver (`saat-dist saat`, resume: auto):
+    """The run's SAAT stage again, from its benign model and evaluation, on
+    the 3-node cluster with a spawned driver (`saat-dist run`, resume: auto:
+    it skips the finished benign stages and launches SAAT with its
+    evaluation in one job):
     1. worker node 2 SIGKILLed after two checkpoints (a lost node): the
        group waits for capacity; with a node added back both ranks restore
        the newest checkpoint;
@@ -222,7 +225,7 @@ def test_a_lost_node_a_preemption_and_a_lost_head(tiny_run, local_cluster, tmp_p
     # every checkpoint kept: the preemption's may otherwise rotate away before the test reads it
     cluster = local_cluster
     again = _SaatAgain(tiny_run, tmp_path / "faults", tmp_path / "faults.log", "distributed.num_to_keep=1000")
-    with _killed_at_exit(["saat", "--address", cluster.address, *again.args], again.log) as proc:
+    with _killed_at_exit(["run", "--address", cluster.address, *again.args], again.log) as proc:
         going = lambda: proc.poll() is None and not again.ended()  # noqa: E731
 
         def new_group(before, what):
@@ -275,7 +278,7 @@ def test_a_lost_node_a_preemption_and_a_lost_head(tiny_run, local_cluster, tmp_p
     cluster.restart(workers=2)
     (again.run / "ray_runs.json").unlink()  # as if the head's disk went too: the run is found under the storage path
     assert not again.ended()
-    assert main(["saat", "--address", cluster.address, *again.args]) == 0  # the same command, on a new cluster
+    assert main(["run", "--address", cluster.address, *again.args]) == 0  # the same command, on a new cluster
     train = json.loads((again.run / "saat" / "train.json").read_text())
     assert 0 < train["resumed_from_step"] < train["steps"]  # it went on from a checkpoint
     # every restore: after the lost node (a checkpoint), after the preemption (the deadline's checkpoint:
@@ -284,6 +287,10 @@ def test_a_lost_node_a_preemption_and_a_lost_head(tiny_run, local_cluster, tmp_p
     assert len(restored) == 3 and 3 <= restored[0] < jit_step and restored[1] == final_step, train["restores"]
     assert restored[2] == train["resumed_from_step"] > final_step
     assert max_diff(params(again.reference), params(again.run)) <= 1e-6
+    # the chained SAAT evaluation ran after it, and `run` skipped the finished benign stages
+    report = json.loads((again.run / "report.json").read_text())
+    assert report["saat"]["clean_map"] > 0 and set(report["stage_seconds"]) >= {"saat", "evaluate_saat"}
+    assert "train" not in report["stage_seconds"] and "evaluate_benign" not in report["stage_seconds"]
 
 
 def _why(checkpoint) -> str | None:
