@@ -32,6 +32,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from saat_dist.config import RunConfig, save_config
+from saat_dist.runner import record_stage
 from saat_dist.data.demo import DemoSpec, build_demo
 from saat_dist.data.shards import MANIFEST
 from saat_dist.data.source import DataSource
@@ -89,13 +90,6 @@ def check_layout(cfg: RunConfig, source: DataSource, stages: list[Stage]) -> Non
         if why:
             key = "distributed.num_workers" if "canonical slots" in why else f"{stage.section}.batch_size"
             raise ConfigError(f"{key}: {why}")
-
-
-def record_stage(run_dir: Path, stage: str, seconds: float) -> None:
-    """Add a stage's wall time to ``<run_dir>/stages.json``."""
-    from saat_dist.runner import record_stage as record
-
-    record(run_dir, stage, seconds)
 
 
 def _metrics_sink(cfg: RunConfig, stage: Stage | EvaluationStage, run_dir: Path):
