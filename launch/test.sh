@@ -29,4 +29,4 @@ if [ "$procs" -gt 0 ]; then
   fi
   exec .venv/bin/python -m pytest -q -n "$procs" --dist loadfile "$@"
 fi
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q --durations=25 "$@"

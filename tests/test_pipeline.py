@@ -314,9 +314,11 @@ def _step(checkpoint) -> int | None:
 
 
 # Worker-count changes move SAAT's parameters by float order only; docs/design.md
-# states the yardstick (one worker at 2 threads against 1: 0.080 after one tiny
-# SAAT epoch) and allows twice it.
-WORKER_COUNT_TOLERANCE = 0.16
+# states the yardstick (one worker at 2 threads against 1) and allows twice it.
+# The drift grows with the steps: 0.080 after one tiny SAAT epoch (24 steps),
+# 0.118 after this test's 72 (measured in process; CI once saw 0.161 here
+# against a 2-thread reference, which itself added the thread drift).
+WORKER_COUNT_TOLERANCE = 2 * 0.118
 # 72 steps (at ~14 steps/s, 24 once ended before the kill took effect); a
 # restarted group that Ray sizes from a stale view (the lost node's resources
 # still counted) gives up waiting after 15 s instead of 60
@@ -349,7 +351,12 @@ def test_elastic_goes_on_with_fewer_workers(tiny_run, local_cluster, tmp_path):
     assert [r["rank"] for r in train["ranks"]] == [0]
     assert 0 < train["resumed_from_step"] < train["steps"] == 72
     reference = _SaatAgain(tiny_run, tmp_path / "uninterrupted", tmp_path / "uninterrupted.log", *ELASTIC)
-    assert main(["saat", *reference.args, "--set", "distributed.num_workers=0"]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the Ray worker: one CPU, one thread
+    try:
+        assert main(["saat", *reference.args, "--set", "distributed.num_workers=0"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     diff = max_diff(params(reference.run), params(again.run))
     print(f"elastic 2 -> 1 workers: max |dtheta| {diff:.3g}")
     assert diff <= WORKER_COUNT_TOLERANCE
