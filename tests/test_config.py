@@ -1,11 +1,17 @@
 """Configs: every shipped file loads; bad input fails early, naming the key."""
 
+import dataclasses
+import json
+import re
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from saat_dist.cli import main
-from saat_dist.config import ConfigError, RunConfig, load_config
+from saat_dist.config import (ConfigError, RunConfig, config_from_dict, config_json_schema, config_json_schema_text,
+                              load_config, preset_path, presets, render_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(ROOT.joinpath("configs").rglob("*.yaml"))
@@ -134,3 +140,235 @@ def test_a_section_given_in_part_keeps_that_sections_defaults(tmp_path):
     assert (atrdh.name, atrdh.lr, atrdh.betas) == ("adam", 0.001, [0.5, 0.999])
     with pytest.raises(ConfigError, match="unknown key 'saat.optim.lrr'"):
         load_config(None, ["saat.optim.lrr=0.1"])
+
+
+# --- pydantic v2 sections: N/255 budgets, one-line errors, schema, config show/check, presets ---
+
+def test_budgets_take_n_over_255_in_set_and_in_files(tmp_path):
+    cfg = load_config(None, ["attack.eps=16/255", "saat.step_size=2/255", "attack.dhta.eps=8/255",
+                             "experiment.eps_sweep=[0, 4/255, 16/255]", "attack.transfer.step_size=0.5/255"])
+    assert cfg.attack.eps == 16 / 255 == 0.06274509803921569 and cfg.saat.step_size == 2 / 255
+    assert cfg.attack.dhta.eps == 8 / 255 and cfg.experiment.eps_sweep == [0.0, 4 / 255, 16 / 255]
+    assert cfg.attack.transfer.step_size == 0.5 / 255
+    path = tmp_path / "b.yaml"
+    path.write_text("pgd_at: {eps: 4/255, step_size: 1/255}\ncgat:\n  eps: 12 / 255\n")
+    cfg = load_config(path)
+    assert (cfg.pgd_at.eps, cfg.pgd_at.step_size, cfg.cgat.eps) == (4 / 255, 1 / 255, 12 / 255)
+
+
+@pytest.mark.parametrize("override, line", [
+    ("attack.eps=16/0", "--set attack.eps=16/0: attack.eps: '16/0' divides by zero"),
+    ("saat.eps=16//255", "--set saat.eps=16//255: saat.eps: expected a number or a fraction such as 16/255, "
+                         "got '16//255'"),
+    ("cgat.step_size=a/255", "--set cgat.step_size=a/255: cgat.step_size: expected a number or a fraction such as "
+                             "16/255, got 'a/255'"),
+    ("attack.eps=300/255", "--set attack.eps=300/255: attack.eps: must be in [0, 1]"),
+    ("atrdh.step_size=0/255", "--set atrdh.step_size=0/255: atrdh.step_size: must be in (0, 1]"),
+    ("experiment.eps_sweep=[0, 1/0]", "--set experiment.eps_sweep=[0, 1/0]: experiment.eps_sweep[1]: '1/0' "
+                                      "divides by zero"),
+])
+def test_malformed_budgets_give_one_line_naming_the_key(override, line):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value) == line
+
+
+def test_errors_name_the_file_else_the_set_item_and_the_dotted_key(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("saat: {eps: 1.5}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}: saat.eps: must be in [0, 1]"
+    path.write_text("attack:\n  tha: {pnet_batch: 0}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: attack.tha.pnet_batch: must be >= 1")):
+        load_config(path)
+    path.write_text("eval: {precision_at: [10, 0]}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: eval.precision_at[1]: must be >= 1")):
+        load_config(path)
+    with pytest.raises(ConfigError) as e:  # no file: the --set item that set it
+        load_config(None, ["seed=1", "train.optim.lrr=1"])
+    assert str(e.value).startswith("--set train.optim.lrr=1: unknown key 'train.optim.lrr' (known keys here: "
+                                   "['base_batch', 'betas', 'gamma', 'lr',")
+    with pytest.raises(ConfigError) as e:  # a check across sections names its key
+        load_config(None, ["distributed.num_workers=[1, 4]", "distributed.zero_stage=2"])
+    assert str(e.value).startswith("--set distributed.num_workers=[1, 4]: distributed.num_workers: elastic [1, 4] "
+                                   "needs distributed.zero_stage 0")
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.batch_size=30", "distributed.num_workers=4"])  # the key was --set
+    assert str(e.value).startswith("--set train.batch_size=30: train.batch_size: the global batch 30 must split "
+                                   "evenly into 4 worker(s)")
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["distributed.num_workers=3"])  # not this key: the defaults
+    assert str(e.value).startswith("config: train.batch_size: the global batch 64 must split evenly into 3 worker(s)")
+    with pytest.raises(ConfigError, match=r"^--set data.resize=16: data.resize: must be >= data.image_size \(32\)"):
+        load_config(None, ["data.resize=16"])
+    with pytest.raises(ConfigError, match=r"^--set device=cpu: device: is 'cpu' but distributed.use_gpu is true$"):
+        load_config(None, ["distributed.use_gpu=true", "device=cpu"])
+    with pytest.raises(ConfigError, match=r"^--set eval=3: eval: expected a mapping of \['top_k', 'num_queries'"):
+        load_config(None, ["eval=3"])
+
+
+def test_the_deprecated_key_is_copied_with_a_warning():
+    cfg = load_config(None, ["experiment.num_queries=8"])
+    assert (cfg.eval.num_queries, cfg.experiment.num_queries) == (8, None)
+    assert cfg.warnings() == ["experiment.num_queries is deprecated: set eval.num_queries (copied there)"]
+    with pytest.raises(ConfigError, match="experiment.num_queries \\(8\\) is deprecated and differs from"):
+        load_config(None, ["experiment.num_queries=8", "eval.num_queries=4"])
+
+
+def test_sections_stay_dataclasses_and_validate_on_construction():
+    cfg = load_config("configs/tiny.yaml")
+    assert config_from_dict(cfg.to_dict()) == cfg
+    assert dataclasses.replace(cfg.attack, restarts=1).restarts == 1
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        dataclasses.replace(cfg.attack, iters=0)
+    tree = cfg.to_dict()
+    tree["saat"]["eps"] = 2.0
+    with pytest.raises(ConfigError, match=r"^saat.eps: must be in \[0, 1\]$"):
+        config_from_dict(tree)
+    assert cfg.distributed.worker_counts == [2] and not cfg.distributed.elastic
+    elastic = load_config(None, ["distributed.num_workers=[1, 2]"]).distributed
+    assert elastic.elastic and elastic.worker_counts == [1, 2] and not elastic.in_process
+
+
+def test_shipped_configs_write_budgets_as_fractions():
+    for path in CONFIGS:
+        lines = [line for line in path.read_text().splitlines() if re.search(r"\b0\.0\d{8,}", line)]
+        assert not lines, (path, lines)
+    demo = load_config(ROOT / "configs" / "demo.yaml")
+    assert (demo.attack.eps, demo.saat.eps, demo.saat.step_size) == (16 / 255, 16 / 255, 4 / 255)
+
+
+def _walk_descriptions(obj, prefix=""):
+    from saat_dist.config import _descriptions
+
+    for name, text in _descriptions(type(obj)).items():
+        yield f"{prefix}{name}", text
+        if dataclasses.is_dataclass(getattr(obj, name)):
+            yield from _walk_descriptions(getattr(obj, name), f"{prefix}{name}.")
+
+
+def test_every_key_has_a_description():
+    keys = dict(_walk_descriptions(RunConfig()))
+    assert len(keys) > 200 and {"model.factory", "tracking.tensorboard", "attack.p2p.anchors"} <= set(keys)
+    assert [k for k, text in keys.items() if not text] == []
+    assert keys["train.optim.milestones"] == "fractions of all steps where lr is multiplied by gamma"
+    assert keys["attack.p2p"] == "P2P: DHTA with 1 anchor code"
+    assert keys["saat"].startswith("SAAT adversarial training (saat_dist.defences.saat). Defaults: the reference")
+
+
+def test_the_schema_file_is_what_the_config_generates():
+    assert (ROOT / "docs" / "config.schema.json").read_text() == config_json_schema_text()
+
+
+def test_the_schema_accepts_the_shipped_configs_and_refuses_bad_keys():
+    jsonschema = pytest.importorskip("jsonschema")
+    validator = jsonschema.Draft202012Validator(config_json_schema())
+    for path in CONFIGS:
+        tree = yaml.safe_load(path.read_text())
+        assert list(validator.iter_errors(tree)) == [], path
+    bad = {"saat": {"eps": "16/25x", "epochs": -1}, "model": {"factory": "no_colon"}, "train": {"lr": 0.1}}
+    assert len(list(validator.iter_errors(bad))) == 4
+
+
+@pytest.mark.parametrize("spec", ["my_models:build", "lab.nets.hashing:make_net", "pkg:Factory.build"])
+def test_model_factory_takes_module_colon_function(spec):
+    assert load_config(None, [f"model.factory={spec}"]).model.factory == spec
+
+
+@pytest.mark.parametrize("spec", ["lab.nets", "lab.nets:a-b", ":build", "lab/nets:build", "lab.nets:build()",
+                                  "1lab:build"])
+def test_a_malformed_model_factory_is_refused(spec):
+    with pytest.raises(ConfigError, match=re.escape(f"model.factory: expected 'package.module:function' (a dotted "
+                                                    f"module path, a colon and a function name), got {spec!r}")):
+        load_config(None, [f"model.factory={spec}"])
+
+
+def test_the_tracking_section():
+    t = load_config(None).tracking
+    assert (t.tensorboard, t.mlflow_tracking_uri, t.mlflow_experiment) == (True, None, "saat-dist")
+    cfg = load_config(None, ["tracking.tensorboard=false", "tracking.mlflow_tracking_uri=file:///tmp/mlruns",
+                             "tracking.mlflow_experiment=paper"])
+    assert (cfg.tracking.tensorboard, cfg.tracking.mlflow_tracking_uri) == (False, "file:///tmp/mlruns")
+    assert cfg.warnings() == []
+    assert load_config(None, ["tracking.mlflow_experiment=x"]).warnings() == [
+        "tracking.mlflow_experiment has no effect without tracking.mlflow_tracking_uri"]
+    with pytest.raises(ConfigError, match=r"unknown key 'tracking.wandb' \(known keys here: \['mlflow_experiment', "
+                                          r"'mlflow_tracking_uri', 'tensorboard'\]\)"):
+        load_config(None, ["tracking.wandb=true"])
+    with pytest.raises(ConfigError, match="tracking.mlflow_experiment: must not be empty"):
+        load_config(None, ["tracking.mlflow_experiment=''"])
+
+
+def test_presets_resolve_to_the_shipped_files_and_refuse_paths():
+    assert preset_path("paper/nus-wide") == (ROOT / "configs" / "paper" / "nus-wide.yaml").resolve()
+    assert preset_path("demo.yaml") == (ROOT / "configs" / "demo.yaml").resolve()
+    assert {"demo", "tiny", "paper/nus-wide", "experiments/demo"} <= set(presets())
+    assert load_config(preset="tiny", overrides=["seed=3"]).to_dict() == load_config(
+        ROOT / "configs" / "tiny.yaml", ["seed=3"]).to_dict()
+    for name in ("../pyproject", "/etc/passwd", "paper/../demo", "./demo", "paper\\nus-wide", ""):
+        with pytest.raises(ConfigError, match="no '..', no absolute path"):
+            preset_path(name)
+    with pytest.raises(ConfigError, match=r"--preset 'nope': no such preset \(shipped: .*paper/nus-wide"):
+        preset_path("nope")
+    with pytest.raises(ConfigError, match="not both"):
+        load_config("configs/demo.yaml", preset="demo")
+
+
+def test_presets_come_from_the_installed_package_when_there_is_one(tmp_path, monkeypatch):
+    """After `pip install .` configs/ is the package saat_dist.configs."""
+    import importlib
+
+    import saat_dist
+
+    shipped = tmp_path / "configs"  # a namespace package, as package-dir maps configs/ (no __init__.py)
+    (shipped / "paper").mkdir(parents=True)
+    (shipped / "paper" / "mine.yaml").write_text("seed: 7\nattack: {eps: 4/255}\n")
+    monkeypatch.setattr(saat_dist, "__path__", [str(tmp_path), *saat_dist.__path__])
+    monkeypatch.delitem(sys.modules, "saat_dist.configs", raising=False)
+    importlib.invalidate_caches()
+    try:
+        assert preset_path("paper/mine") == (shipped / "paper" / "mine.yaml").resolve()
+        cfg = load_config(preset="paper/mine")
+        assert (cfg.seed, cfg.attack.eps) == (7, 4 / 255)
+    finally:
+        sys.modules.pop("saat_dist.configs", None)  # the next import finds the real one again
+
+
+def test_config_show_prints_each_key_under_its_description_and_loads_back(tmp_path, capsys):
+    assert main(["config", "show", "--preset", "paper/nus-wide", "--set", "attack.eps=4/255"]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert lines[0].startswith("# saat-dist config show: preset paper/nus-wide")
+    assert lines[0].endswith("--set attack.eps=4/255")
+    for i, line in enumerate(lines):  # every key line comes right under its comment
+        if line.strip() and not line.lstrip().startswith("#"):
+            assert lines[i - 1].lstrip().startswith("#"), line
+    assert "  eps: 4/255" in lines and "  eps_sweep: [0.0, 2/255, 4/255, 8/255, 16/255]" in lines
+    assert "  # your own architecture: 'package.module:function' returning an nn.Module whose forward(x) gives" in lines
+    shown = tmp_path / "shown.yaml"
+    shown.write_text(text)
+    want = load_config(preset="paper/nus-wide", overrides=["attack.eps=4/255"])
+    assert load_config(shown) == want
+    assert render_config(want) == "\n".join(lines[3:]) + "\n"  # the same text, less the header
+
+
+def test_config_check_says_ok_with_warnings_or_gives_the_error(capsys):
+    assert main(["config", "check", "--preset", "demo"]) == 0
+    assert capsys.readouterr().out == f"ok: preset demo ({(ROOT / 'configs' / 'demo.yaml').resolve()})\n"
+    assert main(["config", "check", "--config", "configs/tiny.yaml", "--set", "distributed.num_workers=0",
+                 "--set", "distributed.bank_sync_every=4"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "ok: configs/tiny.yaml"
+    assert out[1].startswith("warning: distributed.bank_sync_every=4 has no effect with distributed.num_workers=0")
+    assert main(["config", "check", "--config", "configs/tiny.yaml", "--set", "saat.eps=16/0"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "saat-dist: error: configs/tiny.yaml: saat.eps: '16/0' divides by zero\n"
+    assert main(["config", "check", "--preset", "../../etc/passwd"]) == 2
+    assert "no '..', no absolute path" in capsys.readouterr().err
+
+
+def test_config_schema_prints_the_schema(capsys):
+    assert main(["config", "schema"]) == 0
+    assert json.loads(capsys.readouterr().out) == config_json_schema()

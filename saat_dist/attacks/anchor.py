@@ -9,30 +9,27 @@ schedule (``pgd_attack(targeted=True, loss="plain", random_start=False)``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from saat_dist.attacks.base import Attack, AttackContext, AttackOutput
 from saat_dist.attacks.mainstay_pgd import ALPHA_SCHEDULE, pgd_attack
+from saat_dist.config_fields import Budget, StepSize, section
 
 
-@dataclass
+@section
 class AnchorAttackConfig:
-    iters: int = 2000  # PGD iterations toward the anchor code (DHTA paper's default)
-    eps: float | None = None  # budget (None: attack.eps; the reference's DHTA uses 0.032)
-    step_size: float = 1 / 255  # PGD step
-    anchors: int = 9  # anchor = sign of the sum of this many database codes of the target label set (P2P: 1)
+    """DHTA (Bai et al.): PGD toward an anchor of 9 codes of the target label set."""
 
-    def problems(self, section: str) -> list[tuple[str, bool, str]]:
-        """(key, ok, message) of this section's range checks."""
-        return [
-            (f"{section}.iters", self.iters >= 1, "must be >= 1"),
-            (f"{section}.step_size", 0 < self.step_size <= 1, "must be in (0, 1]"),
-            (f"{section}.eps", self.eps is None or 0 <= self.eps <= 1, "must be in [0, 1] (or null: attack.eps)"),
-            (f"{section}.anchors", self.anchors >= 1, "must be >= 1"),
-        ]
+    iters: Annotated[int, Field(ge=1, description="PGD iterations toward the anchor code (DHTA paper's default)")] = 2000
+    eps: Annotated[Budget | None, Field(description=(
+        "budget, a number or N/255 (null: attack.eps; the reference's DHTA uses 0.032)"))] = None
+    step_size: Annotated[StepSize, Field(description="PGD step (a number or N/255)")] = 1 / 255
+    anchors: Annotated[int, Field(ge=1, description=(
+        "anchor = sign of the sum of this many database codes of the target label set (P2P: 1)"))] = 9
 
 
 def anchor_codes(target_labels_BC: torch.Tensor, db_codes_NK: torch.Tensor, db_labels_NC: torch.Tensor,

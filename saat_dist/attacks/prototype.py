@@ -24,32 +24,31 @@ on rank 0 and broadcasts its codes (``_tha_prepare``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from saat_dist.attacks.anchor import target_code_attack
 from saat_dist.attacks.base import Attack, AttackContext, AttackOutput
+from saat_dist.config_fields import StepSize, section
 
 
-@dataclass
+@section
 class THAConfig:
-    iters: int = 100  # PGD iterations toward the PrototypeNet's target code
-    step_size: float = 1 / 255  # PGD step
-    pnet_steps: int = 30000  # PrototypeNet training steps (the reference: 100 epochs x 300)
-    pnet_batch: int = 128  # label sets per PrototypeNet step, drawn from the database's label sets (the reference: its attack batch, 128)
-    pnet_lr: float = 1e-4  # Adam learning rate (betas 0.5, 0.999; x 0.1 at 50 % and 75 %)
+    """THA (Wang et al.): toward a PrototypeNet code."""
 
-    def problems(self, section: str) -> list[tuple[str, bool, str]]:
-        """(key, ok, message) of this section's range checks."""
-        return [
-            (f"{section}.iters", self.iters >= 1, "must be >= 1"),
-            (f"{section}.step_size", 0 < self.step_size <= 1, "must be in (0, 1]"),
-            (f"{section}.pnet_steps", self.pnet_steps >= 1, "must be >= 1"),
-            (f"{section}.pnet_batch", self.pnet_batch >= 1, "must be >= 1"),
-        ]
+    iters: Annotated[int, Field(ge=1, description="PGD iterations toward the PrototypeNet's target code")] = 100
+    step_size: Annotated[StepSize, Field(description="PGD step (a number or N/255)")] = 1 / 255
+    pnet_steps: Annotated[int, Field(ge=1, description=(
+        "PrototypeNet training steps (the reference: 100 epochs x 300)"))] = 30000
+    pnet_batch: Annotated[int, Field(ge=1, description=(
+        "label sets per PrototypeNet step, drawn from the database's label sets (the reference: its attack "
+        "batch, 128)"))] = 128
+    pnet_lr: Annotated[float, Field(gt=0, description=(
+        "Adam learning rate (betas 0.5, 0.999; x 0.1 at 50 % and 75 %)"))] = 1e-4
 
 
 class PrototypeNet(nn.Module):

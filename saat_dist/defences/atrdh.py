@@ -10,38 +10,41 @@ pairwise similarities).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
 from saat_dist.attacks.mainstay_pgd import pgd_attack
 from saat_dist.attacks.prototype import PrototypeTrainer
 from saat_dist.comm.collectives import all_gather_ragged, all_reduce_sum
+from saat_dist.config_fields import field, section
 from saat_dist.defences.base import AdvTrainConfig, Defence, ExtrasContext, StepContext, flipped, write_codes
 from saat_dist.hashing import DPHLoss
 from saat_dist.keyed_random import ItemKeys
 from saat_dist.mainstay import CodeBank
+from saat_dist.models.adapter import as_hash_model
 from saat_dist.training.optim import OptimConfig
 from saat_dist.training.steps import check_finite, hash_loss, hash_module
 
 
-@dataclass
+@section
 class ATRDHConfig(AdvTrainConfig):
-    """ATRDH's section. Defaults: the reference (xandery-geek/SAAT
-    model/defense_model/atrdh.py): eps 8/255, step 2/255, 7 iterations, Adam
-    1e-4 with betas (0.5, 0.999) for the hash model and the PrototypeNet, lr
-    x 0.1 at 50 % and 75 %, adversarial weight 2, 100 epochs at batch 32."""
+    """ATRDH adversarial training (saat_dist.defences.atrdh). Defaults: the
+    reference (xandery-geek/SAAT model/defense_model/atrdh.py): eps 8/255,
+    step 2/255, 7 iterations, Adam 1e-4 with betas (0.5, 0.999) for the hash
+    model and the PrototypeNet, lr x 0.1 at 50 % and 75 %, adversarial weight
+    2, 100 epochs at batch 32."""
 
-    epochs: int = 100  # adversarial training epochs (the reference's 100)
-    mu: float = 0.0  # not used by ATRDH
-    adv_weight: float = 2.0  # weight of the adversarial pairwise term (the reference's 2)
-    pnet_lr: float = 1e-4  # PrototypeNet's Adam learning rate (betas 0.5, 0.999, lr x 0.1 at 50 % and 75 %)
+    epochs: Annotated[int, Field(ge=0, description="adversarial training epochs (the reference's 100)")] = 100
+    mu: Annotated[float, Field(ge=0, description="not used by ATRDH")] = 0.0
+    adv_weight: Annotated[float, Field(ge=0, description=(
+        "weight of the adversarial pairwise term (the reference's 2)"))] = 2.0
+    pnet_lr: Annotated[float, Field(gt=0, description=(
+        "PrototypeNet's Adam learning rate (betas 0.5, 0.999, lr x 0.1 at 50 % and 75 %)"))] = 1e-4
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        name="adam", lr=1e-4, betas=[0.5, 0.999], milestones=[0.5, 0.75]))  # optimizer of the hash model
-
-    def problems(self, section: str) -> list[tuple[str, bool, str]]:
-        return super().problems(section) + [(f"{section}.adv_weight", self.adv_weight >= 0, "must be >= 0"),
-                                            (f"{section}.pnet_lr", self.pnet_lr > 0, "must be > 0")]
+        name="adam", lr=1e-4, betas=[0.5, 0.999], milestones=[0.5, 0.75]), description="optimizer of the hash model")
 
 
 @dataclass(init=False)
@@ -83,6 +86,7 @@ def atrdh_step(model, stepper, batch, bank: CodeBank, loss_fn, settings: ATRDHCo
     the whole (global) batch and this process attacks toward those at
     ``rows`` (default: n = this batch, every row)."""
     x, y, index = batch
+    model = as_hash_model(model)  # a plain logits module: tanh codes, its parameters trained as they are
     net = hash_module(model)
     net.alpha = 1.0
     n, rows = targets if targets is not None else (len(x), None)

@@ -11,42 +11,43 @@ that file, its section in ``RunConfig`` and its tests.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field
 
+from saat_dist.config_fields import Budget, StepSize, field, section
 from saat_dist.keyed_random import ItemKeys
 from saat_dist.training.optim import OptimConfig
 
 
-@dataclass
+@section
 class AdvTrainConfig:
     """What every adversarial-training defence's section holds: a training
     stage from the benign model with an inner PGD of ``iters`` steps. The
     defaults are the SAAT reference's; each defence states its own."""
 
-    epochs: int = 20  # adversarial training epochs, starting from the benign model
-    batch_size: int = 32  # the global batch: samples per optimizer step over all workers (each takes batch_size / workers)
-    eps: float = 8 / 255  # L-inf budget of the inner maximisation
-    step_size: float = 2 / 255  # inner PGD step
-    iters: int = 7  # inner PGD iterations
-    lam: float = 1.0  # weight of the adversarial term (lambda)
-    mu: float = 1e-4  # weight of the quantisation term on adversarial codes (mu)
-    attack_mode: Literal["eval", "train"] = "eval"  # model mode during the inner attack: eval (BatchNorm running statistics, no dropout; this project's default) or train (the reference: batch statistics, dropout on, running statistics updated by the attack's forwards)
-    hash_bank: Literal["sign", "continuous"] = "sign"  # codes the benign hash term compares with: the bank of sign codes (this project's default) or a second bank of the continuous codes of each item's last forward (the reference's U); guide codes always come from sign codes
+    epochs: Annotated[int, Field(ge=0, description="adversarial training epochs, starting from the benign model")] = 20
+    batch_size: Annotated[int, Field(ge=2, description=(
+        "the global batch: samples per optimizer step over all workers (each takes batch_size / workers); "
+        "BatchNorm needs two"))] = 32
+    eps: Annotated[Budget, Field(description="L-inf budget of the inner maximisation (a number or N/255)")] = 8 / 255
+    step_size: Annotated[StepSize, Field(description="inner PGD step (a number or N/255)")] = 2 / 255
+    iters: Annotated[int, Field(ge=1, description="inner PGD iterations")] = 7
+    lam: Annotated[float, Field(ge=0, description="weight of the adversarial term (lambda)")] = 1.0
+    mu: Annotated[float, Field(ge=0, description="weight of the quantisation term on adversarial codes (mu)")] = 1e-4
+    attack_mode: Annotated[Literal["eval", "train"], Field(description=(
+        "model mode during the inner attack: eval (BatchNorm running statistics, no dropout; this project's "
+        "default) or train (the reference: batch statistics, dropout on, running statistics updated by the "
+        "attack's forwards)"))] = "eval"
+    hash_bank: Annotated[Literal["sign", "continuous"], Field(description=(
+        "codes the benign hash term compares with: the bank of sign codes (this project's default) or a second "
+        "bank of the continuous codes of each item's last forward (the reference's U); guide codes always come "
+        "from sign codes"))] = "sign"
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        name="sgd", lr=0.05, weight_decay=1e-5, milestones=[0.5, 0.75]))  # optimizer
-
-    def problems(self, section: str) -> list[tuple[str, bool, str]]:
-        """(key, ok, message) of this section's range checks."""
-        return [
-            (f"{section}.eps", 0 <= self.eps <= 1, "must be in [0, 1]"),
-            (f"{section}.step_size", 0 < self.step_size <= 1, "must be in (0, 1]"),
-            (f"{section}.iters", self.iters >= 1, "must be >= 1"),
-            (f"{section}.lam", self.lam >= 0, "must be >= 0"),
-            (f"{section}.mu", self.mu >= 0, "must be >= 0"),
-        ]
+        name="sgd", lr=0.05, weight_decay=1e-5, milestones=[0.5, 0.75]), description="optimizer")
 
 
 @dataclass
@@ -61,7 +62,7 @@ class StepContext:
     seed: int
     stage: str
     hash_bank: Any = None  # the continuous bank of the hash term (hash_bank: continuous)
-    extras: dict = field(default_factory=dict)  # what the defence's ``extras`` built
+    extras: dict = dataclass_field(default_factory=dict)  # what the defence's ``extras`` built
     rank: int = 0
     world: int = 1
     global_micro_batch: int = 0  # samples of one micro-batch over all workers

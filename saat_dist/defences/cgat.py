@@ -8,10 +8,12 @@ the all-zero code when either side is empty, as the reference's
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
+from saat_dist.config_fields import field, section
 from saat_dist.defences.base import AdvTrainConfig, Defence, StepContext
 from saat_dist.defences.saat import saat_step
 from saat_dist.keyed_random import ItemKeys
@@ -19,17 +21,17 @@ from saat_dist.mainstay import CodeBank
 from saat_dist.training.optim import OptimConfig
 
 
-@dataclass
+@section
 class CgATConfig(AdvTrainConfig):
-    """CgAT's section. Defaults: the reference (xunguangwang/CgAT
-    central_adv_train.py): eps 8/255, step 2/255, 7 iterations, SGD 0.01,
-    momentum 0.9, weight decay 5e-4, lr x 0.1 at 50 % and 75 %, 30 epochs at
-    batch 32."""
+    """CgAT adversarial training (saat_dist.defences.cgat). Defaults: the
+    reference (xunguangwang/CgAT central_adv_train.py): eps 8/255, step 2/255,
+    7 iterations, SGD 0.01, momentum 0.9, weight decay 5e-4, lr x 0.1 at 50 %
+    and 75 %, 30 epochs at batch 32."""
 
-    epochs: int = 30  # adversarial training epochs (the reference's 30)
-    mu: float = 0.0  # CgAT has no quantisation term
+    epochs: Annotated[int, Field(ge=0, description="adversarial training epochs (the reference's 30)")] = 30
+    mu: Annotated[float, Field(ge=0, description="CgAT has no quantisation term")] = 0.0
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        name="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, milestones=[0.5, 0.75]))  # optimizer
+        name="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, milestones=[0.5, 0.75]), description="optimizer")
 
 
 def cgat_step(model, stepper, batch, bank: CodeBank, loss_fn, settings, step: int,

@@ -7,26 +7,29 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
 from saat_dist.attacks.mainstay_pgd import model_mode, pgd
+from saat_dist.config_fields import section
 from saat_dist.defences.base import AdvTrainConfig, Defence, StepContext, flipped, write_codes
 from saat_dist.keyed_random import ItemKeys
 from saat_dist.mainstay import CodeBank
+from saat_dist.models.adapter import as_hash_model
 from saat_dist.training.steps import check_finite, hash_loss, hash_module
 
 
-@dataclass
+@section
 class PGDATConfig(AdvTrainConfig):
-    """PGD-AT's section. No reference code: SAAT's budget, inner attack and
-    schedule (SGD 0.05, weight decay 1e-5, 20 epochs at batch 32)."""
+    """PGD adversarial training (saat_dist.defences.pgd_at). No reference
+    code: SAAT's budget, inner attack and schedule (SGD 0.05, weight decay
+    1e-5, 20 epochs at batch 32)."""
 
-    mu: float = 0.0  # not used by PGD-AT
-    clean_weight: float = 1.0  # weight of the clean hash loss (0: Madry's adversarial loss only)
-
-    def problems(self, section: str) -> list[tuple[str, bool, str]]:
-        return super().problems(section) + [(f"{section}.clean_weight", self.clean_weight >= 0, "must be >= 0")]
+    mu: Annotated[float, Field(ge=0, description="not used by PGD-AT")] = 0.0
+    clean_weight: Annotated[float, Field(ge=0, description=(
+        "weight of the clean hash loss (0: Madry's adversarial loss only)"))] = 1.0
 
 
 @dataclass(init=False)
@@ -54,6 +57,7 @@ def pgd_at_step(model, stepper, batch, bank: CodeBank, loss_fn, settings: PGDATC
     PGD *maximises* L_hash(F(x + delta), y) against the current bank, then
     clean_weight x L_hash(x) + lam x L_hash(x_adv)."""
     x, y, index = batch
+    model = as_hash_model(model)  # a plain logits module: tanh codes, its parameters trained as they are
     net = hash_module(model)
     net.alpha = 1.0
     reads = hash_bank or bank

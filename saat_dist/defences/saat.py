@@ -14,18 +14,20 @@ from dataclasses import dataclass
 import torch
 
 from saat_dist.attacks.mainstay_pgd import pgd_attack
+from saat_dist.config_fields import section
 from saat_dist.defences.base import AdvTrainConfig, Defence, StepContext, flipped, write_codes
 from saat_dist.keyed_random import ItemKeys
 from saat_dist.mainstay import CodeBank
+from saat_dist.models.adapter import as_hash_model
 from saat_dist.training.steps import check_finite, hash_loss, hash_module
 
 
-@dataclass
+@section
 class SAATConfig(AdvTrainConfig):
-    """SAAT's section. Defaults: the reference (xandery-geek/SAAT
-    adv_training.py): eps 8/255, step 2/255, 7 iterations, lambda 1, mu 1e-4,
-    SGD 0.05, weight decay 1e-5, lr x 0.1 at 50 % and 75 % of the steps, 20
-    epochs at batch 32."""
+    """SAAT adversarial training (saat_dist.defences.saat). Defaults: the
+    reference (xandery-geek/SAAT adv_training.py): eps 8/255, step 2/255, 7
+    iterations, lambda 1, mu 1e-4, SGD 0.05, weight decay 1e-5, lr x 0.1 at
+    50 % and 75 % of the steps, 20 epochs at batch 32."""
 
 
 @dataclass(init=False)
@@ -63,6 +65,7 @@ def saat_step(model, stepper, batch, bank: CodeBank, loss_fn, settings: SAATConf
     starts come from ``keys`` (keyed by item) or ``generator``."""
     weighting = weighting or getattr(settings, "weighting", "cosine")
     x, y, index = batch
+    model = as_hash_model(model)  # a plain logits module: tanh codes, its parameters trained as they are
     net = hash_module(model)
     net.alpha = 1.0
     guide = bank.mainstay(y, weighting).to(x.device)

@@ -11,42 +11,52 @@ fractions of all steps, or at the start of the ``milestone_epochs``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field, field_validator
+
+from saat_dist.config_fields import field, section
 
 
-@dataclass
+@section
 class OptimConfig:
-    name: Literal["adam", "sgd"] = "adam"  # optimizer
-    lr: float = 1e-3  # learning rate (at base_batch, when lr_scaling is not none)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam's betas (ATRDH: 0.5, 0.999)
-    momentum: float = 0.0  # SGD momentum
-    weight_decay: float = 0.0  # L2 weight decay
-    milestones: list[float] = field(default_factory=list)  # fractions of all steps where lr is multiplied by gamma
-    milestone_epochs: list[int] = field(default_factory=list)  # or: epochs (0-based) at whose start lr is multiplied by gamma; overrides milestones (the reference's benign schedule: [34, 67] of 100)
-    gamma: float = 0.1  # lr factor at each milestone
-    lr_scaling: Literal["none", "linear", "sqrt"] = "none"  # rule for a global batch other than base_batch: lr x (batch / base_batch) (linear, Goyal et al. 2017) or its square root (sqrt); none: lr as given at any batch
-    base_batch: int | None = None  # the global batch lr was set for (null: lr_scaling has nothing to scale)
-    warmup_epochs: float = 0.0  # with a scaled lr: ramp linearly from the unscaled lr to the scaled one over this many epochs (Goyal et al.: 5)
+    """An optimizer and its learning-rate schedule."""
 
-    def problems(self, section: str) -> list[tuple[str, bool, str]]:
-        """(key, ok, message) of this section's range checks."""
-        return [
-            (f"{section}.lr", self.lr > 0, "must be > 0"),
-            (f"{section}.momentum", 0 <= self.momentum < 1, "must be in [0, 1)"),
-            (f"{section}.weight_decay", self.weight_decay >= 0, "must be >= 0"),
-            (f"{section}.gamma", self.gamma > 0, "must be > 0"),
-            (f"{section}.betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-             f"must be two values in [0, 1), got {self.betas}"),
-            (f"{section}.milestones", all(0 < m < 1 for m in self.milestones),
-             f"milestones are fractions of the run in (0, 1), got {self.milestones}"),
-            (f"{section}.milestone_epochs", all(m > 0 for m in self.milestone_epochs),
-             f"epochs > 0, got {self.milestone_epochs}"),
-            (f"{section}.base_batch", self.base_batch is None or self.base_batch >= 1, "must be >= 1 (or null)"),
-            (f"{section}.warmup_epochs", self.warmup_epochs >= 0, "must be >= 0"),
-        ]
+    name: Annotated[Literal["adam", "sgd"], Field(description="optimizer")] = "adam"
+    lr: Annotated[float, Field(gt=0, description="learning rate (at base_batch, when lr_scaling is not none)")] = 1e-3
+    betas: Annotated[list[float], Field(description="Adam's betas (ATRDH: 0.5, 0.999)")] = field(
+        default_factory=lambda: [0.9, 0.999])
+    momentum: Annotated[float, Field(ge=0, lt=1, description="SGD momentum")] = 0.0
+    weight_decay: Annotated[float, Field(ge=0, description="L2 weight decay")] = 0.0
+    milestones: Annotated[list[float], Field(
+        description="fractions of all steps where lr is multiplied by gamma")] = field(default_factory=list)
+    milestone_epochs: Annotated[list[Annotated[int, Field(gt=0)]], Field(
+        description="or: epochs (0-based) at whose start lr is multiplied by gamma; overrides milestones (the "
+                    "reference's benign schedule: [34, 67] of 100)")] = field(default_factory=list)
+    gamma: Annotated[float, Field(gt=0, description="lr factor at each milestone")] = 0.1
+    lr_scaling: Annotated[Literal["none", "linear", "sqrt"], Field(
+        description="rule for a global batch other than base_batch: lr x (batch / base_batch) (linear, Goyal et "
+                    "al. 2017) or its square root (sqrt); none: lr as given at any batch")] = "none"
+    base_batch: Annotated[Annotated[int, Field(ge=1)] | None, Field(
+        description="the global batch lr was set for (null: lr_scaling has nothing to scale)")] = None
+    warmup_epochs: Annotated[float, Field(ge=0, description=(
+        "with a scaled lr: ramp linearly from the unscaled lr to the scaled one over this many epochs "
+        "(Goyal et al.: 5)"))] = 0.0
+
+    @field_validator("betas")
+    @classmethod
+    def _two_betas(cls, betas: list[float]) -> list[float]:
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"must be two values in [0, 1), got {betas}")
+        return betas
+
+    @field_validator("milestones")
+    @classmethod
+    def _fractions(cls, milestones: list[float]) -> list[float]:
+        if not all(0 < m < 1 for m in milestones):
+            raise ValueError(f"milestones are fractions of the run in (0, 1), got {milestones}")
+        return milestones
 
     def warnings(self, section: str, epochs: int, global_batch: int) -> list[str]:
         """Settings of this section that have no effect in a stage of ``epochs`` epochs at ``global_batch``."""
