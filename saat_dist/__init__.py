@@ -3,7 +3,8 @@
 Package map, in layers (a module imports only its own layer and those
 listed before it; ``docs/design.md``, checked by ``tests/test_layers.py``):
 
-  keyed_random, device, progress, checkpoint   random draws keyed by item; one device choice; progress lines; atomic writes
+  keyed_random, device, progress, console,     random draws keyed by item; one device choice; progress lines;
+  checkpoint                                    the log level and library noise; atomic writes
   metrics/, hashing/, mainstay, comm/, data/    retrieval metrics; hash losses; mainstay codes and the CodeBank;
                                                 collectives, bank sync, synced BatchNorm; shards, decoding, the global order
   models/                                       hash models on torchvision backbones; the model section and model files
@@ -17,6 +18,22 @@ listed before it; ``docs/design.md``, checked by ``tests/test_layers.py``):
   distributed/                                  Ray Train driver and worker, the DeepSpeed backend, Ray checkpoints
   pipeline, experiment                          the protocol's stages (one in-process-or-Ray dispatch); the grid
   cli, bench                                    the `saat-dist` command; benchmarks
+
+Library use: ``saat_dist.evaluate_robustness(model, query, database, eps=...)``
+(``evaluation/robustness.py``) and ``saat_dist.as_hash_model(module)``
+(``models/adapter.py``), loaded on first use: ``import saat_dist`` stays
+light and the package root imports no layer above its own.
 """
 
+import importlib
+
 __version__ = "0.1.0"
+
+_LAZY = {"evaluate_robustness": "saat_dist.evaluation.robustness", "as_hash_model": "saat_dist.models.adapter"}
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'saat_dist' has no attribute {name!r}")

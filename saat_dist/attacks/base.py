@@ -1,7 +1,8 @@
 """What every attack of the evaluation suite declares and is handed.
 
 An attack is one file of ``saat_dist.attacks``: its library function (pixel
-space, any ``nn.Module`` with ``forward(x, alpha)``), its config section (a
+space, any hash model: ``forward(x, alpha)``, or a plain ``forward(x)`` of
+logits through ``models.adapter.as_hash_model``), its config section (a
 dataclass with its paper's defaults, a field of the run config's ``attack``
 section) and one or more ``Attack`` entries in a module-level ``ATTACKS``
 tuple, which ``saat_dist.attacks.ATTACK_REGISTRY`` finds. The evaluation

@@ -17,28 +17,28 @@ is the reference's and results do not depend on the batch size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from saat_dist.attacks.base import Attack, AttackContext, AttackOutput
 from saat_dist.attacks.mainstay_pgd import ALPHA_SCHEDULE, alpha_at, model_mode, project
+from saat_dist.config_fields import section
+from saat_dist.models.adapter import as_hash_model
 
 
-@dataclass
+@section
 class HAGConfig:
-    iters: int = 2000  # iterations (HAG paper's default)
-    lr: float = 100.0  # SGD learning rate on the image (momentum 0.9), as the reference
-    threshold: float = 0.5  # a bit stops counting once |F(x_adv) - sign(F(x))| exceeds 1 + threshold
-    beta: float = 1.0  # weight of the code-balance term
+    """HAG (Yang et al.): away from the clean code."""
 
-    def problems(self, section: str) -> list[tuple[str, bool, str]]:
-        """(key, ok, message) of this section's range checks."""
-        return [
-            (f"{section}.iters", self.iters >= 1, "must be >= 1"),
-            (f"{section}.lr", self.lr > 0, "must be > 0"),
-        ]
+    iters: Annotated[int, Field(ge=1, description="iterations (HAG paper's default)")] = 2000
+    lr: Annotated[float, Field(gt=0, description=(
+        "SGD learning rate on the image (momentum 0.9), as the reference"))] = 100.0
+    threshold: Annotated[float, Field(description=(
+        "a bit stops counting once |F(x_adv) - sign(F(x))| exceeds 1 + threshold"))] = 0.5
+    beta: Annotated[float, Field(description="weight of the code-balance term")] = 1.0
 
 
 REFERENCE_BATCH = 128  # attack.py's --batch_size default
@@ -56,6 +56,7 @@ def hag_attack(model: nn.Module, x_BCHW: torch.Tensor, *, eps: float, iters: int
                momentum: float = 0.9, threshold: float = 0.5, beta: float = 1.0,
                alpha_schedule: tuple[float, ...] | None = ALPHA_SCHEDULE, mode: str = "eval") -> torch.Tensor:
     """Adversarial images (||delta||_inf <= eps, values in [0, 1]); starts at x."""
+    model = as_hash_model(model)
     with model_mode(model, mode):
         with torch.no_grad():
             clean = model(x_BCHW, alpha=1.0)

@@ -23,6 +23,7 @@ from torch import nn
 
 from saat_dist.attacks.base import Attack, AttackContext, AttackOutput
 from saat_dist.keyed_random import ItemKeys
+from saat_dist.models.adapter import as_hash_model
 
 ALPHA_SCHEDULE = (0.1, 0.1, 0.1, 0.1, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 
@@ -101,7 +102,9 @@ def pgd(model, x, objective, *, eps: float, step_size: float, iters: int, random
     """Signed-gradient descent on ``objective(codes_BK) -> (B,)`` (one value per
     example) over x + delta, ||delta||_inf <= eps, values in [0, 1]; uniform
     random start in [-eps, eps] when ``random_start`` (keyed by item with
-    ``keys``). The model is called as is (set its mode outside)."""
+    ``keys``). The model is called as is (set its mode outside); a plain
+    logits module goes through ``as_hash_model``."""
+    model = as_hash_model(model)
     delta = (start_point(x, eps, random_start, keys, generator) - x).requires_grad_(True)
     for it in range(iters):
         codes = model(x + delta, alpha=alpha_at(it, iters, alpha_schedule))
@@ -155,6 +158,7 @@ def pgd_restarts(model: nn.Module, x_BCHW: torch.Tensor, guide_BK: torch.Tensor,
     ``pgd_attack(..., restarts=1, keys=keys)``."""
     if iters < 1 or eps < 0 or step_size <= 0:
         raise ValueError("pgd_attack: need iters >= 1, eps >= 0, step_size > 0")
+    model = as_hash_model(model)
     guide = guide_BK.to(x_BCHW.device, x_BCHW.dtype)
 
     def objective(codes):

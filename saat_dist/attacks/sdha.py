@@ -21,29 +21,28 @@ whatever the number of relevant items.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from saat_dist.attacks.base import Attack, AttackContext, AttackOutput
 from saat_dist.attacks.mainstay_pgd import ALPHA_SCHEDULE, alpha_at, model_mode, project
+from saat_dist.config_fields import section
+from saat_dist.models.adapter import as_hash_model
 
 
-@dataclass
+@section
 class SDHAConfig:
-    iters: int = 1500  # iterations (SDHA paper's default)
-    lr: float = 0.01  # Adam learning rate on the image
-    weight: float = 25.0  # weight of the surrogate term (divided by K), beside the MSE to the clean image
-    sigma: float = 5.0  # sigmoid sharpness of the soft Hamming distance
-    z: float = 0.5  # relevant items weighted by (Hamming distance + 1e-8)^-z
+    """SDHA (Lu et al.): away from relevant training codes."""
 
-    def problems(self, section: str) -> list[tuple[str, bool, str]]:
-        """(key, ok, message) of this section's range checks."""
-        return [
-            (f"{section}.iters", self.iters >= 1, "must be >= 1"),
-            (f"{section}.lr", self.lr > 0, "must be > 0"),
-        ]
+    iters: Annotated[int, Field(ge=1, description="iterations (SDHA paper's default)")] = 1500
+    lr: Annotated[float, Field(gt=0, description="Adam learning rate on the image")] = 0.01
+    weight: Annotated[float, Field(description=(
+        "weight of the surrogate term (divided by K), beside the MSE to the clean image"))] = 25.0
+    sigma: Annotated[float, Field(description="sigmoid sharpness of the soft Hamming distance")] = 5.0
+    z: Annotated[float, Field(description="relevant items weighted by (Hamming distance + 1e-8)^-z")] = 0.5
 
 
 REFERENCE_BATCH = 128  # the reference's attack batch (attack.py --batch_size)
@@ -87,6 +86,7 @@ def sdha_attack(model: nn.Module, x_BCHW: torch.Tensor, y_BC: torch.Tensor, pool
     """Adversarial images against the relevant items of ``pool_codes``
     (+-1, N x K; the training set's codes in the reference) with labels
     ``pool_labels`` (N x C). Starts at x."""
+    model = as_hash_model(model)
     device = x_BCHW.device
     pool = torch.sign(pool_codes).to(device)
     relevant = (y_BC.to(device, torch.float32) @ pool_labels.to(device, torch.float32).T) > 0

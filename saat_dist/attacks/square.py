@@ -18,27 +18,26 @@ not depend on the batch or worker it ran in; without, from ``generator``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from saat_dist.attacks.base import Attack, AttackContext, AttackOutput
 from saat_dist.attacks.mainstay_pgd import model_mode
+from saat_dist.config_fields import section
 from saat_dist.keyed_random import ItemKeys
+from saat_dist.models.adapter import as_hash_model
 
 
-@dataclass
+@section
 class SquareConfig:
-    iters: int = 1000  # queries per image (one forward pass each; no gradients)
-    p_init: float = 0.1  # initial share of pixels in the random square (halved on the Square attack's schedule)
+    """Square: black-box random search on the Hamming objective."""
 
-    def problems(self, section: str) -> list[tuple[str, bool, str]]:
-        """(key, ok, message) of this section's range checks."""
-        return [
-            (f"{section}.iters", self.iters >= 1, "must be >= 1"),
-            (f"{section}.p_init", 0 < self.p_init <= 1, "must be in (0, 1]"),
-        ]
+    iters: Annotated[int, Field(ge=1, description="queries per image (one forward pass each; no gradients)")] = 1000
+    p_init: Annotated[float, Field(gt=0, le=1, description=(
+        "initial share of pixels in the random square (halved on the Square attack's schedule)"))] = 0.1
 
 
 _SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
@@ -70,6 +69,7 @@ def square_attack(model: nn.Module, x_BCHW: torch.Tensor, guide_BK: torch.Tensor
                   mode: str = "eval", keys: ItemKeys | None = None) -> torch.Tensor:
     """Adversarial images (||delta||_inf <= eps, values in [0, 1]) from forward
     passes only. Untargeted: away from ``guide_BK`` (b*(y)); targeted: toward it."""
+    model = as_hash_model(model)
     x = x_BCHW
     b, c, h, w = x.shape
     dev = x.device

@@ -35,38 +35,37 @@ batch or the worker. Without keys they come from ``generator``, per batch.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from saat_dist.attacks.base import Attack, AttackContext, AttackOutput
 from saat_dist.attacks.mainstay_pgd import ALPHA_SCHEDULE, alpha_at, attack_loss, model_mode, project
+from saat_dist.config_fields import StepSize, section
+from saat_dist.models.adapter import as_hash_model
 from saat_dist.keyed_random import ItemKeys
 
 
-@dataclass
+@section
 class TransferConfig:
-    iters: int = 100  # iterations of BIM, DI-, NI-, SI-NI- and VMI-FGSM (the reference: 100)
-    step_size: float = 1 / 255  # step of each
-    decay: float = 1.0  # momentum decay (NI, SI-NI, VMI; DI-FGSM uses 0 as the reference)
-    di_prob: float = 0.5  # DI-FGSM: probability of the random resize-and-pad
-    di_resize: float = 0.9  # DI-FGSM: images are shrunk to a random size in [di_resize, 1) x S, then padded
-    si_copies: int = 5  # SI-NI-FGSM: scale copies x / 2^i, i < si_copies
-    vmi_neighbours: int = 5  # VMI-FGSM: neighbours sampled for the gradient variance ...
-    vmi_beta: float = 1.5  # ... uniformly within beta x eps
+    """Transfer attacks: BIM, DI-, NI-, SI-NI- and VMI-FGSM on the mainstay loss."""
 
-    def problems(self, section: str) -> list[tuple[str, bool, str]]:
-        """(key, ok, message) of this section's range checks."""
-        return [
-            (f"{section}.iters", self.iters >= 1, "must be >= 1"),
-            (f"{section}.step_size", 0 < self.step_size <= 1, "must be in (0, 1]"),
-            (f"{section}.di_prob", 0 <= self.di_prob <= 1, "must be in [0, 1]"),
-            (f"{section}.di_resize", 0 < self.di_resize < 1, "must be in (0, 1)"),
-            (f"{section}.si_copies", self.si_copies >= 1, "must be >= 1"),
-            (f"{section}.vmi_neighbours", self.vmi_neighbours >= 1, "must be >= 1"),
-        ]
+    iters: Annotated[int, Field(ge=1, description=(
+        "iterations of BIM, DI-, NI-, SI-NI- and VMI-FGSM (the reference: 100)"))] = 100
+    step_size: Annotated[StepSize, Field(description="step of each (a number or N/255)")] = 1 / 255
+    decay: Annotated[float, Field(description=(
+        "momentum decay (NI, SI-NI, VMI; DI-FGSM uses 0 as the reference)"))] = 1.0
+    di_prob: Annotated[float, Field(ge=0, le=1, description=(
+        "DI-FGSM: probability of the random resize-and-pad"))] = 0.5
+    di_resize: Annotated[float, Field(gt=0, lt=1, description=(
+        "DI-FGSM: images are shrunk to a random size in [di_resize, 1) x S, then padded"))] = 0.9
+    si_copies: Annotated[int, Field(ge=1, description="SI-NI-FGSM: scale copies x / 2^i, i < si_copies")] = 5
+    vmi_neighbours: Annotated[int, Field(ge=1, description=(
+        "VMI-FGSM: neighbours sampled for the gradient variance ..."))] = 5
+    vmi_beta: Annotated[float, Field(description="... uniformly within beta x eps")] = 1.5
 
 
 GENERATORS = ("bim", "difgsm", "nifgsm", "sinifgsm", "vmifgsm")
@@ -138,6 +137,7 @@ def transfer_attack(name: str, model: nn.Module, x_BCHW: torch.Tensor, guide_BK:
     """Adversarial images from generator ``name`` (one of ``GENERATORS``)."""
     if name not in GENERATORS:
         raise ValueError(f"transfer generator {name!r} is not one of {list(GENERATORS)}")
+    model = as_hash_model(model)
     x = x_BCHW
     guide = guide_BK.to(x.device, x.dtype)
     # DI-FGSM's random numbers come from a CPU generator (shapes and offsets)
@@ -193,6 +193,7 @@ def transfer_codes(models: dict[str, nn.Module], x_adv_BCHW: torch.Tensor) -> di
     """+-1 codes of examples crafted elsewhere under each of ``models`` (eval mode, alpha 1)."""
     out = {}
     for name, m in models.items():
+        m = as_hash_model(m, source=name)
         with model_mode(m, "eval"):
             out[name] = torch.where(m(x_adv_BCHW, alpha=1.0) >= 0, 1.0, -1.0)
     return out

@@ -22,6 +22,7 @@ from saat_dist.config import RunConfig
 from saat_dist.data.source import DataSource
 from saat_dist.device import Place
 from saat_dist.metrics import mean_average_precision
+from saat_dist.models.adapter import as_hash_model
 from saat_dist.training.encode import encode
 
 RESULTS = "robustness.json"  # the experiment's results file per model folder
@@ -80,6 +81,7 @@ def encode_split(model: nn.Module, source: DataSource, split: str, cfg: RunConfi
     """A whole split's codes and labels, on every rank; each rank encodes its
     own shards, one batch at a time (a batch never spans two shards, so a
     code does not depend on the worker count)."""
+    model = as_hash_model(model, cfg.model.bits)  # a plain logits module: codes are the sign of its logits
     shards = source.rank_shards(split, place.rank, place.world)
     n = sum(source.counts(split)[j] for j in shards)
     # Filled in place: per-batch results kept in lists would pin the freed
@@ -116,7 +118,13 @@ def query_labels(source: DataSource) -> torch.Tensor:
 
 
 def iter_query_batches(source: DataSource, cfg: RunConfig, batches: list[list[int]], device):
-    """Each of these query batches, reading only the query shards that hold them."""
+    """Each of these query batches, reading only the query shards that hold them.
+    Shards give uint8 images; in-memory queries (``evaluation.robustness``)
+    may be float in [0, 1]: attacked as they are, shown as uint8."""
     for batch in batches:
         images, labels, index = source.read_items("test", batch, cfg.data.image_size, cfg.data.resize)
-        yield QueryBatch(images.to(device).float().div_(255), images, labels, index)
+        if images.dtype == torch.uint8:
+            yield QueryBatch(images.to(device).float().div_(255), images, labels, index)
+        else:
+            x = images.to(device).float()
+            yield QueryBatch(x, (x.detach() * 255).round().to(torch.uint8).cpu(), labels, index)

@@ -19,6 +19,7 @@ from saat_dist.config import RunConfig
 from saat_dist.device import Place
 from saat_dist.evaluation.plan import Encoded, QueryBatch, gather_sorted
 from saat_dist.mainstay import label_set_table, mainstay_from_table
+from saat_dist.models.adapter import as_hash_model
 
 SINGLE_RUN = "mainstay_single_run"  # the mainstay attack's first restart alone: one run, as every other attack
 
@@ -30,6 +31,7 @@ class Suite:
 
     def __init__(self, cfg: RunConfig, model: nn.Module, place: Place, train: Encoded, database: Encoded,
                  q_lab_all: torch.Tensor, attacks: list[Attack]) -> None:
+        model = as_hash_model(model, cfg.model.bits)  # a plain logits module gets tanh and alpha
         self.cfg, self.model, self.device = cfg, model, place.device
         self.table = label_set_table(*train)
         # targets drawn once from all query labels: the same whatever the split over ranks
@@ -98,6 +100,7 @@ def codes_and_finiteness(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
     Finiteness is judged before the tanh when the model shows its logits
     (``HashModel.logits``): tanh turns an infinite logit into a plausible
     +-1. The code is sign(logit) = sign(tanh(logit)), as ``encode`` gives."""
+    model = as_hash_model(model)
     with model_mode(model, "eval"):
         z = model.logits(x).float() if hasattr(model, "logits") else model(x, alpha=1.0)
     return torch.where(z >= 0, 1.0, -1.0).cpu(), torch.isfinite(z).all(1).cpu()

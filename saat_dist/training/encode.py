@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from saat_dist.attacks.mainstay_pgd import eval_mode
+from saat_dist.models.adapter import as_hash_model
 
 
 @torch.no_grad()
@@ -14,7 +15,7 @@ def encode(model: nn.Module, images: torch.Tensor, device, batch_size: int = 256
 
     Test-time model (eval mode, alpha = 1); a zero output maps to +1.
     """
-    out = []
+    out, model = [], as_hash_model(model)  # a plain forward(x) module too
     with eval_mode(model):
         for s in range(0, len(images), batch_size):
             x = images[s : s + batch_size].to(device)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from saat_dist.mainstay import CodeBank
+from saat_dist.models.adapter import as_hash_model
 
 
 class TorchStepper:
@@ -75,6 +76,7 @@ def benign_step(model, stepper, batch, bank: CodeBank | None, loss_fn, step: int
     ``check=False`` skips the finiteness check (a host sync), as the trainer
     does between log steps."""
     x, y, index = batch
+    model = as_hash_model(model)  # a plain forward(x) module too
     hash_module(model).alpha = loss_fn.tanh_scale(step)
     u = model(x)
     if loss_fn.uses_bank:
