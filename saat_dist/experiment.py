@@ -13,23 +13,26 @@ interrupted training continues from its newest checkpoint, and a model's
 evaluation is redone only if its settings or the model changed. A cell whose
 training settings changed is refused (it would mix two configurations).
 
-Then ``experiment.json``, ``experiment.md`` and the plots are written from
-the cells' results (``saat_dist.evaluation.report``).
+Then ``experiment.json``, ``experiment.md``, Tables I and II as CSV and
+LaTeX (``table1.csv``/``.tex``, ``table2.csv``/``.tex``), one leaderboard
+entry per model (``leaderboard/<model id>.json``) and the plots (PNG and
+PDF) are written from the cells' results (``saat_dist.evaluation.report``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from pathlib import Path
 
 from saat_dist.checkpoint import file_sha256, write_text_atomic
-from saat_dist.config import ConfigError, RunConfig, config_from_dict, save_config
+from saat_dist.config import ConfigError, RunConfig, save_config
 from saat_dist.data.source import DataSource
-from saat_dist.device import select_device
 from saat_dist.evaluation import EvaluationStage
+from saat_dist.evaluation.identity import (  # noqa: F401  (re-exported: the experiment's public names)
+    cell_config, cell_name, evaluation_settings, manifest_digest, settings_digests, settings_sha256,
+    training_settings)
 from saat_dist.evaluation.results import RESULTS_FORMAT
 from saat_dist.pipeline import check_layout, ensure_data, launch, record_stage, train
 from saat_dist.stages import DEFENCE_STAGES, TRAIN, model_folder
@@ -37,83 +40,6 @@ from saat_dist.stages import DEFENCE_STAGES, TRAIN, model_folder
 
 log = logging.getLogger("saat_dist")
 
-# What determines a cell's trained models (and may not change under them): these sections ...
-TRAINING_SECTIONS = ("seed", "data", "model", "train", *DEFENCE_STAGES)
-# ... but not these keys, which change where the data is or how fast it is read, not what is trained
-# (the data itself is the manifest's digest) ...
-NOT_TRAINING = ("data.loader_workers", "data.build_demo", "data.skip_corrupt", "data.shard_dir", "data.base_url",
-                "data.verify_sha256")
-# ... and these distributed settings, which do change numbers (ZeRO stages and the worker and loader
-# counts do not: measured identical, or within float order with sync_batchnorm; see the README).
-TRAINING_DISTRIBUTED = ("precision", "grad_accum", "gradient_clipping", "bank_sync_every", "sync_batchnorm")
-# What the evaluation's numbers depend on besides the model files.
-EVALUATION_SECTIONS = ("seed", "attack", "eval")
-EVALUATION_DATA = ("image_size", "resize")
-GRID = ("hashes", "bits", "defences")  # which cells and models exist, not what one evaluation gives
-
-
-def cell_name(hash_loss: str, bits: int) -> str:
-    return f"{hash_loss}-{bits}"
-
-
-def cell_config(cfg: RunConfig, hash_loss: str, bits: int) -> RunConfig:
-    """The run config of one cell: the experiment's, with its loss, bits and folder."""
-    tree = cfg.to_dict()
-    tree["train"]["loss"] = hash_loss
-    tree["model"]["bits"] = bits
-    tree["name"] = f"{cfg.name}-{cell_name(hash_loss, bits)}"
-    tree["output_dir"] = str(Path(cfg.output_dir) / "cells" / cell_name(hash_loss, bits))
-    return config_from_dict(tree)
-
-
-def manifest_digest(source: DataSource) -> str:
-    """sha256 of the data set's manifest (counts, label sets, every shard's sha256): the data's identity."""
-    return hashlib.sha256(json.dumps(source.manifest, sort_keys=True).encode()).hexdigest()
-
-
-def _device_kind(cfg: RunConfig, workers: bool) -> str:
-    """Where the work runs: float results differ between a CPU and a GPU."""
-    if workers:
-        return "cuda" if cfg.distributed.use_gpu else "cpu"
-    return select_device(cfg.device).type
-
-
-def training_settings(cfg: RunConfig, source: DataSource) -> dict:
-    """Every setting that can change a cell's trained models, and nothing
-    that cannot: the training sections (less where the data lives and how
-    fast it is read), the data's manifest digest, the distributed settings
-    that change numbers, the worker count only when BatchNorm statistics
-    are per worker (``sync_batchnorm: false``), and the device kind."""
-    tree, d = cfg.to_dict(), cfg.distributed
-    out = {key: _without(tree[key], key, NOT_TRAINING) for key in TRAINING_SECTIONS}
-    out["data_manifest"] = manifest_digest(source)
-    out["distributed"] = {k: getattr(d, k) for k in TRAINING_DISTRIBUTED}
-    if not d.sync_batchnorm:
-        out["distributed"]["num_workers"] = d.num_workers if d.elastic else max(1, d.num_workers)
-    out["device"] = _device_kind(cfg, not d.in_process)
-    return out
-
-
-def evaluation_settings(cfg: RunConfig, source: DataSource) -> dict:
-    """Every setting that can change a model's robustness results besides its
-    file: seed (the attacks' draws), attack, eval, the experiment's own keys
-    (less the grid), the images (size, resize, the data's digest), the
-    precision and the device kind. Worker, loader and port settings are not
-    in it: they do not change a number (tests/test_scale_invariance.py)."""
-    tree = cfg.to_dict()
-    out = {key: tree[key] for key in EVALUATION_SECTIONS}
-    out["experiment"] = {k: v for k, v in tree["experiment"].items() if k not in GRID}
-    out["data"] = {k: tree["data"][k] for k in EVALUATION_DATA}
-    out["data_manifest"] = manifest_digest(source)
-    out["precision"] = cfg.distributed.precision
-    out["device"] = _device_kind(cfg, not cfg.distributed.in_process)
-    return out
-
-
-def _without(tree, key: str, dropped: tuple[str, ...]):
-    if not isinstance(tree, dict):
-        return tree
-    return {k: _without(v, f"{key}.{k}", dropped) for k, v in tree.items() if f"{key}.{k}" not in dropped}
 
 
 SETTINGS = "training_settings.json"
@@ -190,7 +116,7 @@ def _evaluate(cfg: RunConfig, cell_dir: Path, source: DataSource, defence: str, 
 
 
 def run_experiment(cfg: RunConfig) -> dict:
-    """Every cell of the grid, then experiment.json / experiment.md / plots."""
+    """Every cell of the grid, then experiment.json / experiment.md / tables / leaderboard / plots."""
     from saat_dist.evaluation.report import write_experiment_report
 
     t0 = time.monotonic()

@@ -16,6 +16,7 @@ from saat_dist.config import load_config
 from saat_dist.data.source import DataSource
 from saat_dist.attacks import ATTACK_REGISTRY
 from saat_dist.evaluation import CHECKS, SINGLE_RUN, EvaluationStage, evaluate, run_checks
+from saat_dist.evaluation.leaderboard import read_entry
 from saat_dist.evaluation.suite import not_moved
 
 # A few iterations of every attack: the numbers show the machinery works, not who wins.
@@ -71,7 +72,18 @@ def test_experiment_json_has_the_documented_shape(experiment):
     for png in r["plots"]:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     names = {Path(p).name for p in r["plots"]}
-    assert {"map_vs_eps_dph-16.png", "pr_and_precision_at_n_dph-16.png", "retrieval_dph-16_saat.png"} <= names
+    assert {"map_vs_eps_dph-16.png", "pr_and_precision_at_n_dph-16.png", "retrieval_dph-16_saat.png",
+            "loss_curves_dph-16.png"} <= names
+    for pdf in r["plots_pdf"]:
+        assert (out / pdf).read_bytes()[:5] == b"%PDF-"
+    # for a paper: the tables as CSV and LaTeX, one leaderboard entry per model
+    assert all((out / t).is_file() for t in r["tables"]) and len(r["tables"]) == 4
+    assert len(r["leaderboard"]) == len(defences)
+    for path in r["leaderboard"]:
+        entry = read_entry(out / path)
+        res = json.loads((out / entry["source"]["results"]).read_text())
+        assert entry["worst_case_map"] == res["worst_case"]["map"] and entry["clean_map"] == res["clean_map"]
+        assert entry["model"]["sha256"] == res["spec"]["model"]
 
 
 @pytest.mark.slow

@@ -2,9 +2,18 @@
 
 - the run view (``write_run_report``): ``report.json``, ``report.md`` and
   plots of a ``saat-dist run`` directory, from the benign and SAAT models'
-  results (``eval.json``, the one results format);
+  results (``eval.json``, the one results format) and their training logs
+  (``train.json``: the loss curves);
 - the experiment view (``write_experiment_report``): ``experiment.json``,
-  ``experiment.md`` and plots from the cells' results (``robustness.json``).
+  ``experiment.md``, Tables I and II as CSV and LaTeX
+  (``saat_dist.evaluation.tables``) and plots from the cells' results
+  (``robustness.json``).
+
+Both write one leaderboard entry per model (``leaderboard/<model id>.json``,
+``saat_dist.evaluation.leaderboard``) and every plot as PNG and PDF (the
+same name, ``.pdf``): ``plots`` lists the PNGs, ``plots_pdf`` the PDFs. A
+missing value is no bar (a gap marked n/a); t-mAP (higher: a stronger
+targeted attack) has an axis of its own, never the mAP axis.
 
 experiment.json::
 
@@ -15,7 +24,8 @@ experiment.json::
    "check_details": [{"hash", "bits", "defence", "check", "detail"}],   # triggered or not run
    "orderings": {"<claim>": true | false},
    "orderings_detail": {"<claim>": {"difference", "standard_error", "clear", "budgets", "like_for_like"}},
-   "settings": {...}, "plots": [...]}
+   "settings": {...}, "plots": [...], "plots_pdf": [...],
+   "tables": ["table1.csv", "table1.tex", "table2.csv", "table2.tex"], "leaderboard": ["leaderboard/<id>.json"]}
 """
 
 from __future__ import annotations
@@ -29,13 +39,15 @@ import torch
 import torch.nn.functional as F
 
 from saat_dist.attacks import ATTACK_REGISTRY
-from saat_dist.checkpoint import load_state, write_text_atomic
+from saat_dist.checkpoint import file_sha256, load_state, write_text_atomic
 from saat_dist.config import RunConfig
 from saat_dist.defences import DEFENCES
 from saat_dist.evaluation.checks import CHECKS
+from saat_dist.evaluation.leaderboard import leaderboard_entry, write_leaderboard
 from saat_dist.evaluation.results import RESULTS_FORMAT, results_current
 from saat_dist.evaluation.stage import RETRIEVAL_IMAGES
 from saat_dist.evaluation.suite import SINGLE_RUN
+from saat_dist.evaluation.tables import fmt, table1_markdown, table1_rows, table2_markdown, table2_rows, write_tables
 from saat_dist.stages import model_folder
 
 log = logging.getLogger("saat_dist")
@@ -70,12 +82,102 @@ def run_view(res: dict) -> dict:
     return view
 
 
-def _run_plots(run_dir: Path, evals: dict[str, dict]) -> list[str]:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+# the run's bars: mAP (higher: more robust) and, on an axis of their own, t-mAP (higher: a stronger targeted attack)
+MAP_BARS = (("clean_map", "clean"), ("attacked_map", "mainstay attack"), ("attacked_map_strong", "strong attack"))
+TMAP_BARS = (("clean_tmap", "no attack"), ("targeted_tmap", "targeted attack"))
+NOT_AVAILABLE = "n/a"
+
+
+def _grouped_bars(ax, evals: dict[str, dict], metrics: tuple[tuple[str, str], ...]) -> None:
+    """One group of bars per metric, one bar per stage; a missing value is
+    no bar but a gap marked n/a (a 0 bar would read as a measured 0)."""
+    width = 0.8 / len(evals)
+    for i, (stage, res) in enumerate(evals.items()):
+        xs = [j + i * width for j in range(len(metrics))]
+        present = [(x, res[k]) for x, (k, _) in zip(xs, metrics) if res.get(k) is not None]
+        if present:
+            ax.bar([x for x, _ in present], [v for _, v in present], width, label=stage, color=f"C{i}")
+        for x, (k, _) in zip(xs, metrics):
+            if res.get(k) is None:
+                ax.text(x, 0.02, NOT_AVAILABLE, ha="center", va="bottom", rotation=90, fontsize=8, color="gray")
+    ax.set_xticks([j + width * (len(evals) - 1) / 2 for j in range(len(metrics))], [m for _, m in metrics])
+
+
+def map_per_stage_figure(evals: dict[str, dict]):
+    """The run's summary bars: mAP per stage on the left axes, t-mAP on the
+    right axes of its own; returns the figure (plots/map_per_stage.*)."""
+    plt = _pyplot()
+    fig, (ax, tax) = plt.subplots(1, 2, figsize=(9, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    _grouped_bars(ax, evals, MAP_BARS)
+    rnd = next(iter(evals.values()))["random_map"]
+    ax.axhline(rnd, color="gray", ls=":", label=f"random codes ({rnd:.2f})")
+    ax.set(ylabel="mAP (higher: more robust)", ylim=(0, 1), title="mAP per stage")
+    ax.legend(fontsize=8)
+    _grouped_bars(tax, evals, TMAP_BARS)
+    tax.set(ylabel="t-mAP (higher: a stronger targeted attack)", ylim=(0, 1), title="Targeted attack, t-mAP")
+    for a in (ax, tax):
+        a.grid(alpha=0.3, axis="y")
+    return fig
+
+
+# train.json keys that are not a loss: a fraction of code bits, drawn on an axis of its own
+NOT_A_LOSS = ("bits_flipped",)
+
+
+def loss_curve_figure(trainings: dict[str, dict]):
+    """The loss parts of each training (a train.json per label): a line per
+    part over the steps (means over each log interval, ``log``) and circles
+    at epoch ends (epoch means over every worker, ``history``);
+    ``bits_flipped`` on a right-hand axis. None when no training has a log."""
+    shown = {k: t for k, t in trainings.items() if t.get("log") or t.get("history")}
+    if not shown:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(shown), figsize=(5.2 * len(shown), 4), squeeze=False)
+    for ax, (label, t) in zip(axes[0], shown.items()):
+        records, history = t.get("log") or [], t.get("history") or []
+        spe = (t.get("schedule") or {}).get("steps_per_epoch")
+        keys = list(dict.fromkeys(k for rec in (*records, *history) for k in rec if k != "step"))
+        other = None
+        handles = []
+        for i, key in enumerate(keys):
+            target = ax
+            if key in NOT_A_LOSS:
+                other = other or ax.twinx()
+                target = other
+            color = "black" if key == "loss" else f"C{i}"  # the total in black, its parts in colour
+            steps = [r["step"] for r in records if r.get(key) is not None]
+            if steps:  # a dot at each point: a stage of one log step still shows
+                handles += target.plot(steps, [r[key] for r in records if r.get(key) is not None], "-", marker=".",
+                                       color=color, lw=2 if key == "loss" else 1.2, label=key)
+            if spe and history:
+                at = [((e + 1) * spe, h[key]) for e, h in enumerate(history) if h.get(key) is not None]
+                line = target.plot([s for s, _ in at], [v for _, v in at], "o", mfc="none", color=color,
+                                   label=key if not steps else "_epoch mean")
+                if not steps:
+                    handles += line
+        ax.set(xlabel="optimizer step", ylabel="loss", title=f"{label}: loss parts (lines: per log step, "
+                                                              "circles: epoch means)")
+        ax.title.set_fontsize(9)
+        if other is not None:
+            other.set_ylabel("bits flipped (fraction)")
+        ax.grid(alpha=0.3)
+        ax.legend(handles=handles, fontsize=8)
+    return fig
+
+
+def _run_plots(run_dir: Path, evals: dict[str, dict], trainings: dict[str, dict]) -> list[str]:
+    """The run's plots (PNG, a PDF beside each); returns the PNGs' paths in the run directory."""
+    plt = _pyplot()
     out = run_dir / "plots"
     out.mkdir(exist_ok=True)
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
@@ -86,33 +188,29 @@ def _run_plots(run_dir: Path, evals: dict[str, dict]) -> list[str]:
     ax.set(xlabel="recall", ylabel="precision", title="Precision-recall, clean vs mainstay attack", ylim=(0, 1.02))
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "pr_curves.png", dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    metrics = [("clean_map", "clean mAP"), ("attacked_map", "attacked mAP"), ("attacked_map_strong", "strong attack"),
-               ("targeted_tmap", "targeted t-mAP")]
-    width = 0.8 / len(evals)
-    for i, (stage, res) in enumerate(evals.items()):
-        xs = [j + i * width for j in range(len(metrics))]
-        ax.bar(xs, [res.get(k, 0.0) for k, _ in metrics], width, label=stage)
-    rnd = next(iter(evals.values()))["random_map"]
-    ax.axhline(rnd, color="gray", ls=":", label=f"random codes ({rnd:.2f})")
-    ax.set_xticks([j + width * (len(evals) - 1) / 2 for j in range(len(metrics))], [m for _, m in metrics])
-    ax.set(ylabel="mAP", ylim=(0, 1), title="mAP per stage")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "map_per_stage.png", dpi=120)
-    plt.close(fig)
-    return ["plots/pr_curves.png", "plots/map_per_stage.png"]
+    written = [_save(fig, out / "pr_curves.png", run_dir, dpi=120)]
+    written.append(_save(map_per_stage_figure(evals), out / "map_per_stage.png", run_dir, dpi=120))
+    fig = loss_curve_figure(trainings)
+    if fig is not None:
+        written.append(_save(fig, out / LOSS_CURVES, run_dir, dpi=120))
+    return written
 
 
-def write_run_report(cfg: RunConfig, run_dir: str | Path) -> dict:
-    """report.json, report.md and the plots of a ``saat-dist run`` directory
-    (the run view of the benign and SAAT models' results)."""
+LOSS_CURVES = "loss_curves.png"
+
+
+def pdf_of(png: str) -> str:
+    """The PDF written beside a plot's PNG."""
+    return str(Path(png).with_suffix(".pdf"))
+
+
+def write_run_report(cfg: RunConfig, run_dir: str | Path, source=None) -> dict:
+    """report.json, report.md, the plots and the leaderboard entries of a
+    ``saat-dist run`` directory (the run view of the benign and SAAT models'
+    results). ``source``: the data set (its manifest goes into the entries'
+    settings digest); None reads the manifest from ``data.shard_dir``."""
     run_dir = Path(run_dir)
-    evals = {}
+    evals, full = {}, {}
     for stage in ("benign", "saat"):
         path = run_dir / stage / "eval.json"
         if not path.is_file():
@@ -120,15 +218,17 @@ def write_run_report(cfg: RunConfig, run_dir: str | Path) -> dict:
         if not results_current(path):
             raise ValueError(f"{path}: results of an older saat-dist (not {RESULTS_FORMAT}); evaluate again: "
                              f"saat-dist evaluate --which {stage} (or saat-dist run --resume)")
-        evals[stage] = run_view(json.loads(path.read_text()))
+        full[stage] = json.loads(path.read_text())
+        evals[stage] = run_view(full[stage])
     stages_path = run_dir / "stages.json"
     stage_seconds = json.loads(stages_path.read_text()) if stages_path.is_file() else {}
     skipped = {}  # corrupt samples skipped in training (data.skip_corrupt), all ranks
     where = {}  # each stage's ranks: host, process and (on Ray) node id
+    trainings = {}  # each stage's train.json: the loss curves
     for stage in ("benign", "saat"):
         train_json = run_dir / stage / "train.json"
         if train_json.is_file():
-            train = json.loads(train_json.read_text())
+            train = trainings[stage] = json.loads(train_json.read_text())
             skipped[stage] = sum(train.get("skipped_samples_per_rank", []))
             where[f"train_{stage}"] = train.get("ranks", [])
         results = json.loads((run_dir / stage / "eval.json").read_text())
@@ -149,10 +249,41 @@ def write_run_report(cfg: RunConfig, run_dir: str | Path) -> dict:
         "skipped_samples": skipped,
         "ranks": where,
     }
-    report["plots"] = _run_plots(run_dir, evals)
+    report["plots"] = _run_plots(run_dir, evals, trainings)
+    report["plots_pdf"] = [pdf_of(p) for p in report["plots"]]
+    report["leaderboard"] = _run_leaderboard(cfg, run_dir, full, source)
     write_text_atomic(run_dir / "report.json", json.dumps(report, indent=1))
     write_text_atomic(run_dir / "report.md", _run_markdown(report))
     return report
+
+
+def _digests(cfg: RunConfig, source) -> tuple[dict | None, str | None]:
+    """(settings digests, the data's manifest digest) of a leaderboard entry;
+    (None, None) with a warning when the data set's manifest cannot be read."""
+    from saat_dist.data.source import DataSource
+    from saat_dist.evaluation.identity import manifest_digest, settings_digests
+
+    if source is None:
+        try:
+            source = DataSource.open(cfg.data.shard_dir, cfg.data.base_url, verify=False)
+        except (OSError, ValueError) as e:
+            log.warning("leaderboard entries without settings digests (the data set's manifest is needed): %s", e)
+            return None, None
+    return settings_digests(cfg, source), manifest_digest(source)
+
+
+def _run_leaderboard(cfg: RunConfig, run_dir: Path, results: dict[str, dict], source) -> list[str]:
+    """leaderboard/<id>.json for the run's benign and SAAT models."""
+    digests, manifest = _digests(cfg, source)
+    entries = []
+    for stage, defence in (("benign", "none"), ("saat", "saat")):
+        model = run_dir / stage / "model.pt"
+        entries.append(leaderboard_entry(
+            results[stage], kind="run", name=cfg.name, results_path=f"{stage}/eval.json", hash_loss=cfg.train.loss,
+            backbone=cfg.model.backbone, bits=cfg.model.bits, defence=defence, defence_label=DEFENCE_NAMES[defence],
+            model_sha256=file_sha256(model) if model.is_file() else None, shard_dir=cfg.data.shard_dir,
+            manifest_sha256=manifest, image_size=cfg.data.image_size, digests=digests, attack_labels=ATTACK_NAMES))
+    return write_leaderboard(run_dir, entries)
 
 
 def _run_markdown(r: dict) -> str:
@@ -180,7 +311,13 @@ def _run_markdown(r: dict) -> str:
     if any(r["skipped_samples"].values()):
         lines += ["**Corrupt training samples skipped** (data.skip_corrupt): " + ", ".join(
             f"{k} {v}" for k, v in r["skipped_samples"].items()), ""]
-    lines += ["![PR curves](plots/pr_curves.png)", "", "![mAP per stage](plots/map_per_stage.png)", ""]
+    lines += ["![PR curves](plots/pr_curves.png)", "",
+              "![mAP per stage; t-mAP on its own axis, a missing value marked n/a](plots/map_per_stage.png)", ""]
+    if f"plots/{LOSS_CURVES}" in r.get("plots", []):
+        lines += [f"![Loss curves of benign and SAAT training](plots/{LOSS_CURVES})", ""]
+    lines += ["Every plot also as PDF: " + ", ".join(f"[{Path(p).name}]({p})" for p in r.get("plots_pdf", [])) + ".",
+              "", "Leaderboard entries (saat-dist/leaderboard-entry/v1): "
+              + ", ".join(f"[{Path(p).name}]({p})" for p in r.get("leaderboard", [])) + ".", ""]
     return "\n".join(lines)
 
 
@@ -281,6 +418,9 @@ def write_experiment_report(cfg: RunConfig, cells: dict, source) -> dict:
                                      "cells": {f"{h}-{b}": seconds(out / "cells" / f"{h}-{b}" / "stages.json")
                                                for h, b in cells}}
     report["plots"] = _plots(cfg, cells, source, out)
+    report["plots_pdf"] = [pdf_of(p) for p in report["plots"]]
+    report["tables"] = write_tables(out, report, [f"{h} {b}" for h, b in cells], ATTACK_NAMES, DEFENCE_NAMES, cfg.name)
+    report["leaderboard"] = _experiment_leaderboard(cfg, cells, source)
     write_text_atomic(out / "experiment.json", json.dumps(report, indent=1))
     write_text_atomic(out / "experiment.md", _markdown(cfg, cells, report))
     if any(report["checks"].values()):
@@ -292,8 +432,25 @@ def write_experiment_report(cfg: RunConfig, cells: dict, source) -> dict:
     return report
 
 
-def _fmt(v) -> str:
-    return "" if v is None else f"{v:.4f}"
+def _experiment_leaderboard(cfg: RunConfig, cells: dict, source) -> list[str]:
+    """leaderboard/<id>.json for every model of every cell, with its cell's settings digests."""
+    from saat_dist.evaluation.identity import cell_config, manifest_digest, settings_digests
+
+    out, manifest, entries = Path(cfg.output_dir), manifest_digest(source), []
+    for (h, b), by in cells.items():
+        cell_cfg = cell_config(cfg, h, b)
+        digests = settings_digests(cell_cfg, source)
+        for defence, res in by.items():
+            folder = Path(cell_cfg.output_dir) / model_folder(defence)
+            model = folder / "model.pt"
+            entries.append(leaderboard_entry(
+                res, kind="experiment", name=cfg.name, results_path=str((folder / "robustness.json").relative_to(out)),
+                hash_loss=h, backbone=cfg.model.backbone, bits=b, defence=defence,
+                defence_label=DEFENCE_NAMES.get(defence, defence),
+                model_sha256=file_sha256(model) if model.is_file() else None, shard_dir=cfg.data.shard_dir,
+                manifest_sha256=manifest, image_size=cfg.data.image_size, digests=digests,
+                attack_labels=ATTACK_NAMES))
+    return write_leaderboard(out, entries)
 
 
 def _markdown(cfg: RunConfig, cells: dict, r: dict) -> str:
@@ -302,6 +459,11 @@ def _markdown(cfg: RunConfig, cells: dict, r: dict) -> str:
     cols = [f"{h} {b}" for h, b in cells]
     lines = [*_md_settings(cfg, r), *_md_table1(r, cols), *_md_table2(cells, r, cols), *_md_every_attack(cells),
              *_md_transfer(r), *_md_checks(r), *_md_orderings(r)]
+    lines += ["", "## Files for a paper", "",
+              "Tables I and II as CSV and LaTeX (booktabs): " + ", ".join(f"[{t}]({t})" for t in r.get("tables", []))
+              + f"; one leaderboard entry per model (saat-dist/leaderboard-entry/v1, {len(r.get('leaderboard', []))} "
+              "in all): [leaderboard/](leaderboard/); every plot below also as PDF beside its PNG: "
+              + ", ".join(f"[{Path(p).name}]({p})" for p in r.get("plots_pdf", [])) + "."]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in r["plots"]] + [""]
     return "\n".join(lines)
 
@@ -324,42 +486,15 @@ def _md_settings(cfg: RunConfig, r: dict) -> list[str]:
 def _md_table1(r: dict, cols: list[str]) -> list[str]:
     lines = ["## Table I: attacks on the benign model", "",
              "mAP under each attack (lower: a stronger untargeted attack); targeted rows: mAP / **t-mAP** "
-             "(higher t-mAP: a stronger targeted attack).", "",
-             "| attack | kind | eps | iterations | " + " | ".join(cols) + " |", "|---" * (4 + len(cols)) + "|"]
-    by_attack: dict = {}
-    for row in r["table1"]:
-        by_attack.setdefault(row["attack"], {})[f"{row['hash']} {row['bits']}"] = row
-    for name, per_cell in by_attack.items():
-        any_row = next(iter(per_cell.values()))
-        vals = []
-        for c in cols:
-            row = per_cell.get(c)
-            vals.append("" if row is None else (f"{row['map']:.4f} / **{row['tmap']:.4f}**" if row["tmap"] is not None
-                                                else f"{row['map']:.4f}"))
-        its = f"{any_row['iters']}" + (f" x {any_row['restarts']} restarts" if any_row["restarts"] > 1 else "")
-        lines.append(f"| {ATTACK_NAMES.get(name, name)} | {any_row['kind']} | {any_row['eps'] * 255:.1f}/255 | {its} | "
-                     + " | ".join(vals) + " |")
-    return lines
+             "(higher t-mAP: a stronger targeted attack).", ""]
+    return lines + table1_markdown(table1_rows(r, cols, ATTACK_NAMES), cols)
 
 
 def _md_table2(cells: dict, r: dict, cols: list[str]) -> list[str]:
-    defences = list(dict.fromkeys(row["defence"] for row in r["table2"]))
     lines = ["", "## Table II: defences", "",
              "Paper layout: mAP under the mainstay attack / under the worst case over every attack, clean mAP in "
-             "brackets (higher: more robust).", "",
-             "| defence | " + " | ".join(cols) + " |", "|---" * (1 + len(cols)) + "|"]
-    for d in defences:
-        vals = []
-        for cell in cells:
-            res = cells[cell].get(d)
-            if res is None:
-                vals.append("")
-                continue
-            ms = res["attacks"].get("mainstay", {}).get("map")
-            wc = res.get("worst_case", {}).get("map")
-            vals.append(f"{_fmt(ms)} / **{_fmt(wc)}** ({res['clean_map']:.4f})")
-        lines.append(f"| {DEFENCE_NAMES.get(d, d)} | " + " | ".join(vals) + " |")
-    return lines
+             "brackets (higher: more robust).", ""]
+    return lines + table2_markdown(table2_rows(r, cols, DEFENCE_NAMES), cols)
 
 
 def _md_every_attack(cells: dict) -> list[str]:
@@ -374,7 +509,7 @@ def _md_every_attack(cells: dict) -> list[str]:
                 res = by[d]
                 v = res["clean_map"] if name == "none" else (res.get("worst_case", {}).get("map") if name == "worst_case"
                                                              else res["attacks"].get(name, {}).get("map"))
-                vals.append(_fmt(v))
+                vals.append(fmt(v))
             lines.append(f"| {ATTACK_NAMES.get(name, name)} | " + " | ".join(vals) + " |")
         lines.append("| random codes (floor) | " + " | ".join(f"{by[d]['random_map']:.4f}" for d in ds) + " |")
     return lines
@@ -391,7 +526,7 @@ def _md_transfer(r: dict) -> list[str]:
     for row in r["transfer"]:
         rows.setdefault((row["attack"], f"{row['hash']} {row['bits']}"), {})[row["target"]] = row["map"]
     for (name, cell), per in rows.items():
-        lines.append(f"| {ATTACK_NAMES.get(name, name)} | {cell} | " + " | ".join(_fmt(per.get(t)) for t in targets) + " |")
+        lines.append(f"| {ATTACK_NAMES.get(name, name)} | {cell} | " + " | ".join(fmt(per.get(t)) for t in targets) + " |")
     return lines
 
 
@@ -428,11 +563,7 @@ def _md_orderings(r: dict) -> list[str]:
 
 
 def _plots(cfg: RunConfig, cells: dict, source, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     written = []
@@ -440,6 +571,8 @@ def _plots(cfg: RunConfig, cells: dict, source, out: Path) -> list[str]:
         tag = f"{h}-{b}"
         fig, ax = plt.subplots(figsize=(5.5, 4.2))
         for d, res in by.items():
+            if "eps_sweep" not in res:  # not measured: no line (never a line at 0)
+                continue
             sw = res["eps_sweep"]
             ax.plot([e * 255 for e in sw["eps"]], sw["map"], "-o", ms=4, label=DEFENCE_NAMES.get(d, d))
         ax.axhline(next(iter(by.values()))["random_map"], color="gray", ls=":", label="random codes")
@@ -469,6 +602,14 @@ def _plots(cfg: RunConfig, cells: dict, source, out: Path) -> list[str]:
         axes[1].legend(fontsize=7)
         written.append(_save(fig, plots / f"pr_and_precision_at_n_{tag}.png", out))
         written += _retrieval_pictures(cfg, tag, by, source, out, plots, plt)
+        trainings = {}
+        for d in by:
+            train_json = out / "cells" / tag / model_folder(d) / "train.json"
+            if train_json.is_file():
+                trainings[DEFENCE_NAMES.get(d, d)] = json.loads(train_json.read_text())
+        fig = loss_curve_figure(trainings)
+        if fig is not None:
+            written.append(_save(fig, plots / f"loss_curves_{tag}.png", out))
     return written
 
 
@@ -529,10 +670,11 @@ def _thumbnail_grid(rows: list[list[tuple[torch.Tensor, tuple[int, int, int]]]])
     return grid
 
 
-def _save(fig, path: Path, out: Path) -> str:
+def _save(fig, path: Path, out: Path, dpi: int = 110) -> str:
+    """``path`` (PNG) and the same figure as a PDF beside it; returns the PNG's path relative to ``out``."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    fig.savefig(path, dpi=dpi)
+    # no creation date: the same figure gives the same PDF bytes
+    fig.savefig(path.with_suffix(".pdf"), metadata={"CreationDate": None})
+    _pyplot().close(fig)
     return str(path.relative_to(out))
