@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from saat_dist.checkpoint import write_text_atomic
 from saat_dist.config import RunConfig
 from saat_dist.data.source import DataSource
 from saat_dist.evaluation import EvaluationStage, evaluate_stage
+from saat_dist.monitoring.tracking import evaluation_scalars, open_tracker
 from saat_dist.stages import Stage
 from saat_dist.training.trainer import Launch, train_stage
 
@@ -27,9 +29,13 @@ def record_stage(run_dir: Path, stage: str, seconds: float) -> None:
 
 def run_timed(cfg: RunConfig, stage: Stage | EvaluationStage, run_dir: Path, launch: Launch, source: DataSource):
     """``run_here``, its wall time recorded by rank 0 (the stages of a chain
-    run in one launch: each gets its own time)."""
+    run in one launch: each gets its own time) and its scalars tracked
+    (``monitoring.tracking``: TensorBoard, MLflow; rank 0 only)."""
     t = time.monotonic()
-    out = run_here(cfg, stage, run_dir, launch, source)
+    with open_tracker(cfg, stage.name, run_dir, launch.rank) as tracker:
+        out = run_here(cfg, stage, run_dir, replace(launch, tracker=tracker), source)
+        if isinstance(stage, EvaluationStage) and out is not None:  # rank 0 holds the results
+            tracker.log(evaluation_scalars(out), 0)
     if launch.rank == 0:
         record_stage(run_dir, stage.name, time.monotonic() - t)
     return out

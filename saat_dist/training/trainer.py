@@ -51,6 +51,7 @@ from saat_dist.comm.sync_batchnorm import convert_sync_batchnorm
 from saat_dist.hashing import build_hash_loss
 from saat_dist.mainstay import CodeBank, label_set_counts
 from saat_dist.models.model_file import build_model, load_model, save_model
+from saat_dist.monitoring.tracking import Tracker, current_lr, prefixed
 from saat_dist.progress import Progress
 from saat_dist.stages import Stage
 from saat_dist.training.encode import encode_batches
@@ -154,6 +155,7 @@ class Launch:
     # a collective (every rank calls it at the same steps): a Notice that the job is about to be stopped (a node's
     # preemption), or None; see PreemptionWatch
     notice: Callable[[], "Notice | None"] | None = None
+    tracker: Tracker = field(default_factory=Tracker)  # TensorBoard / MLflow (monitoring.tracking); rank 0 only
 
     @property
     def place(self) -> Place:
@@ -453,10 +455,14 @@ def _loop(cfg: RunConfig, stage: Stage, state: TrainState, schedule: Schedule, s
         if checkpoint or now - last_log >= cfg.log_every_s:
             means = _flush(pending, state, stage.name, schedule.micro_batch, now - t_interval, metrics, spe, accum)
             log_records.append({"step": state.step, **means})
+            rate = schedule.global_batch * (len(pending) // accum) / max(now - t_interval, 1e-9)  # samples/s, all ranks
+            launch.tracker.log({**prefixed("step", means), "step/lr": current_lr(backend.stepper),
+                                "step/samples_per_s": rate}, state.step)
             progress.update(len(pending) // accum, epoch=(state.step - 1) // spe, loss=means["loss"])
             pending, last_log, t_interval = [], now, time.monotonic()
         if epoch_end:
             epoch_rss.append(_end_epoch(cfg, stage, state, schedule, rank, world))
+            launch.tracker.log(prefixed("epoch", state.history[-1]), len(state.history))
         if checkpoint:
             t_ckpt = time.monotonic()
             _checkpoint(state, schedule, epoch_end, rank, backend, launch,
