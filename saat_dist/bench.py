@@ -27,6 +27,10 @@ and the compared methods run side by side in one call.
             reference's transform); beside it the bytes alone (reading the
             shards, no decoding) and the decoding alone (samples in memory),
             which say where the limit is.
+  convert:  `data convert` of a list of small JPEGs (sides 100-256 px) in
+            images/s: the pre-#18 serial loop (copied here) beside today's
+            (images checked in a process pool, one process per CPU), with
+            their shards compared byte for byte.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ SIZES["saat-step"] = {"items": [10_000, 100_000, 1_000_000], "label_sets": 500, 
                       "bits": 32, "image_size": 32, "steps": 20, "warmup": 3}
 SIZES["soak"] = {"config": "configs/demo.yaml", "overrides": []}
 SIZES["eval"] = {"database": [50_000, 200_000], "queries": 100, "workers": 2, "attack_iters": 5}
+SIZES["convert"] = {"images": 20_000, "sides": [100, 256], "jpeg_quality": 90, "classes": 21, "shard_size": 1000,
+                    "rounds": 2}
 SIZES["stream"] = {"images": 1024, "batch": 32, "shards": 16, "photo": [500, 375], "jpeg_quality": 90,
                    "rounds": 3}
 SMALL = {
@@ -58,6 +64,8 @@ SMALL = {
     "saat-step": {"items": [2_000, 20_000], "label_sets": 50, "classes": 21, "batch": 8, "bits": 16,
                   "image_size": 32, "steps": 2, "warmup": 1},
     "stream": {"images": 64, "batch": 16, "shards": 4, "photo": [500, 375], "jpeg_quality": 90, "rounds": 1},
+    "convert": {"images": 300, "sides": [100, 256], "jpeg_quality": 90, "classes": 21, "shard_size": 50,
+                "rounds": 1},
 }
 
 
@@ -535,12 +543,156 @@ def bench_stream(sizes: dict) -> dict:
                     "1,000 images/s its accelerator's SAAT step consumes (each a CPU like the one measured)"}
 
 
+def _convert_list(root: Path, s: dict) -> None:
+    """A DeepHash list of ``s["images"]`` JPEGs, each side drawn from
+    ``s["sides"]``, blocky with noise (compresses like a photo): 50 % train,
+    10 % test, 40 % database."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "img").mkdir(parents=True)
+    n = s["images"]
+    counts = {"train": n // 2, "test": n // 10}
+    counts["database"] = n - counts["train"] - counts["test"]
+    for split, count in counts.items():
+        paths = []
+        for k in range(count):
+            w, h = rng.integers(s["sides"][0], s["sides"][1] + 1, 2)
+            blocks = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+            img = np.kron(blocks, np.ones((8, 8, 1), dtype=np.uint8))[:h, :w].astype(np.int16)
+            img = np.clip(img + rng.integers(-24, 25, img.shape), 0, 255).astype(np.uint8)
+            paths.append(f"img/{split}_{k}.jpg")
+            Image.fromarray(img).save(root / paths[-1], quality=s["jpeg_quality"])
+        labels = (rng.random((count, s["classes"])) < 0.15).astype(int)
+        (root / f"{split}_img.txt").write_text("".join(f"{p}\n" for p in paths))
+        (root / f"{split}_label.txt").write_text("".join(" ".join(map(str, r)) + "\n" for r in labels))
+
+
+def _convert_before_18(root: Path, out: Path, shard_size: int) -> None:
+    """`data convert` before issue #18 (copied): every image decoded with PIL
+    one after another, then the shards written one after another (the
+    writer of one shard is unchanged)."""
+    from PIL import Image
+
+    from saat_dist.data.convert import plan_shards, write_shard
+    from saat_dist.data.listformat import SPLITS, read_split
+    from saat_dist.data.shards import IMAGE_EXTS, shard_name
+
+    def image_info(path: Path) -> tuple[str, tuple[int, int]]:
+        with Image.open(path) as im:
+            im.load()
+            fmt, size = (im.format or "").lower(), im.size
+        ext = path.suffix.lower().lstrip(".") or fmt
+        return (ext if ext in IMAGE_EXTS else {"jpeg": "jpg"}.get(fmt, fmt)), size
+
+    lists = {split: read_split(root, split) for split in SPLITS}
+    infos = {split: [image_info(root / p) for p in lst.paths] for split, lst in lists.items()}
+    out.mkdir(parents=True)
+    for split, lst in lists.items():
+        lo = 0
+        for i, size in enumerate(plan_shards(len(lst.paths), shard_size, 1)):
+            hi = lo + size
+            write_shard(out / shard_name(split, i), root, lo, lst.paths[lo:hi], lst.labels[lo:hi],
+                        [e for e, _ in infos[split][lo:hi]])
+            lo += size
+
+
+def _check_decoder_rates(root: Path, paths: list[str]) -> dict:
+    """Images/s of one process decoding each file in full to check it: PIL
+    (``Image.open`` + ``load``, what `data convert` uses) and torchvision
+    (``read_file`` + ``decode_image``, deprecated since torchvision 0.29 in
+    favour of TorchCodec); best of 3 passes each, interleaved."""
+    import warnings
+
+    from PIL import Image
+    from torchvision.io import decode_image, read_file
+
+    def pil(path: Path) -> None:
+        with Image.open(path) as im:
+            im.load()
+
+    def tv(path: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # one per image otherwise
+            decode_image(read_file(str(path)))
+
+    files = [root / p for p in paths]
+    best = {"pil": 0.0, "torchvision": 0.0}
+    for _ in range(3):
+        for name, fn in (("pil", pil), ("torchvision", tv)):
+            t = time.perf_counter()
+            for f in files:
+                fn(f)
+            best[name] = max(best[name], len(files) / (time.perf_counter() - t))
+    return {f"{k}_images_per_second": v for k, v in best.items()} | {"images": len(files)}
+
+
+def bench_convert(sizes: dict) -> dict:
+    """The same list converted by the pre-#18 loop and by today's `convert`
+    (one checking process per CPU), each from a warm page cache; beside it
+    the two decoders a check could use, in one process."""
+    import tempfile
+
+    from saat_dist.data.listformat import read_split
+    from saat_dist.data.workers import cpu_count
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a checking process's CPU
+    try:
+        with tempfile.TemporaryDirectory(prefix="saat-bench-convert-") as tmp:
+            root = Path(tmp) / "list"
+            _convert_list(root, sizes)
+            decoders = _check_decoder_rates(root, read_split(root, "train").paths[:2000])
+            result = _convert_both(root, Path(tmp), sizes)
+    finally:
+        torch.set_num_threads(threads)
+    return result | {"processes": cpu_count(), "check_decoders_one_process": decoders}
+
+
+def _convert_both(root: Path, tmp: Path, sizes: dict) -> dict:
+    """Seconds of the pre-#18 loop and of today's `convert` on the list at
+    ``root``, ``sizes["rounds"]`` times each, interleaved (after a warm-up
+    pass: every run finds the files cached; each starts after an
+    ``os.sync``, so that no run pays for the writes of the one before), and
+    whether their shards are the same bytes."""
+    import os
+    import shutil
+    import statistics
+
+    from saat_dist.data.convert import convert
+
+    def before(out: Path) -> None:
+        _convert_before_18(root, out, sizes["shard_size"])
+
+    def now(out: Path) -> None:
+        convert(root, out, sizes["shard_size"], 1)
+
+    before(tmp / "warm-up")
+    shutil.rmtree(tmp / "warm-up")
+    seconds: dict[str, list[float]] = {"before_18": [], "now": []}
+    for r in range(sizes["rounds"]):
+        for name, fn in [("before_18", before), ("now", now)][:: 1 if r % 2 == 0 else -1]:
+            out = tmp / f"{name}-{r}"
+            os.sync()
+            t = time.perf_counter()
+            fn(out)
+            seconds[name].append(time.perf_counter() - t)
+    tars = sorted(p.name for p in (tmp / "before_18-0").iterdir())
+    same = tars == sorted(p.name for p in (tmp / "now-0").glob("*.tar")) and all(
+        (tmp / "before_18-0" / t).read_bytes() == (tmp / "now-0" / t).read_bytes() for t in tars)
+    rates = {k: {"seconds": statistics.median(v), "seconds_all": v,
+                 "images_per_second": sizes["images"] / statistics.median(v)} for k, v in seconds.items()}
+    return {"case": "data convert", "sizes": sizes, **rates,
+            "speedup": rates["before_18"]["seconds"] / rates["now"]["seconds"], "identical_shards": same}
+
+
 def run_bench(which: str, out_dir: Path, small: bool = False) -> dict:
     table = SMALL if small else SIZES
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, fn in (("map", bench_map), ("mainstay", bench_mainstay), ("saat-step", bench_saat_step),
-                     ("eval", bench_eval), ("stream", bench_stream), ("soak", bench_soak)):
+                     ("eval", bench_eval), ("stream", bench_stream), ("convert", bench_convert), ("soak", bench_soak)):
         if which == name or (which == "all" and name != "soak"):  # soak is a whole demo run: only by name
             res = fn(table[name])
             res["machine"] = {"cpu_threads": torch.get_num_threads(), "python": platform.python_version(),

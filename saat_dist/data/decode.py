@@ -81,10 +81,31 @@ class SampleError(ValueError):
     """One sample is unusable (missing field, undecodable image, bad label)."""
 
 
+def _resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
+    """(width, height) with the shorter side ``resize``, as torchvision's Resize(resize) computes it."""
+    if width <= height:
+        return resize, int(resize * height / width)
+    return int(resize * width / height), resize
+
+
+def reference_transform(im: Image.Image, image_size: int, resize: int) -> Image.Image:
+    """The reference's transform (xandery-geek/SAAT, utils/data_provider.py:
+    torchvision's Resize(256) + CenterCrop(224) on the PIL image) with PIL's
+    bilinear resampling, as torchvision applies it to a PIL image: the same
+    pixels (tests/test_convert.py compares)."""
+    size = _resized_size(*im.size, resize)
+    if size != im.size:  # torchvision leaves an image whose shorter side is already ``resize``
+        im = im.resize(size, Image.Resampling.BILINEAR)
+    left, top = int(round((size[0] - image_size) / 2)), int(round((size[1] - image_size) / 2))
+    return im.crop((left, top, left + image_size, top + image_size))
+
+
 def resize_image(img_CHW: torch.Tensor, image_size: int, resize: int | None = None) -> torch.Tensor:
-    """uint8 3 x S x S. ``resize`` None: resized straight to S x S. Else as
-    torchvision's Resize(resize) + CenterCrop(S) (the reference's transform):
-    the shorter side becomes ``resize`` (aspect kept), then the centre S x S."""
+    """uint8 3 x S x S of a uint8 image tensor. ``resize`` None: resized
+    straight to S x S. Else as torchvision's Resize(resize) + CenterCrop(S) on
+    a tensor (within 1/255): the shorter side becomes ``resize`` (aspect
+    kept), then the centre S x S. ``decode_sample`` applies the PIL form,
+    ``reference_transform``."""
     h, w = img_CHW.shape[1:]
     if resize is None:
         size = (image_size, image_size)
@@ -104,8 +125,8 @@ def resize_image(img_CHW: torch.Tensor, image_size: int, resize: int | None = No
 def decode_sample(sample: dict, image_size: int, num_classes: int | None = None, resize: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(uint8 image 3 x S x S, float multi-hot label, global index) of one raw
-    sample (``resize``: see ``resize_image``); ``SampleError`` says what is
-    wrong with it."""
+    sample (``resize``: see ``reference_transform``, else the image is
+    resized straight to S x S); ``SampleError`` says what is wrong with it."""
     if "json" not in sample:
         raise SampleError("no .json member (label and index)")
     try:
@@ -124,10 +145,15 @@ def decode_sample(sample: dict, image_size: int, num_classes: int | None = None,
         raise SampleError(f"no image (looked for {IMAGE_EXTS})")
     try:
         with Image.open(io.BytesIO(sample[ext])) as im:
-            img = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+            rgb = im.convert("RGB")
+            if resize is not None:  # in PIL, as the reference: its exact pixels, and faster than in torch
+                rgb = reference_transform(rgb, image_size, resize)
+            img = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
     except Exception as e:
         raise SampleError(f"undecodable .{ext} image ({type(e).__name__}: {e})") from e
-    return resize_image(img, image_size, resize), torch.tensor(label, dtype=torch.float32), index
+    if resize is None:
+        img = resize_image(img, image_size)
+    return img, torch.tensor(label, dtype=torch.float32), index
 
 
 def iter_shard(url: str, image_size: int, num_classes: int | None = None, *, expected: int | None = None,
