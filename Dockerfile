@@ -49,15 +49,15 @@ WORKDIR /app
 COPY requirements.txt requirements.lock ./
 RUN python -m pip install --no-cache-dir -r requirements.txt -c requirements.lock
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY saat_dist ./saat_dist
 COPY configs ./configs
 COPY launch ./launch
+# TORCH_EXTENSIONS_DIR: where DeepSpeed's JIT ops (CPU Adam, offload) compile
+# when a config asks for them; training builds none by default (not even the
+# CPU accelerator's shared-memory comm op: saat_dist.distributed.deepspeed_setup).
 RUN python -m pip install --no-cache-dir --no-deps --no-build-isolation /app \
  && mkdir -p "${TORCH_EXTENSIONS_DIR}" \
- && if [ "${ACCELERATOR}" = cpu ]; then \
-      python -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()"; \
-    fi \
  && chown -R 1000:1000 "${TORCH_EXTENSIONS_DIR}" \
  && chown 1000:1000 /app  # the default command writes data/ and runs/ here
 

@@ -21,12 +21,6 @@ export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 # 0 (the default) runs in this one: on 2 cores two processes measured no faster.
 procs=${SAAT_DIST_TEST_PROCS:-0}
 if [ "$procs" -gt 0 ]; then
-  # DeepSpeed's CPU comm extension, compiled once here rather than by both
-  # test processes at once (the Dockerfile's own prebuild command)
-  if ! compgen -G "${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}/*/deepspeed_shm_comm/*.so" >/dev/null; then
-    echo "[test] compiling DeepSpeed's CPU comm extension (once)"
-    .venv/bin/python -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()" >/dev/null
-  fi
   exec .venv/bin/python -m pytest -q -n "$procs" --dist loadfile "$@"
 fi
 exec .venv/bin/python -m pytest -q --durations=25 "$@"

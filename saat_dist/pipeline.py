@@ -19,6 +19,7 @@ Run directory layout:
   stages.json               wall time of each stage
   report.json, report.md, plots/*.png
   metrics/<stage>-rank<r>.json  where each worker serves Prometheus metrics
+  tensorboard/<stage>/      TensorBoard event files of each stage (rank 0; monitoring.tracking)
   ray/, ray_runs.json       Ray Train storage (checkpoints) and run names
 """
 
@@ -115,8 +116,10 @@ def launch(cfg: RunConfig, stage: Stage | EvaluationStage | tuple, run_dir: Path
     and (if enabled) a metrics endpoint. Either way ``runner.run_here`` runs
     each stage. Wall times go into stages.json: a chain's stages each their
     own, the first with the job's start."""
+    from saat_dist.monitoring.tracking import check_tracking
     from saat_dist.runner import run_timed
 
+    check_tracking(cfg)  # a missing MLflow fails here, before any worker starts
     stages = stage if isinstance(stage, tuple) else (stage,)
     t = time.monotonic()
     if not cfg.distributed.in_process:
@@ -184,6 +187,31 @@ def stage_evaluate(cfg: RunConfig, run_dir: Path, which: str) -> dict:
     stage = run_evaluation(cfg, which)
     launch(cfg, stage, run_dir, source=source)
     return json.loads((run_dir / which / stage.results).read_text())
+
+
+MODEL_FILE_FOLDER = "model_file"  # the run-directory folder of `evaluate --model-file`
+
+
+def evaluate_model_file(cfg: RunConfig, path: Path) -> dict:
+    """``saat-dist evaluate --model-file``: a user's own state_dict, checked
+    as untrusted input before any other work (``load_weights_file``), copied
+    into ``<run_dir>/model_file/model.pt`` with its origin (source.json) and
+    evaluated as the run evaluates a defended model (the strong check
+    included); returns its results (eval.json there)."""
+    from saat_dist.checkpoint import file_sha256, write_text_atomic
+    from saat_dist.models.model_file import load_weights_file, save_model
+
+    model = load_weights_file(cfg.model, cfg.seed, path, "cpu")
+    source = ensure_data(cfg)
+    run_dir = prepare_run_dir(cfg)
+    folder = run_dir / MODEL_FILE_FOLDER
+    save_model(cfg.model, folder / "model.pt", model.state_dict(), 0)
+    write_text_atomic(folder / "source.json", json.dumps({"path": str(Path(path).resolve()),
+                                                          "sha256": file_sha256(path)}, indent=1))
+    stage = EvaluationStage(MODEL_FILE_FOLDER, ("mainstay", "mainstay_targeted", "mainstay_strong"),
+                            results=RUN_RESULTS, restarts=1)
+    launch(cfg, stage, run_dir, source=source)
+    return json.loads((folder / stage.results).read_text())
 
 
 def prepare_run_dir(cfg: RunConfig) -> Path:

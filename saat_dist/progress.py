@@ -13,6 +13,13 @@ def _fmt(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def plural(unit: str) -> str:
+    """"step" -> "steps", "query" -> "queries", "query-attack" -> "query-attacks"."""
+    if unit.endswith("y") and unit[-2:-1] not in tuple("aeiou"):
+        return unit[:-1] + "ies"
+    return unit if unit.endswith("s") else unit + "s"
+
+
 class Progress:
     """``update(n)`` counts work; a line is logged at most every ``every_s`` seconds and at the end."""
 
@@ -29,7 +36,7 @@ class Progress:
             rate = self.done / max(now - self.start, 1e-9)
             eta = (self.total - self.done) / max(rate, 1e-9)
             tail = " ".join(f"{k}={v:.4g}" for k, v in extra.items())
-            log.info("%s %d/%d %ss (%.1f %s/s, ETA %s) %s", self.what, self.done, self.total, self.unit,
+            log.info("%s %d/%d %s (%.1f %s/s, ETA %s) %s", self.what, self.done, self.total, plural(self.unit),
                      rate, self.unit, _fmt(eta), tail)
 
     @property

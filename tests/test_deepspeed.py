@@ -173,3 +173,38 @@ def test_a_corrupt_sample_is_skipped_on_every_rank(tiny_demo, tmp_path):
     assert info["steps"] == 2 * (240 // 32) and info["parameters_identical"]  # no rank ran dry or hung
     skipped = info["skipped_samples_per_rank"]
     assert skipped[0] == 0 and skipped[1] >= 1, skipped
+
+
+ENGINE_WITHOUT_EXTENSIONS = """
+import json, os, sys, torch, torch.distributed as dist
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1] + "/pg", rank=0, world_size=1)
+from saat_dist.config import load_config
+from saat_dist.distributed.deepspeed_setup import build_engine
+from saat_dist.training.trainer import Schedule
+cfg = load_config("configs/tiny.yaml")
+model = torch.nn.Linear(4, 2)
+engine, _ = build_engine(model, cfg.train.optim, cfg.distributed, Schedule(8, 8, 1, 2, 4), 1)
+loss = engine(torch.ones(8, 4)).sum()
+engine.backward(loss)
+engine.step()
+import deepspeed.comm.comm as cdb
+print(json.dumps({"shm_op": cdb.cdb.shm_comm_op is not None, "step": engine.global_steps}))
+"""
+
+
+def test_an_engine_trains_without_compiling_deepspeeds_cpu_comm_extension(tmp_path):
+    """DeepSpeed's CPU accelerator would compile its shared-memory comm op
+    (45-65 s, g++ and ninja) for its inference all-reduce; training does not
+    use it, so a fresh extension directory stays empty."""
+    import os
+    import subprocess
+    import sys
+
+    ext = tmp_path / "torch_extensions"
+    out = subprocess.run([sys.executable, "-c", ENGINE_WITHOUT_EXTENSIONS, str(tmp_path)], capture_output=True,
+                         text=True, timeout=300, cwd=Path(__file__).resolve().parents[1],
+                         env={**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(ext), "LOCAL_RANK": "0",
+                              "RANK": "0", "WORLD_SIZE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"shm_op": False, "step": 1}
+    assert not list(ext.rglob("*.so")) and "built successfully" not in out.stdout + out.stderr

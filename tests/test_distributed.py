@@ -97,8 +97,8 @@ class TestLiveRun:
         sets = base_args(run, six_shards, "train.epochs=400", "train.batch_size=8", "distributed.bank_sync_every=2")
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
                "RAY_ADDRESS": ray_dashboard, "RAY_BIN": str(Path(sys.executable).with_name("ray")),
-               "JOB_PYTHON": sys.executable, "SAAT_COMMAND": "train", "SUBMIT_FLAGS": "--no-wait"}
-        sub = subprocess.run(["bash", "launch/submit.sh", *sets[1:]], cwd=ROOT, env=env, capture_output=True,
+               "JOB_PYTHON": sys.executable, "SUBMIT_FLAGS": "--no-wait"}
+        sub = subprocess.run(["bash", "launch/submit.sh", "train", *sets[1:]], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=300)
         assert sub.returncode == 0, (sub.stdout[-3000:], sub.stderr[-2000:])
         job_id = re.search(r"Job '(raysubmit_\w+)'", sub.stdout + sub.stderr).group(1)

@@ -33,6 +33,21 @@ def deepspeed_config(d: DistributedConfig, micro_batch: int, world_size: int) ->
     return cfg
 
 
+def skip_shm_comm_build() -> None:
+    """DeepSpeed's CPU accelerator compiles a shared-memory comm extension
+    when its first comm backend starts (45-65 s on 2 cores, needs g++ and
+    ninja; printed as "... built successfully" by every worker). Only
+    DeepSpeed's inference all-reduce uses it: training's all-reduces go
+    through torch.distributed (gloo). Marked incompatible, it is not built
+    (DeepSpeed keeps the probe's dict for such edits)."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def build_engine(model: torch.nn.Module, optim: OptimConfig, d: DistributedConfig, schedule, world_size: int):
     """(engine, scheduler): the engine is the model wrapper and the stepper.
     ``schedule``: the stage's ``trainer.Schedule``; DeepSpeed's global batch
@@ -45,6 +60,7 @@ def build_engine(model: torch.nn.Module, optim: OptimConfig, d: DistributedConfi
     optimizer = build_optimizer(model.parameters(), optim, schedule.global_batch)
     scheduler = build_scheduler(optimizer, optim, schedule.total_steps, schedule.steps_per_epoch,
                                 schedule.global_batch)
+    skip_shm_comm_build()
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(d, schedule.micro_batch, world_size))

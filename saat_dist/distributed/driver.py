@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from saat_dist.checkpoint import write_text_atomic
+from saat_dist.console import LEVEL_ENV, log_level
 from saat_dist.config import RunConfig
 
 log = logging.getLogger("saat_dist")
@@ -38,7 +39,8 @@ def init_ray(cfg: RunConfig) -> None:
     env = job_env(cfg)
     address = d.address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit` jobs
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env})
+        # configure_logging=False: Ray's loggers keep this process's level (--log-level)
+        ray.init(address=address, runtime_env={"env_vars": env}, configure_logging=False)
         return
     # A local Ray on loopback; its dashboard (which Ray Train's state queries
     # need) binds to 127.0.0.1 only: nothing listens beyond this machine.
@@ -52,7 +54,11 @@ def job_env(cfg: RunConfig) -> dict[str, str]:
     d = cfg.distributed
     return {"DS_ACCELERATOR": "cuda" if d.use_gpu else "cpu",
             "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": str(d.preemption_poll_s),
-            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(d.worker_start_timeout_s)}
+            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(d.worker_start_timeout_s),
+            # no watcher actor where preemptions are not handled (its start logs
+            # an "E ... core_worker.cc" line about its arguments, ray#53727)
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0" if d.max_preemptions == 0 else "1",
+            LEVEL_ENV: log_level()}
 
 
 def _run_name(cfg: RunConfig, stage: str, run_dir: Path, resume: bool) -> str:
@@ -134,7 +140,7 @@ def build_trainer(cfg: RunConfig, stage, run_dir: Path, resume: bool = False):
     ``EvaluationStage``) or of a chain of them (a tuple: run in order by one
     worker group, named after the first; not started): scaling, storage,
     failure handling and the process-group backend all come from the config here."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from saat_dist.distributed.worker import worker_main
@@ -158,6 +164,10 @@ def build_trainer(cfg: RunConfig, stage, run_dir: Path, resume: bool = False):
             storage_path=storage_path(cfg),
             failure_config=FailureConfig(max_failures=d.max_failures, max_preemption_failures=d.max_preemptions),
             checkpoint_config=CheckpointConfig(num_to_keep=d.num_to_keep),
+            # Ray Train's own lines (resource requests, group starts, every
+            # report and checkpoint) on the console only at --log-level debug;
+            # its log files under the Ray session keep every level
+            logging_config=LoggingConfig(log_level="DEBUG" if log_level() == "debug" else "WARNING"),
             worker_runtime_env={"env_vars": {**job_env(cfg), "PYTHONUNBUFFERED": "1"}},
         ),
     )

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from saat_dist.config import RunConfig, config_from_dict
+from saat_dist.console import configure_logging
 from saat_dist.data.source import DataSource
 from saat_dist.distributed.deepspeed_setup import DeepSpeedBackend
 from saat_dist.distributed.ray_checkpoint import RayCheckpointer
@@ -36,7 +37,7 @@ def worker_main(config: dict) -> None:
     its last checkpoint and only writes its model again."""
     import ray.train
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    configure_logging()  # the driver's --log-level, from the job's environment
     cfg: RunConfig = config_from_dict(config["run"])
     stages = config["stages"]
     ctx = ray.train.get_context()

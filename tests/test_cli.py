@@ -1,0 +1,110 @@
+"""The `saat-dist` command line: --version, the options every sub-command
+takes, the log level handed to Ray's processes, the run's summary and the
+submit script's explicit command."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from saat_dist import __version__
+from saat_dist.cli import build_parser, main, run_summary
+from saat_dist.console import LEVEL_ENV, NOISY_LOGGERS, configure_logging
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"saat-dist {__version__}"
+
+
+@pytest.mark.parametrize("line", [
+    ["--debug", "--log-level", "debug", "train", "--config", "configs/tiny.yaml"],
+    ["train", "--config", "configs/tiny.yaml", "--debug", "--log-level", "debug"],
+    ["--log-level", "warning", "train", "--log-level", "debug", "--debug"],  # the later one wins
+    ["data", "convert", "--root", "r", "--out", "o", "--log-level", "debug", "--debug"],
+    ["cluster", "status", "--debug", "--log-level", "debug"],
+])
+def test_debug_and_log_level_anywhere_on_the_line(line):
+    args = build_parser().parse_args(line)
+    assert args.debug is True and args.log_level == "debug"
+
+
+def test_defaults_when_absent():
+    args = build_parser().parse_args(["report", "--config", "configs/tiny.yaml"])
+    assert args.debug is False and args.log_level == "info"
+
+
+def test_info_lowers_library_chatter_and_debug_shows_it(monkeypatch):
+    monkeypatch.delenv(LEVEL_ENV, raising=False)
+    try:
+        assert configure_logging("info") == "info"
+        assert os.environ[LEVEL_ENV] == "info"  # Ray's processes get it through job_env
+        assert not logging.getLogger("ray.train").isEnabledFor(logging.INFO)
+        assert not logging.getLogger("torch.utils.cpp_extension").isEnabledFor(logging.WARNING)
+        assert logging.getLogger("saat_dist").isEnabledFor(logging.INFO)
+        assert configure_logging("debug") == "debug"
+        assert all(logging.getLogger(n).isEnabledFor(logging.DEBUG) for n in NOISY_LOGGERS)
+        monkeypatch.setenv(LEVEL_ENV, "warning")
+        assert configure_logging() == "warning"  # a worker takes the driver's level
+        monkeypatch.setenv(LEVEL_ENV, "loud")
+        with pytest.raises(ValueError, match="'loud'.*SAAT_DIST_LOG_LEVEL"):
+            configure_logging()
+    finally:
+        monkeypatch.delenv(LEVEL_ENV, raising=False)
+        configure_logging("info")
+
+
+def test_the_job_environment_carries_the_log_level(monkeypatch):
+    from saat_dist.config import load_config
+    from saat_dist.distributed.driver import job_env
+
+    monkeypatch.setenv(LEVEL_ENV, "debug")
+    assert job_env(load_config("configs/tiny.yaml"))[LEVEL_ENV] == "debug"
+
+
+def test_run_summary_is_a_table_with_the_budget_and_paths(tmp_path):
+    report = {"random_map": 0.1234, "attack": {"eps": 16 / 255, "iters": 100, "strong_factor": 5,
+                                                "strong_restarts": 3},
+              "benign": {"clean_map": 0.7957, "attacked_map": 0.2395, "targeted_tmap": 0.61},
+              "saat": {"clean_map": 0.781, "attacked_map": 0.6901, "attacked_map_strong": 0.6736,
+                       "targeted_tmap": 0.2},
+              "stage_seconds": {"train": 75.2, "saat": 173.0},
+              "plots": [str(tmp_path / "plots" / "pr.png")]}
+    text = run_summary(report, tmp_path)
+    lines = text.splitlines()
+    assert lines[0].split() == ["benign", "saat"]
+    row = {line[:38].strip(): line[38:].split() for line in lines[1:6]}
+    assert row["clean mAP"] == ["0.7957", "0.7810"]
+    assert row["mainstay-attack mAP"] == ["0.2395", "0.6901"]
+    assert row["strong-attack mAP"] == ["n/a", "0.6736"]  # not a 0: it did not run on the benign model
+    assert row["random-code mAP (floor)"] == ["0.1234"]
+    assert "eps 16/255, 100 iterations" in text
+    assert f"report: {tmp_path / 'report.md'}" in lines and f"numbers: {tmp_path / 'report.json'}" in lines
+    assert "time: train 75 s, saat 173 s" in text
+    assert len(lines) <= 15
+
+
+def test_submit_takes_the_command_explicitly():
+    bad = subprocess.run(["bash", "launch/submit.sh", "configs/demo.yaml"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=30)
+    assert bad.returncode != 0 and "usage: submit.sh COMMAND CONFIG" in bad.stderr
+    bad = subprocess.run(["bash", "launch/submit.sh", "configs/demo.yaml", "run"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=30)
+    assert bad.returncode == 2 and "unknown command 'configs/demo.yaml'" in bad.stderr
+
+
+@pytest.mark.parametrize("unit,units", [("step", "steps"), ("query", "queries"), ("image", "images"),
+                                        ("query-attack", "query-attacks"), ("day", "days")])
+def test_progress_lines_say_plurals_right(unit, units, caplog):
+    from saat_dist.progress import Progress
+
+    with caplog.at_level(logging.INFO, logger="saat_dist"):
+        Progress("encode", 2, unit, every_s=1e9).update(2)
+    assert f"encode 2/2 {units} (" in caplog.text
