@@ -1,4 +1,4 @@
-"""Mainstay codes (DMFL, SAAT.md §3) and the code bank behind them.
+"""Mainstay codes (DMFL, docs/method.md §3) and the code bank behind them.
 
 The mainstay code of a label vector y is
 

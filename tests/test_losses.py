@@ -1,4 +1,4 @@
-"""Each benign loss against a direct, loop-by-loop transcription of SAAT.md §2."""
+"""Each benign loss against a direct, loop-by-loop transcription of docs/method.md §2."""
 
 import math
 

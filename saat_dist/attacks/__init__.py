@@ -1,4 +1,4 @@
-"""Adversarial attacks on hash models (SAAT.md §4), all in pixel space
+"""Adversarial attacks on hash models (docs/method.md §4), all in pixel space
 (||delta||_inf <= eps, values in [0, 1]) and batched on any device.
 
 Mainstay-code PGD (untargeted/targeted) and the baselines: HAG, SDHA

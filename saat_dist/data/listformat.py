@@ -1,4 +1,4 @@
-"""The DeepHash list format (SAAT.md §6).
+"""The DeepHash list format (docs/method.md §6).
 
 A data set root holds, for each split in ``SPLITS``, ``<split>_img.txt`` (one
 image path per line, relative to the root) and ``<split>_label.txt`` (one row

@@ -1,4 +1,4 @@
-"""SAAT (SAAT.md §5): semantic-aware adversarial training guided by mainstay codes.
+"""SAAT (docs/method.md §5): semantic-aware adversarial training guided by mainstay codes.
 
 Per batch, in the reference order: b*(y) from the bank -> an inner PGD
 pushing F(x + delta) away from b*(y) -> clean and adversarial forward ->

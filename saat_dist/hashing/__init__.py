@@ -1,4 +1,4 @@
-"""Benign deep-hashing losses (SAAT.md §2)."""
+"""Benign deep-hashing losses (docs/method.md §2)."""
 
 from saat_dist.hashing.losses import (
     LOSSES,

@@ -1,4 +1,4 @@
-"""Benign deep-hashing losses, as in SAAT.md §2.
+"""Benign deep-hashing losses, as in docs/method.md §2.
 
 Every loss is called as ``loss(u_BK, y_BC, bank_codes_NK, bank_labels_NC)`` and
 returns ``(total, parts)`` with ``parts`` holding the named terms ("hash",

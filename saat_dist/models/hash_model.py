@@ -22,7 +22,7 @@ class HashModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         # BatchNorm on the hash logits keeps codes from collapsing to 0 with
-        # DPH-style losses (SAAT.md §2, practical note). A bias in front of it
+        # DPH-style losses (docs/method.md §2, practical note). A bias in front of it
         # would do nothing (BatchNorm subtracts the mean) but collect rounding
         # noise as its gradient, which Adam turns into lr-sized random steps
         # that make runs differ across CPUs and thread counts.
