@@ -4,16 +4,17 @@ Package map, in layers (a module imports only its own layer and those
 listed before it; ``docs/design.md``, checked by ``tests/test_layers.py``):
 
   keyed_random, device, progress, console,     random draws keyed by item; one device choice; progress lines;
-  checkpoint                                    the log level and library noise; atomic writes
+  config_fields, checkpoint                     the log level and library noise; config section types; atomic writes
   metrics/, hashing/, mainstay, comm/, data/    retrieval metrics; hash losses; mainstay codes and the CodeBank;
                                                 collectives, bank sync, synced BatchNorm; shards, decoding, the global order
-  models/                                       hash models on torchvision backbones; the model section and model files
+  models/                                       hash models on torchvision backbones, the adapter for any logits module,
+                                                model.factory; the model section and model files
   attacks/                                      every attack, one file each (function, config section, registry entries)
   training/steps, optim, encode, checkpointing  the step primitives, optimizers and schedules, encoding, local checkpoints
   defences/                                     every defence, one file each (config section, step, registry entry)
   config, stages                                the typed config tree; stages as values
-  training/ (trainer, backend), monitoring/     the one training loop; the Prometheus exporter
-  evaluation/                                   the one evaluation pipeline and its report writer
+  training/ (trainer, backend), monitoring/     the one training loop; the Prometheus exporter, TensorBoard/MLflow
+  evaluation/                                   the one evaluation pipeline, the library call, tables, leaderboard, reports
   runner                                        one stage value in this process
   distributed/                                  Ray Train driver and worker, the DeepSpeed backend, Ray checkpoints
   pipeline, experiment                          the protocol's stages (one in-process-or-Ray dispatch); the grid
