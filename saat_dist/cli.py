@@ -237,7 +237,7 @@ def run_summary(report: dict, run_dir: Path) -> str:
     lines += [f"report: {run_dir / 'report.md'}", f"numbers: {run_dir / 'report.json'}"]
     plots = report.get("plots") or []
     if plots:
-        lines.append(f"plots: {len(plots)} PNG (+ PDF) in {Path(plots[0]).parent}")
+        lines.append(f"plots: {len(plots)} PNG (+ PDF) in {run_dir / Path(plots[0]).parent}")  # run_dir / abs = abs
     return "\n".join(lines)
 
 
@@ -276,13 +276,19 @@ def _stage(args, cfg) -> int:
     run_dir = pipeline.prepare_run_dir(cfg)
     if args.command == "train":
         pipeline.stage_train(cfg, run_dir, resume=_resume(args, cfg))
+        written = [run_dir / "benign" / "model.pt", run_dir / "benign" / "train.json"]
     elif args.command == "saat":
         pipeline.stage_saat(cfg, run_dir, resume=_resume(args, cfg))
+        written = [run_dir / "saat" / "model.pt", run_dir / "saat" / "train.json"]
     elif args.command == "evaluate":
-        for which in (["benign", "saat"] if args.which == "both" else [args.which]):
-            pipeline.stage_evaluate(cfg, run_dir, which)
-    elif args.command == "report":
+        which = ["benign", "saat"] if args.which == "both" else [args.which]
+        for folder in which:
+            pipeline.stage_evaluate(cfg, run_dir, folder)
+        written = [run_dir / folder / "eval.json" for folder in which]
+    else:
         write_run_report(cfg, run_dir)
+        written = [run_dir / "report.md", run_dir / "report.json"]
+    print(f"{args.command}: done; wrote " + ", ".join(map(str, written)))
     return 0
 
 

@@ -221,12 +221,17 @@ class DistributedConfig:
         "lost nodes; -1: no limit)"))] = 2
     max_preemptions: Annotated[int, Field(ge=-1, description=(
         "restarts after node preemptions (Ray's drain notices), counted apart from max_failures "
-        "(-1: no limit; the cluster configs). 0 (the default, for one machine): no preemption watcher runs "
-        "and a preempted node counts as a failure"))] = 0
+        "(-1: no limit)"))] = -1
+    preemption_notices: Annotated[bool, Field(description=(
+        "act on preemption notices (the cluster configs): a Ray Train watcher per worker group and a check "
+        "every preemption_check_every steps; on a notice every worker checkpoints at once, trains on and "
+        "checkpoints again just before the node's deadline, so no step is redone. Off (the default, for one "
+        "machine): no watcher and no checks; a preempted node still restarts the group, from the newest "
+        "regular checkpoint"))] = False
     preemption_check_every: Annotated[int, Field(ge=1, description=(
-        "steps between checks for a preemption notice (a barrier over the workers); on a notice every worker "
-        "checkpoints at once, trains on, checkpoints again when the node's deadline is three steps and two "
-        "checkpoints away and waits for Ray to stop it"))] = 1
+        "steps between checks for a preemption notice (a barrier over the workers; with preemption_notices); "
+        "on a notice every worker checkpoints at once, trains on, checkpoints again when the node's deadline is "
+        "three steps and two checkpoints away and waits for Ray to stop it"))] = 1
     preemption_poll_s: Annotated[float, Field(gt=0, description=(
         "how often Ray Train polls Ray for draining nodes (RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S): a preempted "
         "node's grace must cover this, preemption_check_every steps and one checkpoint"))] = 5.0
@@ -685,15 +690,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return _validate(_merge(RunConfig().to_dict(), tree))
     except ConfigError as e:
-        raise ConfigError(f"{path if path is not None else _override_source(str(e), given)}: {e}") from None
+        raise ConfigError(f"{_override_source(str(e), given, path)}: {e}") from None
 
 
-def _override_source(message: str, given: list[tuple[str, str]]) -> str:
-    """Without a file: the ``--set`` item that set the failing key, else 'config'."""
+def _override_source(message: str, given: list[tuple[str, str]], path) -> str:
+    """The ``--set`` item that set the failing key, else the file, else 'config'."""
     for key, item in reversed(given):
         if re.match(rf"(unknown key ')?{re.escape(key)}([.\[:']|$)", message):
             return f"--set {item}"
-    return "config"
+    return str(path) if path is not None else "config"
 
 
 def config_from_dict(tree: dict) -> RunConfig:
@@ -791,6 +796,10 @@ def config_command(action: str, path: str | None = None, preset: str | None = No
     cfg = load_config(path, overrides, preset=preset)
     source = path or (f"preset {preset} ({preset_path(preset)})" if preset else "defaults")
     if action == "check":
+        if cfg.model.factory:  # the user's model is built once: a factory that does not import or fit fails here
+            from saat_dist.models.model_file import build_model
+
+            build_model(cfg.model, cfg.seed, "cpu", image_size=cfg.data.image_size)
         print(f"ok: {source}")
         for warning in cfg.warnings():
             print(f"warning: {warning}")

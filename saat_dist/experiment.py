@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -63,6 +64,8 @@ def _first_difference(old, new, key):
             if d:
                 return d
         return None
+    if isinstance(old, float) and isinstance(new, float) and math.isclose(old, new, rel_tol=1e-12):
+        return None  # 16/255 written as 0.0627450980392157 (configs before N/255) is the same budget
     return None if old == new else (key, old, new)
 
 

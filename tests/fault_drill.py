@@ -38,7 +38,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = ["resume=auto", "distributed.placement_strategy=SPREAD", "distributed.preemption_poll_s=1.0",
-        "log_every_s=1", "distributed.max_failures=3", "distributed.max_preemptions=-1"]
+        "log_every_s=1", "distributed.max_failures=3", "distributed.preemption_notices=true"]
 
 
 def _argv(out: Path, run: str, address: str, command: str) -> list[str]:

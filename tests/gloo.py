@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 # What every rank imports anyway; the fork server imports it once. Only
 # imports: a module run here must not start threads or touch the environment.
-PRELOAD = ["torch", "deepspeed", "saat_dist.distributed.deepspeed_setup", "saat_dist.training.trainer",
+PRELOAD = ["torch", "saat_dist.distributed.deepspeed_setup", "saat_dist.training.trainer",
            "saat_dist.evaluation", "saat_dist.data.source", "tests.gloo"]
 
 

@@ -57,8 +57,8 @@ def test_info_lowers_library_chatter_and_debug_shows_it(monkeypatch):
         with pytest.raises(ValueError, match="'loud'.*SAAT_DIST_LOG_LEVEL"):
             configure_logging()
     finally:
-        monkeypatch.delenv(LEVEL_ENV, raising=False)
         configure_logging("info")
+        monkeypatch.delenv(LEVEL_ENV, raising=False)
 
 
 def test_the_job_environment_carries_the_log_level(monkeypatch):
@@ -69,6 +69,24 @@ def test_the_job_environment_carries_the_log_level(monkeypatch):
     assert job_env(load_config("configs/tiny.yaml"))[LEVEL_ENV] == "debug"
 
 
+@pytest.mark.parametrize("config, watcher", [("configs/tiny.yaml", "0"), ("configs/cluster-cpu.yaml", "1")])
+def test_a_preemption_watcher_runs_only_where_notices_are_acted_on(config, watcher, monkeypatch):
+    """Ray Train's watcher (whose start logs an "E ... core_worker.cc" line)
+    only with distributed.preemption_notices (the cluster configs); preempted
+    nodes restart the group either way (max_preemptions, -1 by default)."""
+    from saat_dist.config import load_config
+    from saat_dist.distributed.driver import build_trainer, job_env
+    from saat_dist.stages import SAAT
+
+    monkeypatch.setenv(LEVEL_ENV, "info")
+    cfg = load_config(config, ["distributed.address=127.0.0.1:1"])
+    assert job_env(cfg)["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == watcher
+    assert cfg.distributed.max_preemptions == -1
+    trainer = build_trainer(cfg, SAAT, Path("/tmp/not-written"))
+    assert trainer.run_config.failure_config.max_preemption_failures == -1
+    assert trainer.run_config.logging_config.log_level == "WARNING"  # Ray Train's own lines: debug only
+
+
 def test_run_summary_is_a_table_with_the_budget_and_paths(tmp_path):
     report = {"random_map": 0.1234, "attack": {"eps": 16 / 255, "iters": 100, "strong_factor": 5,
                                                 "strong_restarts": 3},
@@ -76,7 +94,7 @@ def test_run_summary_is_a_table_with_the_budget_and_paths(tmp_path):
               "saat": {"clean_map": 0.781, "attacked_map": 0.6901, "attacked_map_strong": 0.6736,
                        "targeted_tmap": 0.2},
               "stage_seconds": {"train": 75.2, "saat": 173.0},
-              "plots": [str(tmp_path / "plots" / "pr.png")]}
+              "plots": ["plots/pr.png", "plots/map.png"]}  # relative to the run directory, as report.json has them
     text = run_summary(report, tmp_path)
     lines = text.splitlines()
     assert lines[0].split() == ["benign", "saat"]
@@ -88,6 +106,7 @@ def test_run_summary_is_a_table_with_the_budget_and_paths(tmp_path):
     assert "eps 16/255, 100 iterations" in text
     assert f"report: {tmp_path / 'report.md'}" in lines and f"numbers: {tmp_path / 'report.json'}" in lines
     assert "time: train 75 s, saat 173 s" in text
+    assert f"plots: 2 PNG (+ PDF) in {tmp_path / 'plots'}" in lines
     assert len(lines) <= 15
 
 

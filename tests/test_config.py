@@ -115,7 +115,8 @@ def test_cli_rejects_bad_config_before_any_work(tmp_path, capsys, override, mess
     ray_before = ray.is_initialized()
     code = main(["run", "--config", "configs/tiny.yaml", "--set", f"output_dir={out}", "--set", override])
     assert code == 2
-    assert capsys.readouterr().err.strip() == f"saat-dist: error: configs/tiny.yaml: {message}"
+    # the --set item is named, not the file it overrides
+    assert capsys.readouterr().err.strip() == f"saat-dist: error: --set {override}: {message}"
     assert not out.exists() and ray.is_initialized() == ray_before  # nothing started, nothing written
 
 
@@ -364,7 +365,7 @@ def test_config_check_says_ok_with_warnings_or_gives_the_error(capsys):
     assert main(["config", "check", "--config", "configs/tiny.yaml", "--set", "saat.eps=16/0"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err == "saat-dist: error: configs/tiny.yaml: saat.eps: '16/0' divides by zero\n"
+    assert captured.err == "saat-dist: error: --set saat.eps=16/0: saat.eps: '16/0' divides by zero\n"
     assert main(["config", "check", "--preset", "../../etc/passwd"]) == 2
     assert "no '..', no absolute path" in capsys.readouterr().err
 
@@ -372,3 +373,20 @@ def test_config_check_says_ok_with_warnings_or_gives_the_error(capsys):
 def test_config_schema_prints_the_schema(capsys):
     assert main(["config", "schema"]) == 0
     assert json.loads(capsys.readouterr().out) == config_json_schema()
+
+
+def test_a_bad_value_in_the_file_names_the_file_and_one_on_the_line_names_the_set(tmp_path):
+    cfg = tmp_path / "my.yaml"
+    cfg.write_text("saat: {iters: 0}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(cfg))}: saat.iters: must be >= 1"):
+        load_config(cfg, ["attack.iters=3"])
+    with pytest.raises(ConfigError, match=r"^--set attack.eps=2: attack.eps: must be in \[0, 1\]"):
+        load_config("configs/tiny.yaml", ["attack.eps=2"])
+
+
+def test_config_check_builds_the_users_model_factory(capsys):
+    from saat_dist.cli import main
+
+    code = main(["config", "check", "--config", "configs/tiny.yaml", "--set", "model.factory=no_such_pkg.models:build"])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.factory" in err and "no_such_pkg" in err

@@ -189,6 +189,19 @@ def test_evaluate_robustness_refuses_bad_input_naming_the_argument():
         saat_dist.evaluate_robustness(plain, (images, labels))
     with pytest.raises(ConfigError, match="attack.eps"):
         saat_dist.evaluate_robustness(plain, (images, labels), (images, labels), eps=2.0)
+    with pytest.raises(ValueError, match=r"attacks: unknown attack\(s\) \['hagg'\]; choose from bim, "):
+        saat_dist.evaluate_robustness(plain, (images, labels), (images, labels), attacks=["mainstay", "hagg"])
+    with pytest.raises(ValueError, match=r"model: forward\(x\) returns 4 hash logits per image"):
+        saat_dist.evaluate_robustness(nn.Sequential(nn.Flatten(), nn.LazyLinear(4)), (images, labels),
+                                      (images, labels))
+
+
+def test_one_attack_named_as_a_string_is_that_attack():
+    from saat_dist.evaluation.robustness import _attack_names
+
+    assert _attack_names("hag") == ("hag",) and _attack_names(["hag", "sdha"]) == ("hag", "sdha")
+    assert _attack_names("paper")[0] == "mainstay" and len(_attack_names("paper")) > 5
+    assert _attack_names(None) == ("mainstay", "mainstay_targeted", "mainstay_strong")
 
 
 def test_evaluate_robustness_on_a_shard_directory(tiny_demo):

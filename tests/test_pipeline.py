@@ -6,8 +6,11 @@ preemption and a lost head, and once more elastic, to the uninterrupted
 run's parameters."""
 
 import contextlib
+import io
 import json
+import re
 import shutil
+import sys
 import time
 
 import pytest
@@ -28,7 +31,7 @@ STAGE_KEYS = {"clean_map", "attacked_map", "targeted_tmap", "theory_map", "theor
 # The cluster configs' settings: one worker per node where it can, resume auto.
 SAAT_OVERRIDES = ["saat.epochs=12", "saat.batch_size=16", "distributed.checkpoint_every=3",
                   "distributed.max_failures=2", "distributed.placement_strategy=SPREAD", "resume=auto",
-                  "distributed.preemption_poll_s=0.5", "distributed.max_preemptions=-1"]
+                  "distributed.preemption_poll_s=0.5"]
 
 
 def _args(run, shard_dir, base_url=None, *extra) -> list[str]:
@@ -51,8 +54,42 @@ def tiny_run(tmp_path_factory, local_cluster):
     with serving(tmp / "data" / "shards") as url:
         args = _args(tmp / "run", tmp / "no-shared-shards", url)
         nodes = {local_cluster.nodes[n]["node_id"] for n in local_cluster.workers}
-        assert main(["run", "--address", local_cluster.address, *args]) == 0
+        console = io.StringIO()  # what the user sees: printed lines and the workers' lines Ray forwards
+        with (contextlib.redirect_stdout(_Tee(console, sys.stdout)),
+              contextlib.redirect_stderr(_Tee(console, sys.stderr))):
+            assert main(["run", "--address", local_cluster.address, *args]) == 0
+        (tmp / "console.txt").write_text(console.getvalue())
         yield tmp, args, nodes
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+# lines of a successful run that would read as trouble or as noise to its user
+NOISE = re.compile(r"core_worker\.cc|Traceback|\bERROR\b|\d E \d|^E\d{4}|No CUDA runtime|built successfully|"
+                   r"TrainingReport\(|Checkpoint successfully created|Token authentication")
+
+
+@pytest.mark.slow
+def test_a_successful_run_prints_its_progress_and_a_summary_only(tiny_run):
+    tmp, _, _ = tiny_run
+    lines = (tmp / "console.txt").read_text().splitlines()
+    assert [line for line in lines if NOISE.search(line)] == []
+    text = "\n".join(lines)
+    assert "clean mAP" in text and f"report: {tmp / 'run' / 'report.md'}" in text and "eps 16/255" in text
+    print(f"console of the tiny run: {len(lines)} lines")
+    assert len(lines) <= 60
 
 
 @pytest.mark.slow
@@ -76,6 +113,15 @@ def test_run_writes_a_complete_report(tiny_run):
     assert "plots/loss_curves.png" in report["plots"] and "](plots/loss_curves.png)" in md
     assert all((run / pdf).is_file() for pdf in report["plots_pdf"]) and len(report["leaderboard"]) == 2
     assert (run / "config.yaml").is_file()
+    # TensorBoard: one event file per stage, rank 0's, equal to train.json's epoch losses
+    from saat_dist.monitoring.tracking import read_scalars
+
+    for stage, folder in (("train", "benign"), ("saat", "saat")):
+        assert len(list((run / "tensorboard" / stage).glob("events.out.tfevents.*"))) == 1, stage
+        history = json.loads((run / folder / "train.json").read_text())["history"]
+        epoch_loss = [v for _, v in read_scalars(run / "tensorboard" / stage)["epoch/loss"]]
+        assert epoch_loss == pytest.approx([h["loss"] for h in history], rel=1e-6), stage
+    assert len(list((run / "tensorboard").glob("evaluate*/events.out.tfevents.*"))) == 2
     # the demo data set was built on first use, through `data convert`
     assert (tmp / "data" / "list" / "train_img.txt").is_file()
     assert (tmp / "data" / "shards" / "manifest.json").is_file()
@@ -108,7 +154,7 @@ def test_checkpoints_are_state_dicts(tiny_run):
 
 
 @pytest.mark.slow
-def test_stages_run_alone_from_the_run_directory(tiny_run):
+def test_stages_run_alone_from_the_run_directory(tiny_run, capsys):
     """`evaluate` then `report` on the finished run, here in this process
     (one rank, one thread as a Ray worker) instead of 2 Ray workers: the same
     seed and model give the same numbers at any worker count (1e-6; measured 0.0)."""
@@ -123,6 +169,9 @@ def test_stages_run_alone_from_the_run_directory(tiny_run):
     finally:
         torch.set_num_threads(threads)
     assert main(["report", *args]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-2:] == [f"evaluate: done; wrote {run / 'benign' / 'eval.json'}",
+                            f"report: done; wrote {run / 'report.md'}, {run / 'report.json'}"]
     after = json.loads((run / "report.json").read_text())
     for key in ("clean_map", "attacked_map", "targeted_tmap"):
         assert after["benign"][key] == pytest.approx(before["benign"][key], abs=1e-6), key
@@ -226,7 +275,8 @@ def test_a_lost_node_a_preemption_and_a_lost_head(tiny_run, local_cluster, tmp_p
     The parameters equal the uninterrupted run's (1e-6; measured 0.0)."""
     # every checkpoint kept: the preemption's may otherwise rotate away before the test reads it
     cluster = local_cluster
-    again = _SaatAgain(tiny_run, tmp_path / "faults", tmp_path / "faults.log", "distributed.num_to_keep=1000")
+    again = _SaatAgain(tiny_run, tmp_path / "faults", tmp_path / "faults.log", "distributed.num_to_keep=1000",
+                       "distributed.preemption_notices=true")
     with _killed_at_exit(["run", "--address", cluster.address, *again.args], again.log) as proc:
         going = lambda: proc.poll() is None and not again.ended()  # noqa: E731
 

@@ -88,6 +88,12 @@ def _resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
     return int(resize * width / height), resize
 
 
+# which resize+crop decoding produced the images (data.resize set): part of the
+# settings that identify a trained model and its results (evaluation.identity);
+# version 2 is reference_transform's (PIL), version 1 was torch's interpolation
+RESIZE_TRANSFORM = "pil-bilinear-resize-centre-crop/2"
+
+
 def reference_transform(im: Image.Image, image_size: int, resize: int) -> Image.Image:
     """The reference's transform (xandery-geek/SAAT, utils/data_provider.py:
     torchvision's Resize(256) + CenterCrop(224) on the PIL image) with PIL's

@@ -93,7 +93,7 @@ class DataSource:
         not depend on which other shards a process reads (batched float sums
         differ in their last bits with the batch's company). ``keep(index) ->
         bool`` filters samples by global index; ``resize`` as
-        ``decode.resize_image``."""
+        ``decode.reference_transform``."""
         urls, digests = self.urls(split), self.digests(split)
         for j in (range(len(urls)) if shards is None else shards):
             buf: list = []

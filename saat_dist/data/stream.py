@@ -49,7 +49,7 @@ class StreamSpec:
     skip_corrupt: bool = False  # skip (warn, count) bad samples and the unreadable rest of a broken shard
     base_url: str | None = None  # read manifest + shards from here instead of shard_dir (see shards.file_url)
     source: DataSource | None = None  # an opened data source (else opened from shard_dir / base_url)
-    resize: int | None = None  # shorter side resized to this, then centre-cropped to image_size (data.decode.resize_image)
+    resize: int | None = None  # shorter side resized to this, then centre-cropped (decode.reference_transform)
     slots: int = 0  # canonical slots of the global order (0: one per shard); world_size must divide it
     micro_batches: int = 1  # a rank's share of each step comes as this many batches (gradient accumulation)
 

@@ -55,9 +55,9 @@ def job_env(cfg: RunConfig) -> dict[str, str]:
     return {"DS_ACCELERATOR": "cuda" if d.use_gpu else "cpu",
             "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": str(d.preemption_poll_s),
             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(d.worker_start_timeout_s),
-            # no watcher actor where preemptions are not handled (its start logs
-            # an "E ... core_worker.cc" line about its arguments, ray#53727)
-            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0" if d.max_preemptions == 0 else "1",
+            # no watcher actor unless notices are acted on (its start logs an
+            # "E ... core_worker.cc" line about its arguments, ray#53727)
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1" if d.preemption_notices else "0",
             LEVEL_ENV: log_level()}
 
 

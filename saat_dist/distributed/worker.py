@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from saat_dist.config import RunConfig, config_from_dict
-from saat_dist.console import configure_logging
+from saat_dist.console import configure_logging, is_debug
 from saat_dist.data.source import DataSource
 from saat_dist.distributed.deepspeed_setup import DeepSpeedBackend
 from saat_dist.distributed.ray_checkpoint import RayCheckpointer
@@ -38,6 +38,7 @@ def worker_main(config: dict) -> None:
     import ray.train
 
     configure_logging()  # the driver's --log-level, from the job's environment
+    _quiet_report_lines()
     cfg: RunConfig = config_from_dict(config["run"])
     stages = config["stages"]
     ctx = ray.train.get_context()
@@ -54,6 +55,8 @@ def worker_main(config: dict) -> None:
              "node_ip": ray.util.get_node_ip_address()}
     rank_log.info("rank %d of %d on node %s (%s, pid %d)", rank, world, where["node_id"][:12], where["host"],
                   where["pid"])
+    # no per-step barrier for notices nobody sends (distributed.preemption_notices off: no watcher)
+    notice = preemption_notice if cfg.distributed.preemption_notices else None
     for i, stage in enumerate(stages):
         metrics = WorkerMetrics(rank, stage.name)
         if cfg.metrics.enabled:
@@ -61,13 +64,23 @@ def worker_main(config: dict) -> None:
             rank_log.info("rank %d (pid %d) serves metrics on %s:%d", rank, os.getpid(), cfg.metrics.bind, port)
         try:
             run_timed(cfg, stage, run_dir, Launch(rank, world, _device(cfg), make_backend, RayCheckpointer(),
-                                                  metrics, where, preemption_notice), source)
+                                                  metrics, where, notice), source)
         finally:
             linger = cfg.metrics.linger_s if cfg.metrics.enabled else 0.0
             if i + 1 < len(stages):  # the next stage starts now; this endpoint lingers for Prometheus meanwhile
                 threading.Thread(target=metrics.close, args=(linger,), daemon=True).start()
             else:
                 metrics.close(linger)
+
+
+def _quiet_report_lines() -> None:
+    """Ray Train logs every report of every rank ("Reporting training result
+    N: TrainingReport(...)") on a logger named after its file's path, outside
+    the ``ray.train`` loggers its LoggingConfig quiets: that one too, unless
+    the run's level is debug."""
+    import ray.train.v2._internal.execution.context as context
+
+    logging.getLogger(context.__file__).setLevel(logging.DEBUG if is_debug() else logging.WARNING)
 
 
 def preemption_notice() -> Notice | None:

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from saat_dist.config import RunConfig, config_from_dict
+from saat_dist.data.decode import RESIZE_TRANSFORM
 from saat_dist.data.source import DataSource
 from saat_dist.device import select_device
 from saat_dist.stages import DEFENCE_STAGES
@@ -23,7 +24,7 @@ TRAINING_SECTIONS = ("seed", "data", "model", "train", *DEFENCE_STAGES)
 NOT_TRAINING = ("data.loader_workers", "data.build_demo", "data.skip_corrupt", "data.shard_dir", "data.base_url",
                 "data.verify_sha256")
 # ... and these distributed settings, which do change numbers (ZeRO stages and the worker and loader
-# counts do not: measured identical, or within float order with sync_batchnorm; see the README).
+# counts do not: measured identical, or within float order with sync_batchnorm; see docs/design.md).
 TRAINING_DISTRIBUTED = ("precision", "grad_accum", "gradient_clipping", "bank_sync_every", "sync_batchnorm")
 # What the evaluation's numbers depend on besides the model files.
 EVALUATION_SECTIONS = ("seed", "attack", "eval")
@@ -70,6 +71,8 @@ def training_settings(cfg: RunConfig, source: DataSource) -> dict:
     if not d.sync_batchnorm:
         out["distributed"]["num_workers"] = d.num_workers if d.elastic else max(1, d.num_workers)
     out["device"] = _device_kind(cfg, not d.in_process)
+    if cfg.data.resize is not None:  # how the images were resized changes them
+        out["resize_transform"] = RESIZE_TRANSFORM
     return out
 
 
@@ -86,6 +89,8 @@ def evaluation_settings(cfg: RunConfig, source: DataSource) -> dict:
     out["data_manifest"] = manifest_digest(source)
     out["precision"] = cfg.distributed.precision
     out["device"] = _device_kind(cfg, not cfg.distributed.in_process)
+    if cfg.data.resize is not None:
+        out["resize_transform"] = RESIZE_TRANSFORM
     return out
 
 

@@ -32,6 +32,7 @@ entries compare like for like when ``data.manifest_sha256``,
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path, PurePosixPath
 
 from saat_dist.checkpoint import write_text_atomic
@@ -45,7 +46,8 @@ ATTACK_KEYS = ("label", "kind", "whitebox", "eps", "iters", "restarts", "queries
 
 
 def model_id(hash_loss: str, backbone: str, bits: int, defence: str) -> str:
-    return f"{hash_loss}-{backbone}-{bits}-{defence}"
+    """A file-name-safe id; a ``model.factory`` ("pkg.mod:build") stands as pkg.mod.build."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", ".", f"{hash_loss}-{backbone}-{bits}-{defence}")
 
 
 def data_name(shard_dir: str) -> str:
@@ -58,7 +60,7 @@ def data_name(shard_dir: str) -> str:
 def leaderboard_entry(results: dict, *, kind: str, name: str, results_path: str, hash_loss: str, backbone: str,
                       bits: int, defence: str, defence_label: str, model_sha256: str | None, shard_dir: str,
                       manifest_sha256: str | None, image_size: int, digests: dict[str, str] | None,
-                      attack_labels: dict[str, str]) -> dict:
+                      attack_labels: dict[str, str], factory: str | None = None) -> dict:
     """One model's entry from its results (robustness.json / eval.json)."""
     from saat_dist import __version__
 
@@ -74,9 +76,9 @@ def leaderboard_entry(results: dict, *, kind: str, name: str, results_path: str,
     eps = results["eps"]
     return {
         "schema": LEADERBOARD_SCHEMA,
-        "id": model_id(hash_loss, backbone, bits, defence),
+        "id": model_id(hash_loss, factory or backbone, bits, defence),
         "source": {"kind": kind, "name": name, "results": results_path, "saat_dist": __version__},
-        "model": {"hash_loss": hash_loss, "backbone": backbone, "bits": bits, "defence": defence,
+        "model": {"hash_loss": hash_loss, "backbone": backbone, "factory": factory, "bits": bits, "defence": defence,
                   "defence_label": defence_label, "sha256": model_sha256},
         "data": {"name": data_name(shard_dir), "shard_dir": str(shard_dir), "manifest_sha256": manifest_sha256,
                  "image_size": image_size, "queries": results["queries"], "top_k": results["top_k"]},

@@ -282,7 +282,7 @@ def _run_leaderboard(cfg: RunConfig, run_dir: Path, results: dict[str, dict], so
             results[stage], kind="run", name=cfg.name, results_path=f"{stage}/eval.json", hash_loss=cfg.train.loss,
             backbone=cfg.model.backbone, bits=cfg.model.bits, defence=defence, defence_label=DEFENCE_NAMES[defence],
             model_sha256=file_sha256(model) if model.is_file() else None, shard_dir=cfg.data.shard_dir,
-            manifest_sha256=manifest, image_size=cfg.data.image_size, digests=digests, attack_labels=ATTACK_NAMES))
+            manifest_sha256=manifest, image_size=cfg.data.image_size, digests=digests, attack_labels=ATTACK_NAMES, factory=cfg.model.factory))
     return write_leaderboard(run_dir, entries)
 
 
@@ -449,7 +449,7 @@ def _experiment_leaderboard(cfg: RunConfig, cells: dict, source) -> list[str]:
                 defence_label=DEFENCE_NAMES.get(defence, defence),
                 model_sha256=file_sha256(model) if model.is_file() else None, shard_dir=cfg.data.shard_dir,
                 manifest_sha256=manifest, image_size=cfg.data.image_size, digests=digests,
-                attack_labels=ATTACK_NAMES))
+                attack_labels=ATTACK_NAMES, factory=cfg.model.factory))
     return write_leaderboard(out, entries)
 
 

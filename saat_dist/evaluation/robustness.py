@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from saat_dist.attacks import ATTACK_REGISTRY
 from saat_dist.attacks.mainstay_pgd import eval_mode
 from saat_dist.config import DEFAULT_ATTACKS, RunConfig, config_from_dict, load_config
 from saat_dist.data.source import DataSource
@@ -127,7 +128,25 @@ def _code_length(model: nn.Module, x: torch.Tensor) -> int:
         out = model(x, alpha=1.0)
     if out.dim() != 2:
         raise ValueError(f"model: forward(x) must return B x K hash logits, got shape {tuple(out.shape)}")
+    if not 8 <= out.shape[1] <= 1024:
+        raise ValueError(f"model: forward(x) returns {out.shape[1]} hash logits per image; codes of 8 to 1024 "
+                         "bits are supported")
     return int(out.shape[1])
+
+
+def _attack_names(attacks: Sequence[str] | str | None) -> tuple[str, ...]:
+    """``attacks`` as names of the registry: None (``evaluate``'s set), "paper" (the experiment's), one
+    name or a sequence of names."""
+    if attacks is None:
+        return tuple(EVALUATE_ATTACKS)
+    if attacks == "paper":
+        return tuple(DEFAULT_ATTACKS)
+    names = (attacks,) if isinstance(attacks, str) else tuple(attacks)
+    unknown = [a for a in names if a not in ATTACK_REGISTRY]
+    if unknown or not names:
+        raise ValueError(f"attacks: unknown attack(s) {unknown or names!r}; choose from "
+                         f"{', '.join(sorted(ATTACK_REGISTRY))} or 'paper'")
+    return names
 
 
 def evaluate_robustness(model: nn.Module, query: Split | str | Path, database: Split | None = None, *,
@@ -153,6 +172,7 @@ def evaluate_robustness(model: nn.Module, query: Split | str | Path, database: S
     as ``--config``/``--set`` (e.g. ``attack.restarts=3``, ``eval.top_k=1000``).
     Returns the dict of robustness.json (see the module docstring)."""
     t0 = time.monotonic()
+    names = _attack_names(attacks)  # bad names fail before any data is read
     tree = _settings(config, overrides)
     place_device = select_device("auto" if device is None else str(device))
     if isinstance(query, (str, Path)):
@@ -174,7 +194,6 @@ def evaluate_robustness(model: nn.Module, query: Split | str | Path, database: S
         tree["attack"]["iters"] = int(iters)
     tree["seed"] = seed
     cfg = config_from_dict(tree)
-    names = tuple(DEFAULT_ATTACKS) if attacks == "paper" else tuple(attacks or EVALUATE_ATTACKS)
     # the default is `saat-dist evaluate`'s: one run of the mainstay attack beside the strong check; a list
     # of attacks given is run as the experiment runs it (attack.restarts)
     stage = EvaluationStage("model", names, sweep=sweep, results=RESULTS, restarts=1 if attacks is None else 0)

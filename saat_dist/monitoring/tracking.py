@@ -42,7 +42,8 @@ def mlflow_problem(uri: str | None) -> str | None:
     """Why MLflow tracking to ``uri`` cannot start in this environment (MLflow
     is not installed), or None: for a config check, before any worker starts."""
     if uri and importlib.util.find_spec("mlflow") is None:
-        return f"{uri!r} is set but MLflow is not installed (pip install {MLFLOW_PIN}; or leave the key unset)"
+        return (f"{uri!r} is set but MLflow is not installed (pip install 'saat-dist[mlflow]', {MLFLOW_PIN}; "
+                "or leave the key unset)")
     return None
 
 
