@@ -54,6 +54,8 @@ def configure_logging(level: str | None = None) -> str:
     logging.getLogger().setLevel(numeric)
     for name, floor in NOISY_LOGGERS.items():
         logging.getLogger(name).setLevel(numeric if chosen == "debug" else max(floor, numeric))
+    if chosen == "debug":  # the per-rank logger keeps INFO on every rank (training.trainer); debug shows more
+        logging.getLogger("saat_dist.rank").setLevel(logging.DEBUG)
     return chosen
 
 

@@ -53,7 +53,8 @@ def worker_main(config: dict) -> None:
 
     where = {**this_process(), "node_id": ray.get_runtime_context().get_node_id(),
              "node_ip": ray.util.get_node_ip_address()}
-    rank_log.info("rank %d of %d on node %s (%s, pid %d)", rank, world, where["node_id"][:12], where["host"],
+    # where each rank runs is in train.json and the report; the console keeps to progress (--log-level debug)
+    rank_log.debug("rank %d of %d on node %s (%s, pid %d)", rank, world, where["node_id"][:12], where["host"],
                   where["pid"])
     # no per-step barrier for notices nobody sends (distributed.preemption_notices off: no watcher)
     notice = preemption_notice if cfg.distributed.preemption_notices else None
@@ -61,7 +62,8 @@ def worker_main(config: dict) -> None:
         metrics = WorkerMetrics(rank, stage.name)
         if cfg.metrics.enabled:
             port = metrics.serve(cfg.metrics.bind, cfg.metrics.port, run_dir, local_rank)
-            rank_log.info("rank %d (pid %d) serves metrics on %s:%d", rank, os.getpid(), cfg.metrics.bind, port)
+            # Prometheus finds it through the target file under <run_dir>/metrics
+            rank_log.debug("rank %d (pid %d) serves metrics on %s:%d", rank, os.getpid(), cfg.metrics.bind, port)
         try:
             run_timed(cfg, stage, run_dir, Launch(rank, world, _device(cfg), make_backend, RayCheckpointer(),
                                                   metrics, where, notice), source)
