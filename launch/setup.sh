@@ -17,13 +17,16 @@ stamp="$VENV/.saat-dist-installed"
 want=$(cat requirements.txt requirements-dev.txt requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing pinned requirements (first time: several minutes, ~6 GB for torch)"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
+  # pip names every configured index location missing on this machine, once
+  # per package ("WARNING: Location ... is ignored"): not the install's concern
+  quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location '.*' is ignored: it is neither a file nor a directory" || true; }; }
+  quiet "$VENV/bin/python" -m pip install -q --upgrade pip
   # compiled at install (45 s of a 113 s install on 2 cores): where
   # PYTHONDONTWRITEBYTECODE is set, as on these machines, Python never caches a
   # module it compiles, and every process would compile torch again (measured:
   # --no-compile made the test suite 40 % slower)
-  "$VENV/bin/python" -m pip install -q -r requirements-dev.txt -c requirements.lock
-  "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
+  quiet "$VENV/bin/python" -m pip install -q -r requirements-dev.txt -c requirements.lock
+  quiet "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"
 else
   echo "[setup] $VENV is up to date"
