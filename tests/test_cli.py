@@ -70,7 +70,7 @@ def test_the_job_environment_carries_the_log_level(monkeypatch):
 
 
 @pytest.mark.parametrize("config, watcher", [("configs/tiny.yaml", "0"), ("configs/cluster-cpu.yaml", "1")])
-def test_a_preemption_watcher_runs_only_where_notices_are_acted_on(config, watcher, monkeypatch):
+def test_a_preemption_watcher_runs_only_where_notices_are_acted_on(config, watcher, monkeypatch, tmp_path):
     """Ray Train's watcher (whose start logs an "E ... core_worker.cc" line)
     only with distributed.preemption_notices (the cluster configs); preempted
     nodes restart the group either way (max_preemptions, -1 by default)."""
@@ -82,7 +82,7 @@ def test_a_preemption_watcher_runs_only_where_notices_are_acted_on(config, watch
     cfg = load_config(config, ["distributed.address=127.0.0.1:1"])
     assert job_env(cfg)["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == watcher
     assert cfg.distributed.max_preemptions == -1
-    trainer = build_trainer(cfg, SAAT, Path("/tmp/not-written"))
+    trainer = build_trainer(cfg, SAAT, tmp_path)  # records its Ray run name there
     assert trainer.run_config.failure_config.max_preemption_failures == -1
     assert trainer.run_config.logging_config.log_level == "WARNING"  # Ray Train's own lines: debug only
 

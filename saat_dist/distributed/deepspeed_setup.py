@@ -65,8 +65,9 @@ def skip_shm_comm_build() -> None:
     from deepspeed.accelerator import get_accelerator
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is not None:
-        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)  # DeepSpeed 0.19's probe result
+    if builder is not None and isinstance(compatible, dict):
+        compatible[builder.NAME] = False
 
 
 def build_engine(model: torch.nn.Module, optim: OptimConfig, d: DistributedConfig, schedule, world_size: int):

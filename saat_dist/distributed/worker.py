@@ -80,8 +80,10 @@ def _quiet_report_lines() -> None:
     N: TrainingReport(...)") on a logger named after its file's path, outside
     the ``ray.train`` loggers its LoggingConfig quiets: that one too, unless
     the run's level is debug."""
-    import ray.train.v2._internal.execution.context as context
-
+    try:  # a private module of Ray 2.60: another Ray version may not have it, and then nothing is quieted
+        import ray.train.v2._internal.execution.context as context
+    except ImportError:
+        return
     logging.getLogger(context.__file__).setLevel(logging.DEBUG if is_debug() else logging.WARNING)
 
 
