@@ -30,6 +30,9 @@ from saat_dist.defences.base import AdvTrainConfig
 from saat_dist.defences.cgat import CgATConfig
 from saat_dist.defences.pgd_at import PGDATConfig
 from saat_dist.defences.saat import SAATConfig
+from saat_dist.defences.saat_curriculum import SAATCurriculumConfig
+from saat_dist.defences.saat_fgsm import SAATFGSMConfig
+from saat_dist.defences.saat_free import SAATFreeConfig
 from saat_dist.attacks import ATTACK_REGISTRY
 from saat_dist.attacks.anchor import AnchorAttackConfig
 from saat_dist.attacks.hag import HAGConfig
@@ -47,6 +50,8 @@ class ConfigError(ValueError):
 
 ADV_SECTIONS = tuple(DEFENCE_REGISTRY)  # config sections of the adversarial-training defences (their registry)
 DEFENCES = ("none", *DEFENCE_REGISTRY)  # 'none': the benign model; the others: saat_dist.defences
+# the paper's protocol: the default experiment.defences (the fast SAAT modes are named where wanted)
+DEFAULT_DEFENCES = ("none", *(n for n, d in DEFENCE_REGISTRY.items() if d.in_default_experiment))
 ATTACKS = tuple(ATTACK_REGISTRY)  # every attack of the evaluation suite (saat_dist.attacks)
 DEFAULT_ATTACKS = tuple(name for name, a in ATTACK_REGISTRY.items() if a.default)
 HashLoss = Literal["dph", "dpsh", "hashnet", "csq", "dpn", "hswd", "ortho"]
@@ -331,7 +336,7 @@ class ExperimentConfig:
     bits: Annotated[list[Annotated[int, Field(ge=8, le=1024)]], Field(
         min_length=1, description="code lengths of the grid")] = field(default_factory=lambda: [32])
     defences: Annotated[list[str], Field(description="'none' is the benign model", json_schema_extra={
-        "items": {"enum": list(DEFENCES)}})] = field(default_factory=lambda: list(DEFENCES))
+        "items": {"enum": list(DEFENCES)}})] = field(default_factory=lambda: list(DEFAULT_DEFENCES))
     attacks: Annotated[list[str], Field(description="attacks run on every model", json_schema_extra={
         "items": {"enum": list(ATTACKS)}})] = field(default_factory=lambda: list(DEFAULT_ATTACKS))
     transfer: Annotated[bool, Field(description=(
@@ -399,6 +404,9 @@ class RunConfig:
     cgat: CgATConfig = field(default_factory=CgATConfig)
     atrdh: ATRDHConfig = field(default_factory=ATRDHConfig)
     pgd_at: PGDATConfig = field(default_factory=PGDATConfig)
+    saat_fgsm: SAATFGSMConfig = field(default_factory=SAATFGSMConfig)
+    saat_free: SAATFreeConfig = field(default_factory=SAATFreeConfig)
+    saat_curriculum: SAATCurriculumConfig = field(default_factory=SAATCurriculumConfig)
     attack: AttackConfig = field(default_factory=AttackConfig, description="evaluation attacks")
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -759,6 +767,8 @@ def _yaml_value(value: Any, budget: bool) -> str:
         return "[" + ", ".join(_yaml_value(v, True) for v in value) + "]"
     if budget and isinstance(value, float) and value and round(value * 255) / 255 == value:
         return f"{round(value * 255)}/255"
+    if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):  # a list of sections (phases)
+        value = [dataclasses.asdict(v) for v in value]
     return yaml.safe_dump(value, default_flow_style=True, width=10**9).removesuffix("\n...\n").rstrip()
 
 

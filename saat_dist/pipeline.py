@@ -91,6 +91,9 @@ def check_layout(cfg: RunConfig, source: DataSource, stages: list[Stage]) -> Non
         if why:
             key = "distributed.num_workers" if "canonical slots" in why else f"{stage.section}.batch_size"
             raise ConfigError(f"{key}: {why}")
+        if stage.defence is not None and stage.defence.updates_per_step and cfg.distributed.grad_accum != 1:
+            raise ConfigError(f"distributed.grad_accum: {stage.section} replays each batch as optimizer updates "
+                              "and needs grad_accum 1 (a replay is an update, not a micro-batch)")
 
 
 def _metrics_sink(cfg: RunConfig, stage: Stage | EvaluationStage, run_dir: Path):

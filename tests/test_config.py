@@ -189,7 +189,7 @@ def test_errors_name_the_file_else_the_set_item_and_the_dotted_key(tmp_path):
     with pytest.raises(ConfigError) as e:  # no file: the --set item that set it
         load_config(None, ["seed=1", "train.optim.lrr=1"])
     assert str(e.value).startswith("--set train.optim.lrr=1: unknown key 'train.optim.lrr' (known keys here: "
-                                   "['base_batch', 'betas', 'gamma', 'lr',")
+                                   "['base_batch', 'betas', 'cycle_peak', 'gamma', 'lr',")
     with pytest.raises(ConfigError) as e:  # a check across sections names its key
         load_config(None, ["distributed.num_workers=[1, 4]", "distributed.zero_stage=2"])
     assert str(e.value).startswith("--set distributed.num_workers=[1, 4]: distributed.num_workers: elastic [1, 4] "

@@ -87,6 +87,22 @@ def test_experiment_json_has_the_documented_shape(experiment):
 
 
 @pytest.mark.slow
+def test_every_defence_reports_its_training_cost_beside_its_robustness(experiment):
+    out, _ = experiment
+    r = json.loads((out / "experiment.json").read_text())
+    rows = {row["defence"]: row for row in r["cost"]}
+    assert set(rows) == {"saat", "atrdh", "cgat", "pgd_at"}
+    # FAST: 2 inner PGD steps + the clean and the adversarial pass of the update, per sample of a step
+    assert {d: row["passes_per_sample"] for d, row in rows.items()} == {d: 4.0 for d in rows}
+    saat = rows["saat"]
+    assert saat["passes_vs_saat"] == 1.0 and saat["worst_case_vs_saat"] == 0.0
+    table2 = {(t["defence"], t["attack"]): t["map"] for t in r["table2"]}
+    assert all(row["worst_case_map"] == table2[(d, "worst_case")] and row["seconds"] > 0 for d, row in rows.items())
+    assert "plots/robustness_vs_cost_dph-16.png" in r["plots"] and (out / "plots/robustness_vs_cost_dph-16.pdf").is_file()
+    assert "## Robustness against training cost" in (out / "experiment.md").read_text()
+
+
+@pytest.mark.slow
 def test_worst_case_is_at_most_every_attack_and_per_query(experiment):
     out, _ = experiment
     for folder in ("benign", "saat", "atrdh", "cgat", "pgd_at"):

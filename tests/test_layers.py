@@ -23,7 +23,7 @@ LAYERS = [
     ["saat_dist.defences"],
     ["saat_dist.config", "saat_dist.stages"],
     ["saat_dist.training", "saat_dist.monitoring"],
-    ["saat_dist.evaluation"],
+    ["saat_dist.evaluation", "saat_dist.cost_model"],
     ["saat_dist.runner"],
     ["saat_dist.distributed"],
     ["saat_dist.pipeline", "saat_dist.experiment"],

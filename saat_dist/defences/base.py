@@ -66,6 +66,7 @@ class StepContext:
     rank: int = 0
     world: int = 1
     global_micro_batch: int = 0  # samples of one micro-batch over all workers
+    total_steps: int = 0  # optimizer steps of the stage (a curriculum's phases are fractions of them)
 
     def keys(self, batch, step: int) -> ItemKeys:
         """The inner attack's draws: keyed by (seed, stage, step, item)."""
@@ -88,6 +89,9 @@ class ExtrasContext:
     rank: int
     world: int
     total_micro_steps: int
+    # the first n training items (x float in [0, 1], y, index) in stored order, on this device, the same on
+    # every rank: a fixed probe set (the overfitting guard's)
+    probe_batch: Callable[[int], tuple] | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,13 @@ class Defence:
     seed_offset: int  # its stage's data order and model seed: seed + seed_offset (never reuse one)
     order: int  # its place in reports and in the default experiment.defences
     extras: Callable | None = None  # (ExtrasContext) -> {name: state with state_dict / load_state_dict}
+    # (StepContext, epoch) -> values added to the epoch's history (a collective: every rank calls it)
+    epoch_end: Callable | None = None
+    # (section) -> optimizer updates per trainer step (free training replays a batch m times): the lr schedule
+    # counts updates, not batches
+    updates_per_step: Callable | None = None
+    # in the default experiment.defences (the paper's protocol); the fast SAAT modes are opt-in
+    in_default_experiment: bool = True
 
 
 def write_codes(bank, hash_bank, index, u) -> None:

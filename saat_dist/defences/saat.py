@@ -74,6 +74,16 @@ def saat_step(model, stepper, batch, bank: CodeBank, loss_fn, settings: SAATConf
     x_adv = pgd_attack(net, x, guide, eps=settings.eps, step_size=settings.step_size, iters=settings.iters,
                        targeted=False, random_start=True, alpha_schedule=None, loss="plain", generator=generator,
                        mode=settings.attack_mode, keys=keys)
+    return saat_update(model, stepper, x, x_adv, y, index, bank, loss_fn, settings, step, check=check,
+                       hash_bank=hash_bank, weighting=weighting)
+
+
+def saat_loss(model, x, x_adv, y, index, bank: CodeBank, loss_fn, settings, *, hash_bank: CodeBank | None = None,
+              weighting: str = "cosine") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SAAT's outer loss after its inner attack, in the reference order:
+    clean and adversarial forward -> the batch's sign codes into the bank,
+    b*(y) recomputed -> L_hash(clean) + lam * (-mean(F(x_adv) b*)) + mu *
+    mean((F(x_adv) - sign)^2). Returns (loss, the step's outputs)."""
     u = model(x)
     u_adv = model(x_adv)
     write_codes(bank, hash_bank, index, u)
@@ -82,12 +92,21 @@ def saat_step(model, stepper, batch, bank: CodeBank, loss_fn, settings: SAATConf
     adv = -(u_adv * guide).mean()
     quant = (u_adv - torch.sign(u_adv)).pow(2).mean()
     loss = clean_loss + settings.lam * adv + settings.mu * quant
+    return loss, {"loss": loss.detach(), "hash": clean_loss.detach(), "adv": adv.detach(), "quant": quant.detach(),
+                  "bits_flipped": flipped(u, u_adv)}
+
+
+def saat_update(model, stepper, x, x_adv, y, index, bank: CodeBank, loss_fn, settings, step: int, *,
+                check: bool = True, hash_bank: CodeBank | None = None,
+                weighting: str = "cosine") -> dict[str, torch.Tensor]:
+    """``saat_loss``, its backward and the optimizer step (every SAAT mode's update)."""
+    loss, out = saat_loss(model, x, x_adv, y, index, bank, loss_fn, settings, hash_bank=hash_bank,
+                          weighting=weighting)
     if check:
         check_finite(loss, "SAAT", step)
     stepper.backward(loss)
     stepper.step()
-    return {"loss": loss.detach(), "hash": clean_loss.detach(), "adv": adv.detach(), "quant": quant.detach(),
-            "bits_flipped": flipped(u, u_adv)}
+    return out
 
 
 def train_step(ctx: StepContext, batch, step: int) -> dict[str, torch.Tensor]:

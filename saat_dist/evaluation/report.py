@@ -47,6 +47,7 @@ from saat_dist.evaluation.leaderboard import leaderboard_entry, write_leaderboar
 from saat_dist.evaluation.results import RESULTS_FORMAT, results_current
 from saat_dist.evaluation.stage import RETRIEVAL_IMAGES
 from saat_dist.evaluation.suite import SINGLE_RUN
+from saat_dist.evaluation.training_cost import cost_figure, cost_markdown, cost_rows
 from saat_dist.evaluation.tables import fmt, table1_markdown, table1_rows, table2_markdown, table2_rows, write_tables
 from saat_dist.stages import model_folder
 
@@ -417,7 +418,8 @@ def write_experiment_report(cfg: RunConfig, cells: dict, source) -> dict:
     report["settings"]["seconds"] = {"total": seconds(out / "stages.json").get("experiment"),
                                      "cells": {f"{h}-{b}": seconds(out / "cells" / f"{h}-{b}" / "stages.json")
                                                for h, b in cells}}
-    report["plots"] = _plots(cfg, cells, source, out)
+    report["cost"] = cost_rows(cells, out / "cells", DEFENCE_NAMES)
+    report["plots"] = _plots(cfg, cells, source, out, report["cost"])
     report["plots_pdf"] = [pdf_of(p) for p in report["plots"]]
     report["tables"] = write_tables(out, report, [f"{h} {b}" for h, b in cells], ATTACK_NAMES, DEFENCE_NAMES, cfg.name)
     report["leaderboard"] = _experiment_leaderboard(cfg, cells, source)
@@ -458,7 +460,7 @@ def _markdown(cfg: RunConfig, cells: dict, r: dict) -> str:
     attack against every defence, transfer, the checks, the orderings, the plots."""
     cols = [f"{h} {b}" for h, b in cells]
     lines = [*_md_settings(cfg, r), *_md_table1(r, cols), *_md_table2(cells, r, cols), *_md_every_attack(cells),
-             *_md_transfer(r), *_md_checks(r), *_md_orderings(r)]
+             *_md_transfer(r), *cost_markdown(r.get("cost", [])), *_md_checks(r), *_md_orderings(r)]
     lines += ["", "## Files for a paper", "",
               "Tables I and II as CSV and LaTeX (booktabs): " + ", ".join(f"[{t}]({t})" for t in r.get("tables", []))
               + f"; one leaderboard entry per model (saat-dist/leaderboard-entry/v1, {len(r.get('leaderboard', []))} "
@@ -562,7 +564,7 @@ def _md_orderings(r: dict) -> list[str]:
     return lines
 
 
-def _plots(cfg: RunConfig, cells: dict, source, out: Path) -> list[str]:
+def _plots(cfg: RunConfig, cells: dict, source, out: Path, cost: list[dict] | None = None) -> list[str]:
     plt = _pyplot()
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
@@ -581,6 +583,10 @@ def _plots(cfg: RunConfig, cells: dict, source, out: Path) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         written.append(_save(fig, plots / f"map_vs_eps_{tag}.png", out))
+        rows = [r for r in cost or [] if (r["hash"], r["bits"]) == (h, b)]
+        if rows:
+            fig = cost_figure(rows, tag, plt, next(iter(by.values())).get("random_map"))
+            written.append(_save(fig, plots / f"robustness_vs_cost_{tag}.png", out))
 
         fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
         for i, (d, res) in enumerate(by.items()):

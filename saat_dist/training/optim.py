@@ -5,7 +5,10 @@ The learning rate is the configured one, times the batch-size rule
 when the global batch differs from the batch the lr was set for
 (``base_batch``). The schedule multiplies it by a linear warm-up from the
 unscaled lr over ``warmup_epochs`` and by ``gamma`` at each milestone (at
-fractions of all steps, or at the start of the ``milestone_epochs``).
+fractions of all steps, or at the start of the ``milestone_epochs``), or,
+with ``schedule: cyclic``, follows one triangular cycle from 0 up to the lr
+at ``cycle_peak`` of the steps and back to 0 (Smith 2017; the schedule of
+"Fast is better than free", Wong et al., ICLR 2020, and of N-FGSM).
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ class OptimConfig:
         description="or: epochs (0-based) at whose start lr is multiplied by gamma; overrides milestones (the "
                     "reference's benign schedule: [34, 67] of 100)")] = field(default_factory=list)
     gamma: Annotated[float, Field(gt=0, description="lr factor at each milestone")] = 0.1
+    schedule: Annotated[Literal["step", "cyclic"], Field(description=(
+        "step: the lr, times gamma at each milestone; cyclic: one triangular cycle, 0 -> lr at cycle_peak of the "
+        "steps -> 0 (Wong et al. 2020; milestones are then ignored)"))] = "step"
+    cycle_peak: Annotated[float, Field(gt=0, lt=1, description=(
+        "with schedule: cyclic, the fraction of the steps where the lr peaks (Wong et al.: 0.5)"))] = 0.5
     lr_scaling: Annotated[Literal["none", "linear", "sqrt"], Field(
         description="rule for a global batch other than base_batch: lr x (batch / base_batch) (linear, Goyal et "
                     "al. 2017) or its square root (sqrt); none: lr as given at any batch")] = "none"
@@ -69,6 +77,8 @@ class OptimConfig:
         if self.warmup_epochs > epochs:
             out.append(f"{section}.warmup_epochs={self.warmup_epochs:g} is longer than the stage: "
                        "the lr never reaches its scaled value")
+        if self.schedule == "cyclic" and (self.milestones or self.milestone_epochs):
+            out.append(f"{section}.milestones have no effect with {section}.schedule=cyclic")
         if self.milestone_epochs and self.milestones:
             out.append(f"{section}.milestones has no effect: {section}.milestone_epochs is set")
         late = [m for m in self.milestone_epochs if m >= epochs]
@@ -103,6 +113,9 @@ def milestone_steps(cfg: OptimConfig, total_steps: int, steps_per_epoch: int) ->
 
 def lr_multiplier(cfg: OptimConfig, step: int, total_steps: int, steps_per_epoch: int, factor: float) -> float:
     """The optimizer's lr times this is the lr of ``step`` (0-based)."""
+    if cfg.schedule == "cyclic":  # the triangle's value at the step's middle: never exactly 0
+        t = (step + 0.5) / max(1, total_steps)
+        return t / cfg.cycle_peak if t < cfg.cycle_peak else max(0.0, (1 - t) / (1 - cfg.cycle_peak))
     warmup = cfg.warmup_epochs * steps_per_epoch
     ramp = 1.0
     if warmup > 0 and step < warmup and factor != 1.0:  # from lr / factor (the unscaled lr) up to lr

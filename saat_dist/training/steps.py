@@ -47,6 +47,14 @@ class TorchStepper:
             self.scheduler.step()
 
 
+def advance_schedule(stepper, steps: int) -> None:
+    """Move the lr schedule on by ``steps`` updates that were not made (a
+    TorchStepper's scheduler or a DeepSpeed engine's)."""
+    scheduler = getattr(stepper, "scheduler", None) or getattr(stepper, "lr_scheduler", None)
+    for _ in range(steps if scheduler is not None else 0):
+        scheduler.step()
+
+
 def hash_module(model: nn.Module) -> nn.Module:
     """The HashModel inside a wrapper (DeepSpeed engine, DDP) or the model itself."""
     return getattr(model, "module", model)

@@ -27,6 +27,7 @@ workers.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -209,16 +210,39 @@ def fill_bank(cfg: RunConfig, source: DataSource, module, bank: SyncedBank, plac
 
 def make_step(stage: Stage, cfg: RunConfig, backend, bank, loss_fn, extras: dict, launch: Launch,
               schedule: Schedule):
-    """``step_fn(batch, step)`` of a stage: benign training, or the step of
-    the stage's defence with its context (the inner attack's draws keyed by
-    (seed, stage, step, item))."""
+    """(``step_fn(batch, step)``, ``epoch_end(epoch) -> dict`` or None) of a
+    stage: benign training, or the step of the stage's defence with its
+    context (the inner attack's draws keyed by (seed, stage, step, item)) and
+    the defence's epoch-end hook."""
     model, stepper = backend.model, backend.stepper
     if stage.defence is None:
-        return lambda batch, step: benign_step(model, stepper, batch, bank, loss_fn, step, check=False)
+        return lambda batch, step: benign_step(model, stepper, batch, bank, loss_fn, step, check=False), None
     ctx = StepContext(model, stepper, bank, loss_fn, getattr(cfg, stage.section), cfg.seed, stage.name,
                       extras.get("hash_bank"), extras, launch.rank, launch.world,
-                      schedule.global_batch // schedule.grad_accum)
-    return lambda batch, step: stage.defence.step(ctx, batch, step)
+                      schedule.global_batch // schedule.grad_accum, schedule.total_steps)
+    hook = stage.defence.epoch_end
+    return (lambda batch, step: stage.defence.step(ctx, batch, step),
+            None if hook is None else (lambda epoch: hook(ctx, epoch)))
+
+
+class PassCounter:
+    """Forward/backward passes of the hash model in training, per image at
+    full resolution: every forward made with gradients on (each is followed
+    by a backward, to the input in an inner attack or to the weights in an
+    update) adds its images x their pixels / the full image's pixels. The
+    epoch-end probes and the bank fill are not training and are not counted."""
+
+    def __init__(self, module: nn.Module, image_size: int) -> None:
+        self.full, self.passes, self.paused = float(image_size * image_size), 0.0, False
+        self._handle = module.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args) -> None:
+        if not self.paused and torch.is_grad_enabled() and args and torch.is_tensor(args[0]):
+            x = args[0]
+            self.passes += x.shape[0] * x.shape[-1] * x.shape[-2] / self.full
+
+    def remove(self) -> None:
+        self._handle.remove()
 
 
 def build_extras(cfg: RunConfig, stage: Stage, source: DataSource, bank: SyncedBank, new_bank, launch: Launch,
@@ -234,9 +258,23 @@ def build_extras(cfg: RunConfig, stage: Stage, source: DataSource, bank: SyncedB
         extras["hash_bank"] = new_bank()
     if stage.defence.extras is not None:
         ctx = ExtrasContext(section, new_bank, bank, source.num_classes, source.label_sets, cfg.model.bits, cfg.seed,
-                            launch.device, launch.rank, launch.world, schedule.total_steps * schedule.grad_accum)
+                            launch.device, launch.rank, launch.world, schedule.total_steps * schedule.grad_accum,
+                            probe_batch=lambda n: probe_items(cfg, source, n, launch.device))
         extras.update(stage.defence.extras(ctx))
     return extras
+
+
+def probe_items(cfg: RunConfig, source: DataSource, n: int, device) -> tuple:
+    """The first ``n`` training items in stored order (x float in [0, 1], y,
+    index), on ``device``: the same on every rank."""
+    xs, ys, idx, have = [], [], [], 0
+    for x, y, index in source.batches("train", cfg.data.image_size, min(n, 256), resize=cfg.data.resize):
+        xs.append(x), ys.append(y), idx.append(index)
+        have += len(x)
+        if have >= n:
+            break
+    x, y, index = (torch.cat(t)[:n] for t in (xs, ys, idx))
+    return x.float().div_(255).to(device), y.float().to(device), index.to(device)
 
 
 # ---------------------------------------------------------------- train state
@@ -253,13 +291,17 @@ class TrainState:
         self.settings = ""  # digest of the settings that shape training: a checkpoint of other settings is refused
         self.history: list[dict[str, float]] = []  # per-epoch means over every worker
         self.epoch_sums: dict[str, float] = {}  # this rank's host sums of the running epoch
+        self.passes = 0.0  # training passes (PassCounter) of earlier attempts, over every rank (rank 0 holds them)
+        self.seconds = 0.0  # training-loop seconds of earlier attempts
+        self.counter: PassCounter | None = None  # this attempt's passes (this rank's)
+        self.t_attempt = time.monotonic()  # when this attempt's loop started
         self.stream, self.bank = stream, bank
         # what a defence adds: the continuous hash banks, ATRDH's PrototypeNet (state_dict / load_state_dict)
         self.extras = extras or {}
 
     def state_dict(self) -> dict:
         return {"step": self.step, "history": self.history, "epoch_sums": self.epoch_sums,
-                "restores": self.restores, "settings": self.settings,
+                "restores": self.restores, "settings": self.settings, "passes": self.passes, "seconds": self.seconds,
                 "stream": self.stream.state_dict(), "bank": self.bank.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "extras": {k: v.state_dict() for k, v in self.extras.items()}}
@@ -271,6 +313,7 @@ class TrainState:
                                   "the settings")
         self.step, self.history, self.epoch_sums = int(state["step"]), state["history"], state["epoch_sums"]
         self.restores = list(state.get("restores", []))
+        self.passes, self.seconds = float(state.get("passes", 0.0)), float(state.get("seconds", 0.0))
         self.stream.load_state_dict(state["stream"])
         self.bank.load_state_dict(state["bank"])
         torch.set_rng_state(state["torch_rng"])
@@ -286,9 +329,12 @@ class TrainState:
         rank go in too, for a restart at another worker count); ``why``: what
         asked for this checkpoint (epoch end, every N steps, a preemption notice)."""
         keys = sorted(self.epoch_sums)
-        total = all_reduce_sum(torch.tensor([self.epoch_sums[k] for k in keys], dtype=torch.float64)).tolist()
+        now = self.passes + (self.counter.passes if self.counter else 0.0)  # rank 0 holds the earlier attempts'
+        total = all_reduce_sum(torch.tensor([self.epoch_sums[k] for k in keys] + [now], dtype=torch.float64)).tolist()
+        passes = total.pop()
         backend.save(directory)
-        save_state({**self.state_dict(), "world": world, "why": why,
+        save_state({**self.state_dict(), "world": world, "why": why, "passes": passes,
+                    "seconds": self.seconds + time.monotonic() - self.t_attempt,
                     "epoch_sums_per_rank": {k: v / world for k, v in zip(keys, total)}},
                    Path(directory) / f"rank-{rank}.pt")
 
@@ -380,7 +426,10 @@ def train_stage(cfg: RunConfig, stage: Stage, run_dir: Path, launch: Launch, sou
     spe = stream.steps_per_epoch
     schedule = Schedule(tc.batch_size, stream.micro_batch, cfg.distributed.grad_accum, spe, tc.epochs * spe)
     total = schedule.total_steps
-    backend = launch.make_backend(model, tc.optim, schedule)
+    updates = stage.defence.updates_per_step(tc) if stage.defence and stage.defence.updates_per_step else 1
+    # the lr schedule counts optimizer updates: free training makes `updates` per batch
+    backend = launch.make_backend(model, tc.optim, schedule if updates == 1 else dataclasses.replace(
+        schedule, steps_per_epoch=spe * updates, total_steps=schedule.total_steps * updates))
     extras = build_extras(cfg, stage, source, bank,
                           lambda: build_bank(cfg, source, loss_fn, launch.place, metrics.record_bank_sync),
                           launch, schedule)
@@ -397,12 +446,22 @@ def train_stage(cfg: RunConfig, stage: Stage, run_dir: Path, launch: Launch, sou
                           getattr(launch.checkpointer, "where", ckpt_dir),
                           f" (written by {saved_world} workers, now {launch.world})" if saved_world != launch.world
                           else "")
+    if rank != 0:  # a checkpoint holds the passes over every rank: counted once, on rank 0
+        state.passes = 0.0
     if state.step == 0 and stage.needs:
         fill_bank(cfg, source, backend.module, bank, launch.place, also=hash_bank)
-    step_fn = make_step(stage, cfg, backend, bank, loss_fn, extras, launch, schedule)
-    t0 = time.monotonic()
-    log_records, epoch_rss = _loop(cfg, stage, state, schedule, step_fn, backend, launch)
+    step_fn, on_epoch_end = make_step(stage, cfg, backend, bank, loss_fn, extras, launch, schedule)
+    state.counter = PassCounter(backend.module, cfg.data.image_size)
+    if on_epoch_end is not None and state.step == 0:  # the defence's probe of the starting model: its baseline
+        state.counter.paused = True
+        on_epoch_end(0)
+        state.counter.paused = False
+        backend.model.train()
+    t0 = state.t_attempt = time.monotonic()
+    log_records, epoch_rss = _loop(cfg, stage, state, schedule, step_fn, backend, launch, on_epoch_end)
     seconds = time.monotonic() - t0
+    state.counter.remove()
+    state.seconds += seconds
     _finish(cfg, stage, run_dir, state, schedule, backend, launch, log_records, epoch_rss)
     return TrainResult(state.step, seconds, state.history, log_records)
 
@@ -418,7 +477,7 @@ def training_digest(cfg: RunConfig, stage: Stage) -> str:
 
 
 def _loop(cfg: RunConfig, stage: Stage, state: TrainState, schedule: Schedule, step_fn, backend,
-          launch: Launch) -> tuple[list[dict[str, float]], list[list[float]]]:
+          launch: Launch, on_epoch_end=None) -> tuple[list[dict[str, float]], list[list[float]]]:
     """Steps until the stage's last, with epoch ends, log lines and checkpoints;
     returns the log records (this rank's view: means since the previous
     record) and every rank's resident memory at each epoch end."""
@@ -461,7 +520,13 @@ def _loop(cfg: RunConfig, stage: Stage, state: TrainState, schedule: Schedule, s
             progress.update(len(pending) // accum, epoch=(state.step - 1) // spe, loss=means["loss"])
             pending, last_log, t_interval = [], now, time.monotonic()
         if epoch_end:
-            epoch_rss.append(_end_epoch(cfg, stage, state, schedule, rank, world))
+            probe = {}
+            if on_epoch_end is not None:  # the defence's probe: not training, not counted as passes
+                state.counter.paused = True
+                probe = on_epoch_end(state.step // spe)
+                state.counter.paused = False
+                backend.model.train()
+            epoch_rss.append(_end_epoch(cfg, stage, state, schedule, rank, world, probe))
             launch.tracker.log(prefixed("epoch", state.history[-1]), len(state.history))
         if checkpoint:
             t_ckpt = time.monotonic()
@@ -474,10 +539,12 @@ def _loop(cfg: RunConfig, stage: Stage, state: TrainState, schedule: Schedule, s
 
 
 def _end_epoch(cfg: RunConfig, stage: Stage, state: TrainState, schedule: Schedule, rank: int,
-               world: int) -> list[float]:
-    """The epoch's means into the history (over every worker); returns every
-    rank's resident memory now (flat across epochs in a healthy run)."""
-    state.history.append(_epoch_means(state.epoch_sums, schedule.steps_per_epoch * schedule.grad_accum, world))
+               world: int, probe: dict | None = None) -> list[float]:
+    """The epoch's means into the history (over every worker), with the
+    defence's epoch-end values (``probe``); returns every rank's resident
+    memory now (flat across epochs in a healthy run)."""
+    state.history.append({**_epoch_means(state.epoch_sums, schedule.steps_per_epoch * schedule.grad_accum, world),
+                          **(probe or {})})
     state.epoch_sums = {}
     rss = all_gather_ragged(torch.tensor([_rss_mib()], dtype=torch.float64)).tolist()
     if rank == 0:
@@ -515,6 +582,7 @@ def _finish(cfg: RunConfig, stage: Stage, run_dir: Path, state: TrainState, sche
     digests = [bytes(r.tolist()).hex() for r in all_gather_ragged(
         torch.tensor(list(bytes.fromhex(backend.parameter_digest())), dtype=torch.uint8)[None])]
     skipped = all_gather_ragged(torch.tensor([state.stream.skipped], dtype=torch.int64)).tolist()
+    passes = all_reduce_sum(torch.tensor([state.passes + state.counter.passes], dtype=torch.float64)).item()
     weights = backend.full_state_dict()  # collective under ZeRO-3
     if rank == 0:
         same = all(x == digests[0] for x in digests)
@@ -537,8 +605,19 @@ def _finish(cfg: RunConfig, stage: Stage, run_dir: Path, state: TrainState, sche
                 "sync_batchnorm": cfg.distributed.sync_batchnorm},
              "ranks": workers, "parameter_checksums": digests, "parameters_identical": same,
              "skipped_samples_per_rank": skipped, "epoch_rss_mib_per_rank": epoch_rss,
-             "log": log_records}, indent=1))
+             "cost": training_cost(passes, state, schedule), "log": log_records}, indent=1))
     barrier()
+
+
+def training_cost(passes: float, state: TrainState, schedule: Schedule) -> dict:
+    """What the stage cost: forward/backward passes of the model (in
+    full-resolution images; ``PassCounter``) per training image over the
+    whole stage and per sample of a step, and the training loop's seconds
+    over every attempt."""
+    images = schedule.steps_per_epoch * schedule.global_batch  # the training images an epoch visits
+    return {"passes": passes, "passes_per_image": passes / max(1, images),
+            "passes_per_sample": passes / max(1, state.step * schedule.global_batch),
+            "epochs": state.step / max(1, schedule.steps_per_epoch), "seconds": state.seconds}
 
 
 def _lr_rule(optim, global_batch: int) -> str:
