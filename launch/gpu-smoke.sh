@@ -4,7 +4,9 @@
 # NCCL for gradients and gloo for CPU-side collectives in one process group
 # (cpu:gloo,cuda:nccl), channels_last convolutions, the streaming evaluation;
 # then a small experiment (every defence and attack, the robustness stage and
-# its checks) on the same GPU.
+# its checks) on the same GPU; last, the MFU of a SAAT step in bf16 (ResNet-50
+# and AlexNet hash models at 224 px, batch 128: saat_dist.cost_model, written
+# to OUT_DIR/mfu.json; PEAK_TFLOPS=... for a GPU other than H100/H200, 989).
 #   bash launch/gpu-smoke.sh [OUT_DIR]
 # Prints the report's numbers and the per-stage times; exits non-zero on failure.
 set -euo pipefail
@@ -44,4 +46,21 @@ print("table2", {(row["defence"], row["attack"]): round(row["map"], 3) for row i
                  if row["attack"] in ("none", "mainstay", "worst_case")})
 assert not r["checks"]["nonfinite_codes"], r["check_details"]
 print("[gpu-smoke] OK")
+PY
+echo "[gpu-smoke] MFU of a SAAT step (7 input-gradient PGD steps + 1 clean+adversarial update), bf16 autocast"
+.venv/bin/python - "$out" <<'PY'
+import json, os, sys
+import torch
+from saat_dist.cost_model import H200_BF16_DENSE_TFLOPS, mfu_report
+peak = float(os.environ.get("PEAK_TFLOPS", H200_BF16_DENSE_TFLOPS))
+r = mfu_report(("resnet50", "alexnet"), image_size=224, bits=64, batch=128, steps=10, device="cuda",
+               dtype=torch.bfloat16, peak_tflops=peak)
+open(f"{sys.argv[1]}/mfu.json", "w").write(json.dumps(r, indent=1))
+for name, row in r["rows"].items():
+    print(f"[gpu-smoke] {name}@{row['image_size']} batch {row['batch']} on {row['device_name']}: "
+          f"{row['seconds_per_step'] * 1e3:.1f} ms/step, "
+          f"{row['images_per_second']:.0f} images/s, {row['achieved_tflops']:.1f} TFLOPS, "
+          f"MFU {row['mfu']:.3f} of {peak:g} TFLOPS")
+    assert row["flops_per_step_counted"] == row["flops_per_step"], (name, row["flops_per_step_counted"])
+print("[gpu-smoke] MFU OK")
 PY

@@ -31,6 +31,12 @@ and the compared methods run side by side in one call.
             images/s: the pre-#18 serial loop (copied here) beside today's
             (images checked in a process pool, one process per CPU), with
             their shards compared byte for byte.
+  cost:     training cost at scale (issue 19, saat_dist.cost_model): FLOPs
+            per image (FlopCounterMode) of the demo's small_cnn at 32 px,
+            AlexNet and ResNet-50 at 224 px, and the hours of SAAT and its
+            fast modes on NUS-WIDE (AlexNet) and ImageNet-1k (ResNet-50) on
+            8 H200 at MFU 0.4; passes per mode from the formula, or measured
+            ones from the train.json files under $SAAT_COST_FROM.
 """
 
 from __future__ import annotations
@@ -56,6 +62,16 @@ SIZES["convert"] = {"images": 20_000, "sides": [100, 256], "jpeg_quality": 90, "
                     "rounds": 2}
 SIZES["stream"] = {"images": 1024, "batch": 32, "shards": 16, "photo": [500, 375], "jpeg_quality": 90,
                    "rounds": 3}
+_COST_TABLES = {"nus-wide": {"backbone": "alexnet", "image_size": 224, "bits": 64, "images": 10_500},
+                "imagenet-1k": {"backbone": "resnet50", "image_size": 224, "bits": 64, "images": 1_281_167}}
+SIZES["cost"] = {"models": [{"backbone": "small_cnn", "image_size": 32, "bits": 32},
+                            {"backbone": "alexnet", "image_size": 224, "bits": 64},
+                            {"backbone": "resnet50", "image_size": 224, "bits": 64}],
+                 "tables": _COST_TABLES, "epochs": 20, "gpus": 8, "peak_tflops": 989.0, "mfu": 0.4,
+                 # saat_curriculum's config default (AdvXL's two phases; the whole step on the resized batch)
+                 # beside issue 19's phases (cost_model.CURRICULUM_PHASES)
+                 "curricula": {"saat_curriculum_advxl": [{"until": 0.75, "iters": 1, "scale": 0.5},
+                                                         {"until": 1.0, "iters": 3, "scale": 1.0}]}}
 SMALL = {
     "map": {"queries": 100, "database": 20_000, "bits": 64, "classes": 21, "top_k": 500},
     "mainstay": {"batch": 32, "items": 50_000, "label_sets": 100, "classes": 80, "bits": 64},
@@ -66,6 +82,13 @@ SMALL = {
     "stream": {"images": 64, "batch": 16, "shards": 4, "photo": [500, 375], "jpeg_quality": 90, "rounds": 1},
     "convert": {"images": 300, "sides": [100, 256], "jpeg_quality": 90, "classes": 21, "shard_size": 50,
                 "rounds": 1},
+    # AlexNet counted on the meta device (shapes only: the same counts, without initialising 61 M weights),
+    # ResNet-50 at 32 px on the CPU (quicker than meta's decompositions): the ImageNet table of a small run
+    # is not the target's
+    "cost": {**SIZES["cost"], "device": "meta",
+             "models": [*SIZES["cost"]["models"][:2],
+                        {"backbone": "resnet50", "image_size": 32, "bits": 64, "device": "cpu"}],
+             "tables": {**_COST_TABLES, "imagenet-1k": {**_COST_TABLES["imagenet-1k"], "image_size": 32}}},
 }
 
 
@@ -687,12 +710,25 @@ def _convert_both(root: Path, tmp: Path, sizes: dict) -> dict:
             "speedup": rates["before_18"]["seconds"] / rates["now"]["seconds"], "identical_shards": same}
 
 
+def bench_cost(sizes: dict) -> dict:
+    """``cost_model.cost_tables``, with the passes measured in the runs
+    under $SAAT_COST_FROM (their train.json ``cost`` records) when set."""
+    import os
+
+    from saat_dist.cost_model import cost_tables, measured_passes
+
+    run_dir = os.environ.get("SAAT_COST_FROM")
+    measured = measured_passes(run_dir) if run_dir else None
+    return cost_tables(sizes, measured) | {"measured_from": run_dir}
+
+
 def run_bench(which: str, out_dir: Path, small: bool = False) -> dict:
     table = SMALL if small else SIZES
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, fn in (("map", bench_map), ("mainstay", bench_mainstay), ("saat-step", bench_saat_step),
-                     ("eval", bench_eval), ("stream", bench_stream), ("convert", bench_convert), ("soak", bench_soak)):
+                     ("eval", bench_eval), ("stream", bench_stream), ("convert", bench_convert), ("cost", bench_cost),
+                     ("soak", bench_soak)):
         if which == name or (which == "all" and name != "soak"):  # soak is a whole demo run: only by name
             res = fn(table[name])
             res["machine"] = {"cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
