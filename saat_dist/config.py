@@ -29,7 +29,10 @@ from saat_dist.defences.atrdh import ATRDHConfig
 from saat_dist.defences.base import AdvTrainConfig
 from saat_dist.defences.cgat import CgATConfig
 from saat_dist.defences.pgd_at import PGDATConfig
+from saat_dist.defences.gaussian import GaussianConfig
+from saat_dist.certify_settings import CertifyConfig
 from saat_dist.defences.saat import SAATConfig
+from saat_dist.defences.saat_noise import SAATNoiseConfig
 from saat_dist.defences.saat_curriculum import SAATCurriculumConfig
 from saat_dist.defences.saat_fgsm import SAATFGSMConfig
 from saat_dist.defences.saat_free import SAATFreeConfig
@@ -347,6 +350,9 @@ class ExperimentConfig:
     num_queries: Annotated[Annotated[int, Field(ge=0)] | None, Field(description=(
         "deprecated: eval.num_queries (the one setting of both evaluations); when set, it is copied there with "
         "a warning"))] = None
+    certify: Annotated[bool, Field(description=(
+        "also certify every model of every cell (center smoothing, the certify section) and write the certified "
+        "table beside Table II"))] = False
     retrieval_queries: Annotated[int, Field(ge=0, description="queries shown in the retrieval picture")] = 4
     retrieval_top: Annotated[int, Field(ge=1, description="results shown per query")] = 10
     checks: ChecksConfig = field(default_factory=ChecksConfig)
@@ -407,12 +413,16 @@ class RunConfig:
     saat_fgsm: SAATFGSMConfig = field(default_factory=SAATFGSMConfig)
     saat_free: SAATFreeConfig = field(default_factory=SAATFreeConfig)
     saat_curriculum: SAATCurriculumConfig = field(default_factory=SAATCurriculumConfig)
+    gaussian: GaussianConfig = field(default_factory=GaussianConfig)
+    saat_noise: SAATNoiseConfig = field(default_factory=SAATNoiseConfig)
     attack: AttackConfig = field(default_factory=AttackConfig, description="evaluation attacks")
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    certify: CertifyConfig = field(default_factory=CertifyConfig, description=(
+        "certified robustness by center smoothing (`saat-dist certify`)"))
 
     @model_validator(mode="after")
     def _across_sections(self) -> RunConfig:

@@ -46,21 +46,29 @@ log = logging.getLogger("saat_dist")
 SETTINGS = "training_settings.json"
 
 
-def _check_cell(cfg: RunConfig, cell_dir: Path, settings: dict) -> None:
+def _check_cell(cfg: RunConfig, cell_dir: Path, settings: dict, source: DataSource | None = None) -> None:
     """Refuse to continue a cell that was trained with other training settings."""
     path = cell_dir / SETTINGS
     if not path.is_file():
         return
-    diff = _first_difference(json.loads(path.read_text()), settings, "")
+    diff = _first_difference(json.loads(path.read_text()), settings, "",
+                             training_settings(RunConfig(), source) if source is not None else None)
     if diff:
         raise ConfigError(f"{cell_dir}: this cell was trained with {diff[0]} = {diff[1]!r}, the config now says "
                           f"{diff[2]!r}; use another experiment output_dir (or remove the cell to retrain it)")
 
 
-def _first_difference(old, new, key):
+def _first_difference(old, new, key, default=None):
+    """The first setting that differs, as (key, old, new), or None. A key
+    the old settings lack (a setting added to the code since) is the same
+    when the new value is its default, and a whole section they lack (a
+    defence added since) was not trained then: neither refuses a cell."""
     if isinstance(old, dict) and isinstance(new, dict):
         for k in sorted(set(old) | set(new)):
-            d = _first_difference(old.get(k), new.get(k), f"{key}.{k}" if key else k)
+            here = default.get(k) if isinstance(default, dict) else None
+            if k not in old and (not key or (default is not None and new.get(k) == here)):
+                continue
+            d = _first_difference(old.get(k), new.get(k), f"{key}.{k}" if key else k, here)
             if d:
                 return d
         return None
@@ -82,7 +90,7 @@ def run_cell(cfg: RunConfig, cell_dir: Path, source: DataSource) -> dict[str, di
     returns each defence's robustness results."""
     x = cfg.experiment
     settings = training_settings(cfg, source)
-    _check_cell(cfg, cell_dir, settings)
+    _check_cell(cfg, cell_dir, settings, source)
     cell_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, cell_dir / "config.yaml")
     write_text_atomic(cell_dir / SETTINGS, json.dumps(settings, indent=1))
@@ -93,7 +101,13 @@ def run_cell(cfg: RunConfig, cell_dir: Path, source: DataSource) -> dict[str, di
             continue
         log.info("%s: training %s", cell_dir.name, stage.out)
         train(cfg, stage, cell_dir, resume=True)
-    return {defence: _evaluate(cfg, cell_dir, source, defence, defences) for defence in x.defences}
+    results = {defence: _evaluate(cfg, cell_dir, source, defence, defences) for defence in x.defences}
+    if x.certify:  # certified robustness of every model, beside Table II
+        from saat_dist.certification import certify_models
+
+        for defence, c in certify_models(cfg, cell_dir, list(x.defences), source).items():
+            results[defence]["certified"] = {k: v for k, v in c.items() if k != "per_query_hamming_radius"}
+    return results
 
 
 def _evaluate(cfg: RunConfig, cell_dir: Path, source: DataSource, defence: str, defences: list[str]) -> dict:

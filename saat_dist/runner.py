@@ -14,6 +14,7 @@ from saat_dist.checkpoint import write_text_atomic
 from saat_dist.config import RunConfig
 from saat_dist.data.source import DataSource
 from saat_dist.evaluation import EvaluationStage, evaluate_stage
+from saat_dist.evaluation.certify_stage import CertifyStage, certify_stage
 from saat_dist.monitoring.tracking import evaluation_scalars, open_tracker
 from saat_dist.stages import Stage
 from saat_dist.training.trainer import Launch, train_stage
@@ -45,4 +46,6 @@ def run_here(cfg: RunConfig, stage: Stage | EvaluationStage, run_dir: Path, laun
     """Run ``stage`` on this process's part (rank ``launch.rank`` of ``launch.world``)."""
     if isinstance(stage, EvaluationStage):
         return evaluate_stage(cfg, stage, run_dir, launch.place, source, launch.where)
+    if isinstance(stage, CertifyStage):
+        return certify_stage(cfg, stage, run_dir, launch.place, source, launch.where)
     return train_stage(cfg, stage, run_dir, launch, source)

@@ -348,3 +348,15 @@ def test_digests_hold_what_can_change_a_number_and_nothing_that_cannot(tiny_demo
     # with per-worker BatchNorm statistics the worker count does change the trained numbers
     assert digests("distributed.sync_batchnorm=false", "distributed.num_workers=4")[0] != \
         digests("distributed.sync_batchnorm=false")[0]
+
+
+def test_a_setting_added_since_a_cell_was_trained_refuses_it_only_away_from_its_default():
+    from saat_dist.experiment import _first_difference
+
+    default = {"saat": {"epochs": 20, "optim": {"lr": 0.05, "schedule": "step"}}, "gaussian": {"sigma": 0.25}}
+    old = {"saat": {"epochs": 6, "optim": {"lr": 0.05}}}  # written before `schedule` and the gaussian section
+    new = {"saat": {"epochs": 6, "optim": {"lr": 0.05, "schedule": "step"}}, "gaussian": {"sigma": 0.25}}
+    assert _first_difference(old, new, "", default) is None
+    cyclic = {**new, "saat": {"epochs": 6, "optim": {"lr": 0.05, "schedule": "cyclic"}}}
+    assert _first_difference(old, cyclic, "", default) == ("saat.optim.schedule", None, "cyclic")
+    assert _first_difference(old, {**new, "saat": {**new["saat"], "epochs": 7}}, "", default) == ("saat.epochs", 6, 7)

@@ -29,7 +29,8 @@ TRAINING_DISTRIBUTED = ("precision", "grad_accum", "gradient_clipping", "bank_sy
 # What the evaluation's numbers depend on besides the model files.
 EVALUATION_SECTIONS = ("seed", "attack", "eval")
 EVALUATION_DATA = ("image_size", "resize")
-GRID = ("hashes", "bits", "defences")  # which cells and models exist, not what one evaluation gives
+# which cells and models exist, and whether they are also certified: not what one evaluation gives
+GRID = ("hashes", "bits", "defences", "certify")
 
 
 def cell_name(hash_loss: str, bits: int) -> str:

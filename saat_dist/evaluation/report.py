@@ -47,6 +47,7 @@ from saat_dist.evaluation.leaderboard import leaderboard_entry, write_leaderboar
 from saat_dist.evaluation.results import RESULTS_FORMAT, results_current
 from saat_dist.evaluation.stage import RETRIEVAL_IMAGES
 from saat_dist.evaluation.suite import SINGLE_RUN
+from saat_dist.evaluation.certify_report import certify_markdown
 from saat_dist.evaluation.training_cost import cost_figure, cost_markdown, cost_rows
 from saat_dist.evaluation.tables import fmt, table1_markdown, table1_rows, table2_markdown, table2_rows, write_tables
 from saat_dist.stages import model_folder
@@ -198,6 +199,16 @@ def _run_plots(run_dir: Path, evals: dict[str, dict], trainings: dict[str, dict]
 
 
 LOSS_CURVES = "loss_curves.png"
+
+
+def save_figure(fig, path: Path, out: Path, dpi: int = 110) -> str:
+    """A figure as PNG at ``path`` with a PDF beside it; returns the PNG's path relative to ``out``."""
+    return _save(fig, path, out, dpi)
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display)."""
+    return _pyplot()
 
 
 def pdf_of(png: str) -> str:
@@ -419,6 +430,12 @@ def write_experiment_report(cfg: RunConfig, cells: dict, source) -> dict:
                                      "cells": {f"{h}-{b}": seconds(out / "cells" / f"{h}-{b}" / "stages.json")
                                                for h, b in cells}}
     report["cost"] = cost_rows(cells, out / "cells", DEFENCE_NAMES)
+    report["certified"] = [  # experiment.certify: per model and l2 radius
+        {"hash": h, "bits": b, "defence": d, "smoothed_clean_map": res["certified"]["smoothed_clean_map"],
+         **{k: row[k] for k in ("radius_l2", "linf_equivalent", "certified_map", "abstention_rate",
+                                "mean_hamming_radius")}, "attack_violations": row["attack_check"]["violations"]}
+        for (h, b), by in cells.items() for d, res in by.items() if "certified" in res
+        for row in res["certified"]["radii"]]
     report["plots"] = _plots(cfg, cells, source, out, report["cost"])
     report["plots_pdf"] = [pdf_of(p) for p in report["plots"]]
     report["tables"] = write_tables(out, report, [f"{h} {b}" for h, b in cells], ATTACK_NAMES, DEFENCE_NAMES, cfg.name)
@@ -460,7 +477,8 @@ def _markdown(cfg: RunConfig, cells: dict, r: dict) -> str:
     attack against every defence, transfer, the checks, the orderings, the plots."""
     cols = [f"{h} {b}" for h, b in cells]
     lines = [*_md_settings(cfg, r), *_md_table1(r, cols), *_md_table2(cells, r, cols), *_md_every_attack(cells),
-             *_md_transfer(r), *cost_markdown(r.get("cost", [])), *_md_checks(r), *_md_orderings(r)]
+             *_md_certified(cells), *_md_transfer(r), *cost_markdown(r.get("cost", [])), *_md_checks(r),
+             *_md_orderings(r)]
     lines += ["", "## Files for a paper", "",
               "Tables I and II as CSV and LaTeX (booktabs): " + ", ".join(f"[{t}]({t})" for t in r.get("tables", []))
               + f"; one leaderboard entry per model (saat-dist/leaderboard-entry/v1, {len(r.get('leaderboard', []))} "
@@ -545,6 +563,15 @@ def _md_checks(r: dict) -> list[str]:
     if skipped:
         lines += ["", "**Not run** (a check that did not run says nothing):", ""] + [
             f"- {d['check']} ({d['hash']} {d['bits']}, {d['defence']}): {d['detail']}" for d in skipped]
+    return lines
+
+
+def _md_certified(cells: dict) -> list[str]:
+    """Per cell, the certified table (experiment.certify) beside Table II."""
+    lines = []
+    for (h, b), by in cells.items():
+        certified = {DEFENCE_NAMES.get(d, d): res["certified"] for d, res in by.items() if "certified" in res}
+        lines += certify_markdown(certified, f"Certified robustness beside Table II ({h} {b})")
     return lines
 
 

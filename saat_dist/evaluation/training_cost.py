@@ -27,13 +27,17 @@ def cost_rows(cells: dict, cells_dir: Path, labels: dict[str, str]) -> list[dict
         found = []
         for defence, res in by.items():
             path = cells_dir / f"{h}-{b}" / model_folder(defence) / "train.json"
-            cost = json.loads(path.read_text()).get("cost") if path.is_file() else None
+            train = json.loads(path.read_text()) if path.is_file() else {}
+            cost = train.get("cost")
             if cost is None or defence == "none":
                 continue
+            probed = [h for h in train.get("history", []) if "overfit" in h]
             row = {"hash": h, "bits": b, "defence": defence, "label": labels.get(defence, defence),
                    "worst_case_map": res.get("worst_case", {}).get("map"), "clean_map": res["clean_map"],
                    "passes_per_image": cost["passes_per_image"], "passes_per_sample": cost["passes_per_sample"],
-                   "epochs": cost["epochs"], "seconds": cost["seconds"]}
+                   "epochs": cost["epochs"], "seconds": cost["seconds"],
+                   # the catastrophic-overfitting guard (fast modes): epochs (1-based) where it saw a collapse
+                   "guard": None if not probed else [e + 1 for e, h in enumerate(probed) if h["overfit"]]}
             found.append(row)
             if defence == "saat":
                 saat = row
@@ -61,13 +65,19 @@ def cost_markdown(rows: list[dict]) -> list[str]:
              "an update's to the weights) and the training loop's wall time; shares of SAAT's in brackets, and "
              "the worst case's difference from SAAT's.", "",
              "| cell | defence | worst case | vs SAAT | clean | epochs | passes / image | (x SAAT) | passes / sample "
-             "| seconds | (x SAAT) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| seconds | (x SAAT) | overfitting guard |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['hash']} {r['bits']} | {r['label']} | {f(r['worst_case_map'], '.4f')} | "
                      f"{f(r['worst_case_vs_saat'], '+.4f')} | {r['clean_map']:.4f} | {r['epochs']:g} | "
                      f"{r['passes_per_image']:.1f} | {f(r['passes_vs_saat'], '.2f')} | {r['passes_per_sample']:.2f} | "
-                     f"{r['seconds']:.0f} | {f(r['seconds_vs_saat'], '.2f')} |")
+                     f"{r['seconds']:.0f} | {f(r['seconds_vs_saat'], '.2f')} | {_guard(r['guard'])} |")
     return lines
+
+
+def _guard(fired: list[int] | None) -> str:
+    if fired is None:
+        return "not run"
+    return f"fired at epoch {', '.join(map(str, fired))}" if fired else "quiet"
 
 
 def cost_figure(rows: list[dict], tag: str, plt, random_map: float | None = None):
