@@ -31,6 +31,9 @@ and the compared methods run side by side in one call.
             images/s: the pre-#18 serial loop (copied here) beside today's
             (images checked in a process pool, one process per CPU), with
             their shards compared byte for byte.
+  modes:    every training mode's step on the demo model, side by side in
+            one process: seconds per batch, passes per sample (counted), and
+            both against SAAT's (issue 19).
   cost:     training cost at scale (issue 19, saat_dist.cost_model): FLOPs
             per image (FlopCounterMode) of the demo's small_cnn at 32 px,
             AlexNet and ResNet-50 at 224 px, and the hours of SAAT and its
@@ -67,11 +70,11 @@ _COST_TABLES = {"nus-wide": {"backbone": "alexnet", "image_size": 224, "bits": 6
 SIZES["cost"] = {"models": [{"backbone": "small_cnn", "image_size": 32, "bits": 32},
                             {"backbone": "alexnet", "image_size": 224, "bits": 64},
                             {"backbone": "resnet50", "image_size": 224, "bits": 64}],
-                 "tables": _COST_TABLES, "epochs": 20, "gpus": 8, "peak_tflops": 989.0, "mfu": 0.4,
-                 # saat_curriculum's config default (AdvXL's two phases; the whole step on the resized batch)
-                 # beside issue 19's phases (cost_model.CURRICULUM_PHASES)
-                 "curricula": {"saat_curriculum_advxl": [{"until": 0.75, "iters": 1, "scale": 0.5},
-                                                         {"until": 1.0, "iters": 3, "scale": 1.0}]}}
+                 # the epochs (SAAT's), each mode's passes and the curriculum's phases: the defences' config
+                 # defaults (cost_model.mode_defaults)
+                 "tables": _COST_TABLES, "gpus": 8, "peak_tflops": 989.0, "mfu": 0.4}
+SIZES["modes"] = {"config": "configs/demo.yaml", "batch": 64, "items": 2_000, "steps": 4, "rounds": 3,
+                  "modes": ["saat", "saat_fgsm", "saat_free", "saat_curriculum", "cgat", "pgd_at"]}
 SMALL = {
     "map": {"queries": 100, "database": 20_000, "bits": 64, "classes": 21, "top_k": 500},
     "mainstay": {"batch": 32, "items": 50_000, "label_sets": 100, "classes": 80, "bits": 64},
@@ -82,6 +85,8 @@ SMALL = {
     "stream": {"images": 64, "batch": 16, "shards": 4, "photo": [500, 375], "jpeg_quality": 90, "rounds": 1},
     "convert": {"images": 300, "sides": [100, 256], "jpeg_quality": 90, "classes": 21, "shard_size": 50,
                 "rounds": 1},
+    "modes": {"config": "configs/tiny.yaml", "batch": 8, "items": 200, "steps": 1, "rounds": 1,
+              "modes": ["saat", "saat_fgsm", "saat_free", "saat_curriculum"]},
     # AlexNet counted on the meta device (shapes only: the same counts, without initialising 61 M weights),
     # ResNet-50 at 32 px on the CPU (quicker than meta's decompositions): the ImageNet table of a small run
     # is not the target's
@@ -722,12 +727,84 @@ def bench_cost(sizes: dict) -> dict:
     return cost_tables(sizes, measured) | {"measured_from": run_dir}
 
 
+def bench_modes(sizes: dict) -> dict:
+    """Every training mode's step on the demo model in one process, timed
+    side by side (rounds interleaved, the median kept): seconds per batch and
+    per full-resolution pass, forward/backward passes per sample (counted by
+    the trainer's ``PassCounter``), and each against SAAT's. The curriculum
+    is timed in each of its phases and weighted by their shares of the steps."""
+    import statistics
+
+    from saat_dist.config import load_config
+    from saat_dist.defences import DEFENCES
+    from saat_dist.defences.base import StepContext
+    from saat_dist.hashing import DPHLoss
+    from saat_dist.mainstay import CodeBank
+    from saat_dist.models import build_hash_model
+    from saat_dist.training import TorchStepper, benign_step
+    from saat_dist.training.trainer import PassCounter
+
+    cfg = load_config(sizes["config"])
+    b, bits, side = sizes["batch"], cfg.model.bits, cfg.data.image_size
+    g = torch.Generator().manual_seed(0)
+    labels = (torch.rand(sizes["items"], 5, generator=g) < 0.3).float()
+    labels[labels.sum(1) == 0, 0] = 1
+    bank = CodeBank(labels, bits)
+    bank.update(torch.arange(sizes["items"]), torch.sign(torch.randn(sizes["items"], bits, generator=g)))
+    torch.manual_seed(0)
+    model = build_hash_model(cfg.model.backbone, bits, width=cfg.model.width).train()
+    stepper = TorchStepper(torch.optim.SGD(model.parameters(), lr=1e-4))
+    counter = PassCounter(model, side)
+    total = 100  # a curriculum's phases are fractions of this
+
+    def step_of(name: str, at: int):
+        if name == "benign":
+            return lambda batch, i: benign_step(model, stepper, batch, bank, DPHLoss(), i, check=False)
+        ctx = StepContext(model, stepper, bank, DPHLoss(), getattr(cfg, name), cfg.seed, name, total_steps=total,
+                          extras={})
+        return lambda batch, i: DEFENCES[name].step(ctx, batch, at)
+
+    phases = cfg.saat_curriculum.phases
+    cases = {"benign": [(1.0, 0)], **{n: [(1.0, 0)] for n in sizes["modes"] if n != "saat_curriculum"},
+             "saat_curriculum": [(p.until - (phases[i - 1].until if i else 0.0), int((phases[i - 1].until if i else 0)
+                                                                                    * total)) for i, p in
+                                 enumerate(phases)]}
+    seconds: dict[str, list[float]] = {n: [] for n in cases}
+    passes: dict[str, float] = {}
+    for r in range(sizes["rounds"]):
+        for name in (list(cases) if r % 2 == 0 else list(cases)[::-1]):
+            took, counted = 0.0, 0.0
+            for share, at in cases[name]:
+                fn = step_of(name, at)
+                idx = torch.randint(0, sizes["items"], (b,), generator=g)
+                batch = (torch.rand(b, 3, side, side, generator=g), labels[idx], idx)
+                fn(batch, 0)  # warm-up
+                counter.passes = 0.0
+                t = time.perf_counter()
+                for i in range(sizes["steps"]):
+                    fn(batch, i)
+                took += share * (time.perf_counter() - t) / sizes["steps"]
+                counted += share * counter.passes / (sizes["steps"] * b)
+            seconds[name].append(took)
+            passes[name] = counted
+    med = {n: statistics.median(v) for n, v in seconds.items()}
+    rows = {n: {"seconds_per_batch": med[n], "seconds_all": seconds[n], "passes_per_sample": passes[n],
+                "seconds_per_pass_image": med[n] / (passes[n] * b),
+                "seconds_vs_saat": med[n] / med["saat"], "passes_vs_saat": passes[n] / passes["saat"]}
+            for n in cases}
+    return {"case": "training modes, side by side", "sizes": sizes, "batch": b, "image_size": side,
+            "threads": torch.get_num_threads(), "modes": rows,
+            "note": "per batch of one trainer step (free: its replays); epochs not included: a stage's cost is "
+                    "this x its steps (free SAAT runs fewer epochs)"}
+
+
 def run_bench(which: str, out_dir: Path, small: bool = False) -> dict:
     table = SMALL if small else SIZES
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, fn in (("map", bench_map), ("mainstay", bench_mainstay), ("saat-step", bench_saat_step),
                      ("eval", bench_eval), ("stream", bench_stream), ("convert", bench_convert), ("cost", bench_cost),
+                     ("modes", bench_modes),
                      ("soak", bench_soak)):
         if which == name or (which == "all" and name != "soak"):  # soak is a whole demo run: only by name
             res = fn(table[name])

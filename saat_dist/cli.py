@@ -10,7 +10,7 @@
   saat-dist config schema                             the config's JSON Schema
   saat-dist data demo --out DIR [--seed S]            build the embedded demo data set
   saat-dist data convert --root DIR --out DIR         DeepHash list format -> WebDataset shards
-  saat-dist bench map|mainstay|saat-step|eval|stream|convert|cost|soak|all --out DIR  benchmarks (JSON in DIR)
+  saat-dist bench map|mainstay|saat-step|eval|stream|convert|cost|modes|soak|all --out DIR  benchmarks (JSON in DIR)
 """
 
 from __future__ import annotations
@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub.add_parser("schema", help="the config's JSON Schema (docs/config.schema.json)")
 
     bench = sub.add_parser("bench", help="benchmarks that write JSON")
-    bench.add_argument("which", choices=["map", "mainstay", "saat-step", "eval", "stream", "convert", "cost", "soak",
-                                         "all"])
+    bench.add_argument("which", choices=["map", "mainstay", "saat-step", "eval", "stream", "convert", "cost", "modes",
+                                         "soak", "all"])
     bench.add_argument("--out", default="bench-results", help="directory for <which>.json")
     bench.add_argument("--small", action="store_true", help="small sizes (a smoke run, not the target sizes)")
     for leaf in _leaf_parsers(parser):  # --debug and --log-level anywhere on the line

@@ -5,8 +5,9 @@ on a real model from ``build_hash_model`` (random weights), for the three
 kinds of pass a training step makes -- forward, forward + backward to the
 input (an inner attack step: no weight gradients), forward + full backward
 (an update) -- times the passes each mode makes per training sample and
-epoch, gives a stage's FLOPs and its hours on ``gpus`` GPUs at an assumed
-MFU. GPU: ``measure_step_mfu`` times SAAT-shaped steps (the project's PGD
+epoch (each mode's numbers are its config section's defaults,
+``saat_dist.defences``), gives a stage's FLOPs and its hours on ``gpus``
+GPUs at an assumed MFU. GPU: ``measure_step_mfu`` times SAAT-shaped steps (the project's PGD
 for the inner steps, one clean + adversarial update) and divides their
 counted FLOPs by the seconds (launch/gpu-smoke.sh runs it in bf16).
 
@@ -35,16 +36,6 @@ PEAK_SOURCE = ("NVIDIA H100/H200 SXM datasheets: BF16 Tensor Core 1,979 TFLOPS w
                "989 TFLOPS dense")
 FLOP_CONVENTION = ("torch.utils.flop_counter.FlopCounterMode: a multiply-add counts 2 FLOPs; only matmuls and "
                    "convolutions are counted (elementwise ops, BatchNorm, pooling, the optimizer step are not)")
-
-# Issue 19's curriculum, as fractions of the stage: cheap low-resolution attacks first, the
-# full attack after. ``resolution`` scales the image side of the inner steps,
-# ``outer_resolution`` (default 1) that of the update. (saat_curriculum's config default,
-# AdvXL's phases with the whole step resized, goes through ``phases_from_config``.)
-CURRICULUM_PHASES = (
-    {"fraction": 0.5, "inner": 2, "resolution": 0.5},
-    {"fraction": 0.5, "inner": 7, "resolution": 1.0},
-)
-FREE_REPLAYS = 4  # saat_free's minibatch replays m (Shafahi et al. 2019): the stage runs epochs / m epochs
 
 
 def _count(fn: Callable[[], None]) -> int:
@@ -97,8 +88,8 @@ def model_flops(backbone: str, image_size: int, bits: int, batch: int = 2, width
 
 def phases_from_config(phases: Iterable) -> list[dict]:
     """``saat_curriculum``'s config phases (``until``, ``iters``, ``scale``:
-    the whole step, attack and update, on the batch resized) in
-    ``default_mode_passes``' form."""
+    the whole step, attack and update, on the batch resized; objects or
+    dicts) in ``default_mode_passes``' form."""
     out, start = [], 0.0
     for p in phases:
         get = p.get if isinstance(p, dict) else lambda k, p=p: getattr(p, k)
@@ -108,33 +99,61 @@ def phases_from_config(phases: Iterable) -> list[dict]:
     return out
 
 
-def default_mode_passes(phases: Iterable[dict] = CURRICULUM_PHASES, replays: int = FREE_REPLAYS,
+def mode_defaults() -> dict[str, dict]:
+    """The numbers the formula takes from each mode's config section
+    (``saat_dist.defences``, their defaults): SAAT's ``iters`` and
+    ``epochs`` (the schedule's reference), single-step SAAT's ``iters`` and
+    ``epochs``, free SAAT's ``replays`` and ``epochs``, the curriculum's
+    ``phases`` (``phases_from_config``) and ``epochs``."""
+    from saat_dist.defences.saat import SAATConfig
+    from saat_dist.defences.saat_curriculum import SAATCurriculumConfig
+    from saat_dist.defences.saat_fgsm import SAATFGSMConfig
+    from saat_dist.defences.saat_free import SAATFreeConfig
+
+    saat, fgsm, free, curriculum = SAATConfig(), SAATFGSMConfig(), SAATFreeConfig(), SAATCurriculumConfig()
+    return {"saat": {"iters": saat.iters, "epochs": saat.epochs},
+            "saat_fgsm": {"iters": fgsm.iters, "epochs": fgsm.epochs},
+            "saat_free": {"replays": free.replays, "epochs": free.epochs},
+            "saat_curriculum": {"phases": phases_from_config(curriculum.phases), "epochs": curriculum.epochs}}
+
+
+def default_mode_passes(phases: Iterable[dict] | None = None, replays: int | None = None,
                         inner_scale: Callable[[float], float] | None = None,
                         outer_scale: Callable[[float], float] | None = None) -> dict[str, dict]:
     """The formula's passes per training sample and epoch of each mode:
     ``inner`` (forward + backward to the input) and ``outer`` (forward +
     full backward), in full-resolution equivalents, and ``epoch_factor``,
-    the mode's epochs as a fraction of the schedule's. ``phases``:
-    saat_curriculum's (``fraction`` of the stage, ``inner`` steps, their
-    image side factor ``resolution``, the update's ``outer_resolution``,
-    default 1); a pass at side factor r costs ``inner_scale(r)`` /
-    ``outer_scale(r)`` of a full one (default r**2, the pixels, as the
-    trainer counts: exact for convolutions, an underestimate where a
-    fixed-size head follows an adaptive pooling, as AlexNet's)."""
+    the mode's epochs as a fraction of SAAT's; the modes' numbers are their
+    config defaults (``mode_defaults``). ``phases``: saat_curriculum's
+    instead of the config's (``fraction`` of the stage, ``inner`` steps,
+    their image side factor ``resolution``, the update's
+    ``outer_resolution``, default 1; ``phases_from_config`` turns the
+    config's form into this); ``replays``: saat_free's instead of the
+    config's (its epochs stay the config's). A pass at side factor r costs
+    ``inner_scale(r)`` / ``outer_scale(r)`` of a full one (default r**2,
+    the pixels, as the trainer counts: exact for convolutions, an
+    underestimate where a fixed-size head follows an adaptive pooling, as
+    AlexNet's)."""
+    cfg = mode_defaults()
     inner_at = inner_scale or (lambda r: r * r)
     outer_at = outer_scale or (lambda r: r * r)
-    phases = [{"outer_resolution": 1.0, **p} for p in phases]
+    phases = [{"outer_resolution": 1.0, **p} for p in (cfg["saat_curriculum"]["phases"] if phases is None else phases)]
     if abs(sum(p["fraction"] for p in phases) - 1.0) > 1e-9:
         raise ValueError(f"curriculum phases: fractions sum to {sum(p['fraction'] for p in phases)}, not 1")
+    replays = replays or cfg["saat_free"]["replays"]
     inner = sum(p["fraction"] * p["inner"] * inner_at(p["resolution"]) for p in phases)
     outer = sum(p["fraction"] * 2.0 * outer_at(p["outer_resolution"]) for p in phases)
+    saat_epochs = cfg["saat"]["epochs"]
+    share = {mode: cfg[mode]["epochs"] / saat_epochs if saat_epochs else 1.0 for mode in cfg}
+    # every update's loss takes the clean and the adversarial forward: 2 outer passes per sample
     return {
-        "benign": {"inner": 0.0, "outer": 1.0, "epoch_factor": 1.0},
-        "saat": {"inner": 7.0, "outer": 2.0, "epoch_factor": 1.0},
-        "saat_fgsm": {"inner": 1.0, "outer": 2.0, "epoch_factor": 1.0},
+        "benign": {"inner": 0.0, "outer": 1.0, "epoch_factor": 1.0},  # at SAAT's epochs, for scale
+        "saat": {"inner": float(cfg["saat"]["iters"]), "outer": 2.0, "epoch_factor": 1.0},
+        "saat_fgsm": {"inner": float(cfg["saat_fgsm"]["iters"]), "outer": 2.0, "epoch_factor": share["saat_fgsm"]},
         # one backward per replay serves the weights and the input: no separate inner pass
-        "saat_free": {"inner": 0.0, "outer": 2.0 * replays, "epoch_factor": 1.0 / replays},
-        "saat_curriculum": {"inner": inner, "outer": outer, "epoch_factor": 1.0, "phases": phases},
+        "saat_free": {"inner": 0.0, "outer": 2.0 * replays, "epoch_factor": share["saat_free"]},
+        "saat_curriculum": {"inner": inner, "outer": outer, "epoch_factor": share["saat_curriculum"],
+                            "phases": phases},
     }
 
 
@@ -200,8 +219,8 @@ def measured_passes(run_dir: str | Path) -> dict[str, dict]:
     return out
 
 
-def training_cost(mode_passes: dict[str, dict] | None, flops: dict, images: int, epochs: float, gpus: int = 8,
-                  peak_tflops: float = H200_BF16_DENSE_TFLOPS, mfu: float = 0.4,
+def training_cost(mode_passes: dict[str, dict] | None, flops: dict, images: int, epochs: float | None = None,
+                  gpus: int = 8, peak_tflops: float = H200_BF16_DENSE_TFLOPS, mfu: float = 0.4,
                   defaults: dict[str, dict] | None = None) -> dict:
     """Per mode: FLOPs of a stage over ``images`` training images, its hours
     on ``gpus`` GPUs at ``mfu`` of ``peak_tflops`` each, and the ratio to
@@ -209,13 +228,14 @@ def training_cost(mode_passes: dict[str, dict] | None, flops: dict, images: int,
     mode; the formula's (``defaults``, else ``default_mode_passes()``) for
     the modes not given (``None``: all). ``flops``:
     ``pass_flops`` / ``model_flops``' per-image counts. ``epochs``: the
-    schedule's (SAAT's reference: 20); a mode runs ``epochs x
-    epoch_factor`` unless its entry gives ``epochs``. Hours assume the GPUs
+    schedule's (default: SAAT's config's, the reference's 20); a mode runs
+    ``epochs x epoch_factor`` unless its entry gives ``epochs``. Hours assume the GPUs
     run the FLOPs at that MFU throughout (no input pipeline, bank or
     communication stalls)."""
     if not 0 < mfu <= 1:
         raise ValueError(f"mfu must be in (0, 1], got {mfu}")
     passes = resolve_passes(mode_passes, defaults)
+    epochs = mode_defaults()["saat"]["epochs"] if epochs is None else epochs
     rate = gpus * peak_tflops * 1e12 * mfu  # FLOP/s of the whole machine
     f_in, f_full = flops["forward_input_backward"], flops["forward_full_backward"]
     modes = {}
@@ -237,7 +257,7 @@ def training_cost(mode_passes: dict[str, dict] | None, flops: dict, images: int,
 
 
 def saat_like_step(model: nn.Module, optimizer: torch.optim.Optimizer, x_BCHW: torch.Tensor, guide_BK: torch.Tensor,
-                   inner: int = 7, eps: float = 8 / 255, step_size: float = 2 / 255) -> torch.Tensor:
+                   inner: int, eps: float = 8 / 255, step_size: float = 2 / 255) -> torch.Tensor:
     """A SAAT step's passes: ``inner`` PGD steps of the project's attack
     (input gradients only, model in eval mode as ``saat.attack_mode``'s
     default), then one update on clean + adversarial codes (a proxy of the
@@ -262,16 +282,18 @@ def _sync(device: torch.device) -> None:
 
 
 def measure_step_mfu(model: nn.Module, batch: torch.Tensor, device: str | torch.device, dtype: torch.dtype,
-                     steps: int, *, inner: int = 7, warmup: int = 2,
+                     steps: int, *, inner: int | None = None, warmup: int = 2,
                      peak_tflops: float = H200_BF16_DENSE_TFLOPS) -> dict:
     """Times ``steps`` ``saat_like_step``s of ``model`` on ``batch`` (B x 3 x
     S x S images in [0, 1]) on ``device``, under autocast to ``dtype`` unless
-    it is float32, after ``warmup`` untimed steps; achieved FLOP/s =
+    it is float32, after ``warmup`` untimed steps, with ``inner`` PGD steps
+    (default: SAAT's config's ``iters``); achieved FLOP/s =
     counted FLOPs per step x steps / seconds, and its fraction of
     ``peak_tflops`` (meaningful only against that device's peak at that
     dtype). The FLOPs per step are the per-image counts (``pass_flops``,
     dtype-independent) x B x (inner + 2 updates), and a count of one real
     step beside them (``flops_per_step_counted``)."""
+    inner = mode_defaults()["saat"]["iters"] if inner is None else inner
     device = torch.device(device)
     model = model.to(device).train()
     x = batch.to(device)
@@ -322,7 +344,8 @@ def mfu_report(backbones: Iterable[str] = ("resnet50", "alexnet"), image_size: i
         del model
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    return {"case": "SAAT step MFU (7 input-gradient PGD steps + 1 clean+adversarial update)", "bits": bits,
+    inner = mode_defaults()["saat"]["iters"]
+    return {"case": f"SAAT step MFU ({inner} input-gradient PGD steps + 1 clean+adversarial update)", "bits": bits,
             "torch": torch.__version__, "rows": rows}
 
 
@@ -330,9 +353,9 @@ def cost_tables(sizes: dict, measured: dict[str, dict] | None = None) -> dict:
     """``bench cost``: FLOPs of each model in ``sizes["models"]`` and the
     time table of each data set in ``sizes["tables"]`` (its backbone's
     FLOPs; low-resolution passes at that backbone's counted FLOPs, not the
-    pixel ratio); ``sizes["phases"]``: saat_curriculum's (default
-    ``CURRICULUM_PHASES``), ``sizes["curricula"]``: further curricula in the
-    config's form (``phases_from_config``), each a mode of its own;
+    pixel ratio); ``sizes["phases"]``: saat_curriculum's phases in the
+    config's form (``until``, ``iters``, ``scale``; default: the config's);
+    ``sizes["epochs"]``: the schedule's (default: SAAT's config's);
     ``measured``: passes by mode (``measured_passes``), the formula's for
     the others."""
     devices = {f"{m['backbone']}@{m['image_size']}": m.get("device", sizes.get("device", "cpu"))
@@ -340,9 +363,9 @@ def cost_tables(sizes: dict, measured: dict[str, dict] | None = None) -> dict:
     flops = {f"{m['backbone']}@{m['image_size']}": model_flops(
         m["backbone"], m["image_size"], m["bits"], device=devices[f"{m['backbone']}@{m['image_size']}"])
         for m in sizes["models"]}
-    curricula = {"saat_curriculum": [{"outer_resolution": 1.0, **p} for p in sizes.get("phases", CURRICULUM_PHASES)],
-                 **{k: phases_from_config(v) for k, v in sizes.get("curricula", {}).items()}}
-    sides = {p[k] for ph in curricula.values() for p in ph for k in ("resolution", "outer_resolution")} - {1.0}
+    phases = (phases_from_config(sizes["phases"]) if sizes.get("phases")
+              else mode_defaults()["saat_curriculum"]["phases"])
+    sides = {p[k] for p in phases for k in ("resolution", "outer_resolution")} - {1.0}
     tables = {}
     for name, t in sizes["tables"].items():
         key = f"{t['backbone']}@{t['image_size']}"
@@ -353,12 +376,8 @@ def cost_tables(sizes: dict, measured: dict[str, dict] | None = None) -> dict:
             ratios[r] = {"inner": low["forward_input_backward"] / full["forward_input_backward"],
                          "outer": low["forward_full_backward"] / full["forward_full_backward"]}
         scales = {"inner_scale": lambda r: ratios[r]["inner"], "outer_scale": lambda r: ratios[r]["outer"]}
-        defaults = {}
-        for mode, phases in curricula.items():
-            passes = default_mode_passes(phases, **scales)
-            defaults.update(passes if mode == "saat_curriculum" else {mode: passes["saat_curriculum"]})
-        table = training_cost(measured, full, t["images"], sizes["epochs"], sizes["gpus"], sizes["peak_tflops"],
-                              sizes["mfu"], defaults=defaults)
+        table = training_cost(measured, full, t["images"], sizes.get("epochs"), sizes["gpus"], sizes["peak_tflops"],
+                              sizes["mfu"], defaults=default_mode_passes(phases, **scales))
         tables[name] = {"backbone": key, **table,
                         "low_res_flop_ratio": {str(r): v for r, v in sorted(ratios.items())}}
     return {"case": "cost at scale", "sizes": sizes, "flop_convention": FLOP_CONVENTION, "models": flops,

@@ -28,7 +28,7 @@ def test_shipped_config_loads_and_says_how_to_run(path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
     rel = path.relative_to(ROOT)
-    command = "run" if rel.parent.name == "configs" else "experiment"
+    command = {"configs": "run", "certify": "certify"}.get(rel.parent.name, "experiment")
     assert path.read_text().splitlines()[0].startswith(f"# Run: saat-dist {command} --config {rel}")
 
 

@@ -52,9 +52,12 @@ def test_training_cost_arithmetic():
     assert m["saat"]["hours_per_epoch"] == pytest.approx(4 / 3600 / 20)
     assert m["saat_fgsm"]["ratio_to_saat"] == pytest.approx(8 / 20)
     assert m["saat_free"]["epochs"] == 5 and m["saat_free"]["ratio_to_saat"] == pytest.approx(8 * 3 * 5 / 400)
-    # curriculum: half the stage 2 steps at a quarter of the pixels, half 7 full steps
-    assert m["saat_curriculum"]["inner_passes"] == pytest.approx(0.5 * 2 * 0.25 + 0.5 * 7)
-    assert m["saat_curriculum"]["ratio_to_saat"] == pytest.approx((3.75 * 2 + 6) / 20)
+    # curriculum, the config's default: 3/4 of the stage 1 step and the update at a quarter of the pixels,
+    # 1/4 3 steps and the update at full resolution
+    c = m["saat_curriculum"]
+    assert c["inner_passes"] == pytest.approx(0.75 * 1 * 0.25 + 0.25 * 3)
+    assert c["outer_passes"] == pytest.approx(0.75 * 2 * 0.25 + 0.25 * 2)
+    assert c["ratio_to_saat"] == pytest.approx((0.9375 * 2 + 0.875 * 3) / 20) and c["epochs"] == 20
     assert m["benign"]["ratio_to_saat"] == pytest.approx(3 / 20)
     assert {v["source"] for v in m.values()} == {"formula"}
 
@@ -76,6 +79,29 @@ def test_training_cost_arithmetic():
         training_cost({"new_mode": {"passes_per_sample": 4}}, flops, 1000, 20)
     with pytest.raises(ValueError, match="needs"):
         training_cost({"saat": {"passes_per_image": 180}}, flops, 1000, 20)  # over how many epochs?
+
+
+def test_the_formula_is_the_defences_config_defaults():
+    from saat_dist.defences.saat import SAATConfig
+    from saat_dist.defences.saat_curriculum import SAATCurriculumConfig
+    from saat_dist.defences.saat_fgsm import SAATFGSMConfig
+    from saat_dist.defences.saat_free import SAATFreeConfig
+
+    saat, fgsm, free, cur = SAATConfig(), SAATFGSMConfig(), SAATFreeConfig(), SAATCurriculumConfig()
+    p = default_mode_passes()
+    assert (p["saat"]["inner"], p["saat"]["outer"]) == (saat.iters, 2) == (7, 2)
+    assert (p["saat_fgsm"]["inner"], p["saat_fgsm"]["epoch_factor"]) == (fgsm.iters, fgsm.epochs / saat.epochs)
+    assert p["saat_fgsm"]["inner"] == 1 and p["saat_fgsm"]["epoch_factor"] == 1
+    assert p["saat_free"]["outer"] == 2 * free.replays == 8
+    assert p["saat_free"]["epoch_factor"] == free.epochs / saat.epochs == 0.25
+    assert p["saat_curriculum"]["phases"] == phases_from_config(cur.phases) == [
+        {"fraction": 0.75, "inner": 1, "resolution": 0.5, "outer_resolution": 0.5},
+        {"fraction": 0.25, "inner": 3, "resolution": 1.0, "outer_resolution": 1.0}]
+    # the schedule's epochs default to SAAT's
+    flops = {"forward": 1.0, "forward_input_backward": 2.0, "forward_full_backward": 3.0}
+    assert training_cost(None, flops, images=10)["modes"]["saat_free"]["epochs"] == saat.epochs * 0.25 == 5
+    # other replays: their passes, the config's epochs
+    assert default_mode_passes(replays=2)["saat_free"] == {"inner": 0.0, "outer": 4.0, "epoch_factor": 0.25}
 
 
 def test_curriculum_phases_are_an_input():
@@ -142,10 +168,11 @@ def test_bench_cost_small_writes_the_tables(tmp_path, monkeypatch):
     assert nus["modes"]["saat_fgsm"]["source"] == "measured" and nus["modes"]["saat_fgsm"]["inner_passes"] == 1.5
     # the low-resolution inner steps at AlexNet's counted FLOPs: above the pixel ratio (a fixed-size head)
     assert 0.25 < nus["low_res_flop_ratio"]["0.5"]["inner"] < 0.4
-    modes = r["tables"]["imagenet-1k"]["modes"]
-    assert set(modes) == {"benign", "saat", "saat_fgsm", "saat_free", "saat_curriculum", "saat_curriculum_advxl"}
-    # the config's curriculum (the whole step at half the side for 3/4 of the stage): below issue 19's
-    assert modes["saat_curriculum_advxl"]["ratio_to_saat"] < modes["saat_curriculum"]["ratio_to_saat"] < 1
+    assert set(nus["modes"]) == {"benign", "saat", "saat_fgsm", "saat_free", "saat_curriculum"}
+    # the config's curriculum (the whole step at half the side for 3/4 of the stage) at AlexNet's counted
+    # low-resolution FLOPs: a little above its pixel-weighted fifth of SAAT's passes
+    assert nus["modes"]["saat_curriculum"]["ratio_to_saat"] == pytest.approx(0.233, abs=0.002)
+    assert nus["modes"]["saat_free"]["epochs"] == 5 and r["tables"]["imagenet-1k"]["epochs"] == 20
 
 
 @pytest.mark.slow
