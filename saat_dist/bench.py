@@ -73,6 +73,9 @@ SIZES["cost"] = {"models": [{"backbone": "small_cnn", "image_size": 32, "bits": 
                  # the epochs (SAAT's), each mode's passes and the curriculum's phases: the defences' config
                  # defaults (cost_model.mode_defaults)
                  "tables": _COST_TABLES, "gpus": 8, "peak_tflops": 989.0, "mfu": 0.4}
+# issue 20: certificates at the paper's size (NUS-WIDE's 2,100 queries, AlexNet at 224 px) on one GPU
+SIZES["cost"]["certify"] = {"nus-wide": {"backbone": "alexnet", "image_size": 224, "queries": 2_100, "settings": {
+    "reference": {"n_center": 10_000, "n_certify": 1_000_000}, "demo": {"n_center": 1_500, "n_certify": 4_000}}}}
 SIZES["modes"] = {"config": "configs/demo.yaml", "batch": 64, "items": 2_000, "steps": 4, "rounds": 3,
                   "modes": ["saat", "saat_fgsm", "saat_free", "saat_curriculum", "cgat", "pgd_at"]}
 SMALL = {

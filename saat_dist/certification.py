@@ -33,7 +33,10 @@ def certify_spec(cfg: RunConfig, run_dir: Path, folder: str) -> dict:
     settings, and the model file."""
     import dataclasses
 
-    return {"certify": dataclasses.asdict(cfg.certify), "seed": cfg.seed, "top_k": cfg.eval.top_k,
+    # not the model list, the chunking or the batching: they change no number
+    settings = {k: v for k, v in dataclasses.asdict(cfg.certify).items() if k not in ("models", "batch_size",
+                                                                                     "query_batch")}
+    return {"certify": settings, "seed": cfg.seed, "top_k": cfg.eval.top_k,
             "images": [cfg.data.image_size, cfg.data.resize], "model": file_sha256(run_dir / folder / "model.pt")}
 
 

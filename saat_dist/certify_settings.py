@@ -21,15 +21,17 @@ class CertifyConfig:
     """Center smoothing of the hash code and its certificate (Kumar & Goldstein,
     NeurIPS 2021). The defaults are the reference code's (n1 = 10^4,
     n2 = 10^6, alpha_1 = alpha_2 = 0.005, Delta = 0.05): 2 n1 + n2 + 1
-    forwards per query. The project's demo uses fewer: n_center 2000 and
-    n_certify 10^4 (14,001 forwards). n_center must stay above
+    forwards per query; the radii are not the reference's 1.0, which abstains
+    at sigma 0.25 whatever n_certify (level Phi(4.13) + margin > 1). The
+    project's demo (configs/certify/demo.yaml) uses fewer samples: n_center
+    1500 and n_certify 4000 (7,001 forwards). n_center must stay above
     ln(4 / alpha) / (2 Delta^2), ~1200 here, or every query abstains; at
-    sigma 0.25, n_certify below ~9,600 abstains at radius 0.5, and radius 1.0
-    abstains whatever n_certify (level Phi(4.13) + margin > 1)."""
+    sigma 0.25, n_certify below ~9,400 abstains at radius 0.5
+    (``RunConfig.warnings`` names a radius that cannot certify)."""
 
     sigma: Annotated[float, Field(gt=0, description="std of the Gaussian input noise, in [0, 1] pixel units")] = 0.25
     radii: list[Annotated[float, Field(gt=0)]] = section_field(
-        default_factory=lambda: [0.25, 0.5, 1.0],
+        default_factory=lambda: [0.125, 0.25, 0.5],
         description="l2 input radii to certify (pixel units, ||delta||_2 over all C x H x W values)")
     n_center: Annotated[int, Field(ge=1, description=(
         "noisy samples to find the center (the paper's n1; the reference's n_pred); as many fresh ones "

@@ -475,6 +475,16 @@ class RunConfig:
         if self.model.backbone != "small_cnn" and not self.model.pretrained_path and not self.model.factory:
             out.append(f"model.pretrained_path is not set: {self.model.backbone} starts from random weights "
                        "(the paper's models start from ImageNet weights, read from a local file)")
+        c = self.certify
+        dead = [r for r in c.radii if c.level(r) > 1]
+        if dead:
+            out.append(f"certify.radii {dead} cannot certify at sigma {c.sigma:g} with n_certify {c.n_certify} "
+                       "(the certificate's level exceeds 1: every query abstains there); raise n_certify or lower "
+                       "them")
+        for name in ("gaussian", "saat_noise"):
+            if getattr(self, name).sigma != c.sigma:
+                out.append(f"{name}.sigma ({getattr(self, name).sigma:g}) differs from certify.sigma ({c.sigma:g}): "
+                           "its model is certified under noise it was not trained with")
         if self.tracking.mlflow_tracking_uri is None and self.tracking.mlflow_experiment != "saat-dist":
             out.append("tracking.mlflow_experiment has no effect without tracking.mlflow_tracking_uri")
         return out

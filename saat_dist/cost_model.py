@@ -380,5 +380,24 @@ def cost_tables(sizes: dict, measured: dict[str, dict] | None = None) -> dict:
                               sizes["mfu"], defaults=default_mode_passes(phases, **scales))
         tables[name] = {"backbone": key, **table,
                         "low_res_flop_ratio": {str(r): v for r, v in sorted(ratios.items())}}
+    certify = {name: certification_cost(flops[key]["forward"], c["queries"], c["settings"], sizes["peak_tflops"],
+                                        sizes["mfu"], key)
+               for name, c in sizes.get("certify", {}).items() for key in [f"{c['backbone']}@{c['image_size']}"]}
     return {"case": "cost at scale", "sizes": sizes, "flop_convention": FLOP_CONVENTION, "models": flops,
-            "tables": tables}
+            "tables": tables, "certify": certify}
+
+
+def certification_cost(forward_flops: float, queries: int, settings: dict[str, dict], peak_tflops: float,
+                       mfu: float, model: str) -> dict:
+    """Center-smoothing certificates (issue 20) on ONE GPU: forwards per
+    query 2 n_center + n_certify + 1 (no backward; the attack check apart),
+    per setting {name: {"n_center", "n_certify"}}, at ``mfu`` of
+    ``peak_tflops``."""
+    out = {"model": model, "queries": queries, "gpus": 1, "mfu_assumed": mfu, "peak_tflops_per_gpu": peak_tflops,
+           "settings": {}}
+    for name, s in settings.items():
+        forwards = 2 * s["n_center"] + s["n_certify"] + 1
+        total = forwards * forward_flops * queries
+        out["settings"][name] = {**s, "forwards_per_query": forwards, "flops_per_query": forwards * forward_flops,
+                                 "flops": total, "hours": total / (peak_tflops * 1e12 * mfu) / 3600}
+    return out

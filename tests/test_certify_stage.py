@@ -31,39 +31,13 @@ def _cfg(shards: str, *extra: str):
                                              "distributed.num_workers=0", *CERTIFY, *extra])
 
 
-def _certify_on(rank: int, world: int, shards: str, weights: dict):
+def _certify_on(rank: int, world: int, shards: str, model_file: str):
     from saat_dist.evaluation.certify_stage import certify_model
+    from saat_dist.models.model_file import load_model
 
     cfg = _cfg(shards)
-    model = build_hash_model("small_cnn", 16, width=8)
-    model.load_state_dict(weights)
+    model = load_model(cfg.model, cfg.seed, model_file, "cpu")
     return certify_model(cfg, model, DataSource.open(shards), Place(torch.device("cpu"), rank, world))
-
-
-@pytest.fixture(scope="module")
-def weights():
-    torch.manual_seed(0)
-    return build_hash_model("small_cnn", 16, width=8).state_dict()
-
-
-@pytest.mark.slow  # two process groups
-def test_certificates_are_the_same_on_1_and_2_workers_and_no_attack_beats_them(tiny_demo, weights):
-    shards = tiny_demo[1]["shard_dir"]
-    one = run_on_group(_certify_on, 1, shards, weights)[0]
-    two = run_on_group(_certify_on, 2, shards, weights)[0]
-    for r in (one, two):
-        r.pop("seconds"), r.pop("seconds_per_query")
-    assert one == two  # every draw keyed by the query: the worker count changes nothing
-    assert one["queries"] == 6 and len(one["per_query_hamming_radius"]) == 6
-    for row in one["radii"]:
-        assert row["attack_check"]["violations"] == 0 and row["attack_check"]["attacked"] >= 1
-        assert 0 <= row["certified_map"] <= one["smoothed_clean_map"]
-        assert row["linf_equivalent"] == pytest.approx(row["radius_l2"] / (3 * 32 * 32) ** 0.5)
-    # a larger l2 radius certifies no more
-    small, large = one["radii"]
-    assert large["certified_map"] <= small["certified_map"]
-    radii = torch.tensor([[float("inf") if v is None else v for v in row] for row in one["per_query_hamming_radius"]])
-    assert bool((radii[:, 1] >= radii[:, 0]).all())
 
 
 def test_gaussian_augmentation_trains_on_keyed_noise_of_its_sigma():
@@ -93,8 +67,8 @@ def test_gaussian_augmentation_trains_on_keyed_noise_of_its_sigma():
     assert torch.equal(seen[0][0] - x[0], noise[1])  # keyed by item, not by place in the batch
 
 
-@pytest.mark.slow
-def test_the_certify_command_trains_what_is_missing_and_writes_its_table(tiny_demo, tmp_path):
+@pytest.mark.slow  # a training stage, certificates, and a process group of 2
+def test_the_certify_command_trains_what_is_missing_and_its_certificates_hold_at_any_worker_count(tiny_demo, tmp_path):
     from saat_dist.cli import main
 
     shards = tiny_demo[1]["shard_dir"]
@@ -107,6 +81,20 @@ def test_the_certify_command_trains_what_is_missing_and_writes_its_table(tiny_de
     assert (tmp_path / "saat_noise" / "model.pt").is_file() and (tmp_path / "plots" / "certified_map.pdf").is_file()
     md = (tmp_path / "certify.md").read_text()
     assert "| SAAT + noise |" in md and "| no defence |" in md
+    one = json.loads((tmp_path / "benign" / "certify.json").read_text())
+    assert one["queries"] == 6 and len(one["per_query_hamming_radius"]) == 6
+    for row in one["radii"]:
+        assert row["attack_check"]["violations"] == 0 and row["attack_check"]["attacked"] >= 1
+        assert 0 <= row["certified_map"] <= one["smoothed_clean_map"]
+        assert row["linf_equivalent"] == pytest.approx(row["radius_l2"] / (3 * 32 * 32) ** 0.5)
+    small, large = one["radii"]  # a larger l2 radius certifies no more
+    assert large["certified_map"] <= small["certified_map"]
+    radii = torch.tensor([[float("inf") if v is None else v for v in row] for row in one["per_query_hamming_radius"]])
+    assert bool((radii[:, 1] >= radii[:, 0]).all())
+    # the same model on 2 workers: every draw keyed by the query, so the same certificates
+    two = run_on_group(_certify_on, 2, shards, str(tmp_path / "benign" / "model.pt"))[0]
+    drop = ("seconds", "seconds_per_query", "attack_seconds", "spec", "workers")
+    assert {k: v for k, v in two.items() if k not in drop} == {k: v for k, v in one.items() if k not in drop}
     # a rerun with the same settings certifies nothing again
     before = (tmp_path / "benign" / "certify.json").stat().st_mtime_ns
     assert main(["certify", "--config", "configs/tiny.yaml", *[a for s in sets for a in ("--set", s)]]) == 0

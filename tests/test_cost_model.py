@@ -169,6 +169,9 @@ def test_bench_cost_small_writes_the_tables(tmp_path, monkeypatch):
     # the low-resolution inner steps at AlexNet's counted FLOPs: above the pixel ratio (a fixed-size head)
     assert 0.25 < nus["low_res_flop_ratio"]["0.5"]["inner"] < 0.4
     assert set(nus["modes"]) == {"benign", "saat", "saat_fgsm", "saat_free", "saat_curriculum"}
+    ref = r["certify"]["nus-wide"]["settings"]["reference"]  # issue 20: 2,100 queries on one GPU
+    assert ref["forwards_per_query"] == 2 * 10_000 + 1_000_000 + 1
+    assert ref["hours"] == pytest.approx(2_100 * ref["forwards_per_query"] * alex["forward"] / (989e12 * 0.4) / 3600)
     # the config's curriculum (the whole step at half the side for 3/4 of the stage) at AlexNet's counted
     # low-resolution FLOPs: a little above its pixel-weighted fifth of SAAT's passes
     assert nus["modes"]["saat_curriculum"]["ratio_to_saat"] == pytest.approx(0.233, abs=0.002)

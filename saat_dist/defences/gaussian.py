@@ -8,7 +8,7 @@ item) like every training draw, and the noisy images are not clipped to
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -29,6 +29,11 @@ class GaussianConfig(AdvTrainConfig):
     sigma: Annotated[float, Field(gt=0, description=(
         "std of the training noise, in [0, 1] pixel units (train at the certificate's certify.sigma)"))] = 0.25
     eps: Annotated[float, Field(ge=0, le=1, description="not used: no attack")] = 0.0
+    iters: Annotated[int, Field(ge=1, description="not used: no attack")] = 1
+    lam: Annotated[float, Field(ge=0, description="not used: no adversarial term")] = 0.0
+    mu: Annotated[float, Field(ge=0, description="not used: no adversarial term")] = 0.0
+    hash_bank: Annotated[Literal["sign"], Field(description=(
+        "the bank of sign codes (the benign step's; `continuous` is not offered here)"))] = "sign"
 
 
 def noisy(x: torch.Tensor, sigma: float, keys: ItemKeys) -> torch.Tensor:

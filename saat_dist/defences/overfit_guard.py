@@ -26,7 +26,7 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from saat_dist.attacks.mainstay_pgd import attack_loss, model_mode, pgd, project
+from saat_dist.attacks.mainstay_pgd import attack_loss, model_mode, pgd
 from saat_dist.attacks.single_step import single_step_examples
 from saat_dist.comm.collectives import all_reduce_sum
 from saat_dist.config_fields import section
@@ -99,7 +99,7 @@ class OverfitGuard:
             xk = pgd(net, x, lambda c: attack_loss(c, guide, False, "plain"), eps=eps, step_size=eps / 4,
                      iters=self.cfg.probe_iters, random_start=True, keys=keys.child("pgd"))
             with torch.no_grad():
-                out["probe_single_step"] = alignment(net(project(x, x1, eps), alpha=1.0), guide)
+                out["probe_single_step"] = alignment(net(x1, alpha=1.0), guide)
                 out["probe_pgd"] = alignment(net(xk, alpha=1.0), guide)
         return {k: float(v.mean()) for k, v in out.items()}
 

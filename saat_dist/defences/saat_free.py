@@ -7,8 +7,8 @@ that serves both players: its weight gradients make the optimizer step, its
 input gradient moves the perturbation by a signed step of eps (then
 projected onto the eps-ball). No separate inner attack runs: a replay costs
 2 passes per image (the clean and the adversarial forward), and the stage
-runs epochs / m epochs, the paper's rule, so that free training costs about
-what benign training of ``epochs`` x m / m epochs does.
+runs SAAT's epochs / m (the paper's rule): m replays of 2 passes over 1/m of
+the epochs, 2 passes per image and SAAT epoch against SAAT's 9.
 
 Departure from the paper, stated: the paper carries the perturbation from
 one minibatch to the next; here each batch starts from a uniform random
@@ -48,7 +48,8 @@ class SAATFreeConfig(AdvTrainConfig):
     step_size: Annotated[float, Field(gt=0, le=1, description=(
         "not used: the perturbation's step is `step` x eps (the paper: eps)"))] = 2 / 255
     attack_mode: Annotated[Literal["eval", "train"], Field(description=(
-        "not used: the perturbation's gradient comes from the training forward (train mode)"))] = "eval"
+        "the overfitting guard's multi-step fallback only: a replay's perturbation gradient comes from the "
+        "training forward (train mode)"))] = "eval"
     replays: Annotated[int, Field(ge=1, description="m: replays of each batch (the paper: 4 on ImageNet)")] = 4
     step: Annotated[float, Field(gt=0, description="the perturbation's signed step, x eps (the paper: 1)")] = 1.0
     start: Annotated[Literal["random", "zero"], Field(description=(

@@ -28,9 +28,10 @@ def cost_rows(cells: dict, cells_dir: Path, labels: dict[str, str]) -> list[dict
         for defence, res in by.items():
             path = cells_dir / f"{h}-{b}" / model_folder(defence) / "train.json"
             train = json.loads(path.read_text()) if path.is_file() else {}
-            cost = train.get("cost")
-            if cost is None or defence == "none":
+            if defence == "none" or not train:
                 continue
+            # trained before costs were recorded: the row says n/a rather than vanish
+            cost = train.get("cost") or dict.fromkeys(("passes_per_image", "passes_per_sample", "epochs", "seconds"))
             probed = [h for h in train.get("history", []) if "overfit" in h]
             row = {"hash": h, "bits": b, "defence": defence, "label": labels.get(defence, defence),
                    "worst_case_map": res.get("worst_case", {}).get("map"), "clean_map": res["clean_map"],
@@ -42,8 +43,9 @@ def cost_rows(cells: dict, cells_dir: Path, labels: dict[str, str]) -> list[dict
             if defence == "saat":
                 saat = row
         for row in found:
-            row["passes_vs_saat"] = row["passes_per_image"] / saat["passes_per_image"] if saat else None
-            row["seconds_vs_saat"] = row["seconds"] / saat["seconds"] if saat and saat["seconds"] else None
+            have = saat is not None and None not in (row["passes_per_image"], saat["passes_per_image"])
+            row["passes_vs_saat"] = row["passes_per_image"] / saat["passes_per_image"] if have else None
+            row["seconds_vs_saat"] = row["seconds"] / saat["seconds"] if have and saat["seconds"] else None
             row["worst_case_vs_saat"] = (row["worst_case_map"] - saat["worst_case_map"]
                                          if saat and None not in (row["worst_case_map"], saat["worst_case_map"])
                                          else None)
@@ -68,9 +70,10 @@ def cost_markdown(rows: list[dict]) -> list[str]:
              "| seconds | (x SAAT) | overfitting guard |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['hash']} {r['bits']} | {r['label']} | {f(r['worst_case_map'], '.4f')} | "
-                     f"{f(r['worst_case_vs_saat'], '+.4f')} | {r['clean_map']:.4f} | {r['epochs']:g} | "
-                     f"{r['passes_per_image']:.1f} | {f(r['passes_vs_saat'], '.2f')} | {r['passes_per_sample']:.2f} | "
-                     f"{r['seconds']:.0f} | {f(r['seconds_vs_saat'], '.2f')} | {_guard(r['guard'])} |")
+                     f"{f(r['worst_case_vs_saat'], '+.4f')} | {r['clean_map']:.4f} | {f(r['epochs'], 'g')} | "
+                     f"{f(r['passes_per_image'], '.1f')} | {f(r['passes_vs_saat'], '.2f')} | "
+                     f"{f(r['passes_per_sample'], '.2f')} | {f(r['seconds'], '.0f')} | {f(r['seconds_vs_saat'], '.2f')} | "
+                     f"{_guard(r['guard'])} |")
     return lines
 
 
@@ -86,7 +89,7 @@ def cost_figure(rows: list[dict], tag: str, plt, random_map: float | None = None
     for ax, key, xlabel in ((axes[0], "passes_per_image", "forward/backward passes per training image"),
                             (axes[1], "seconds", "training wall time (s)")):
         for i, r in enumerate(rows):
-            if r["worst_case_map"] is None:
+            if r["worst_case_map"] is None or r[key] is None:
                 continue
             ax.plot(r[key], r["worst_case_map"], "o", color=f"C{i}", ms=7, label=r["label"])
             ax.annotate(r["label"], (r[key], r["worst_case_map"]), textcoords="offset points", xytext=(5, 4),

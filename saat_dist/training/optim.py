@@ -79,6 +79,8 @@ class OptimConfig:
                        "the lr never reaches its scaled value")
         if self.schedule == "cyclic" and (self.milestones or self.milestone_epochs):
             out.append(f"{section}.milestones have no effect with {section}.schedule=cyclic")
+        if self.schedule == "cyclic" and self.warmup_epochs:
+            out.append(f"{section}.warmup_epochs has no effect with {section}.schedule=cyclic (its rise is the warm-up)")
         if self.milestone_epochs and self.milestones:
             out.append(f"{section}.milestones has no effect: {section}.milestone_epochs is set")
         late = [m for m in self.milestone_epochs if m >= epochs]

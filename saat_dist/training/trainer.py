@@ -522,6 +522,8 @@ def _loop(cfg: RunConfig, stage: Stage, state: TrainState, schedule: Schedule, s
         if epoch_end:
             probe = {}
             if on_epoch_end is not None:  # the defence's probe: not training, not counted as passes
+                for bank in (state.bank, *(v for v in state.extras.values() if isinstance(v, SyncedBank))):
+                    bank.sync_table()  # the probe's mainstay codes from every rank's codes, at any worker count
                 state.counter.paused = True
                 probe = on_epoch_end(state.step // spe)
                 state.counter.paused = False
