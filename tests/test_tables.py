@@ -202,7 +202,21 @@ def test_an_experiment_writes_tables_entries_and_pdfs_for_every_cell(cells, tmp_
     cfg = load_config("configs/tiny.yaml", [f"output_dir={out}", f"data.shard_dir={tmp_path / 'shards'}"])
     (out / "cells" / "dph-16" / "saat").mkdir(parents=True)
     (out / "cells" / "dph-16" / "saat" / "train.json").write_text(json.dumps(train_json(["loss", "hash", "adv"])))
+    certified = {"sigma": 0.25, "n_center": 1500, "n_certify": 4000, "forwards_per_query": 7001, "alpha": 0.01,
+                 "queries": 12, "top_k": 100, "ties": "against", "float_note": "not proven for float32",
+                 "attack": {"iters": 10, "samples": 8, "queries": 6}, "smoothed_clean_map": 0.5,
+                 "radii": [{"radius_l2": 0.25, "linf_equivalent": 0.0045, "certified_map": 0.125, "level": 0.9,
+                            "abstention_rate": 0.25, "mean_hamming_radius": 3.0,
+                            "attack_check": {"violations": 0, "attacked": 6, "max_move": 2.0}}]}
+    cells = {cell: dict(by) for cell, by in cells.items()}
+    cells[("dph", 16)]["saat"] = {**cells[("dph", 16)]["saat"], "certified": certified}  # experiment.certify
     report = write_experiment_report(cfg, cells, tiny_source(tmp_path))
+    assert report["certified"] == [{"hash": "dph", "bits": 16, "defence": "saat", "smoothed_clean_map": 0.5,
+                                    "radius_l2": 0.25, "linf_equivalent": 0.0045, "certified_map": 0.125,
+                                    "abstention_rate": 0.25, "mean_hamming_radius": 3.0, "attack_violations": 0}]
+    # trained before costs were recorded: its cost row says n/a instead of vanishing
+    (cost,) = report["cost"]
+    assert cost["defence"] == "saat" and cost["passes_per_image"] is None and cost["passes_vs_saat"] is None
     assert report["tables"] == ["table1.csv", "table1.tex", "table2.csv", "table2.tex"]
     assert all((out / t).is_file() for t in report["tables"])
     assert len(report["leaderboard"]) == 3  # every model of every cell
@@ -215,6 +229,9 @@ def test_an_experiment_writes_tables_entries_and_pdfs_for_every_cell(cells, tmp_
     md = (out / "experiment.md").read_text()
     assert "[table1.tex](table1.tex)" in md and "[loss_curves_dph-16.pdf](plots/loss_curves_dph-16.pdf)" in md
     assert "3 in all): [leaderboard/](leaderboard/)" in md
+    assert "## Certified robustness beside Table II (dph 16)" in md
+    assert "| SAAT | 0.5000 | 0.25 (1.15/255) | 0.1250 | 25% | 3.00 | 0 / 6 (2) |" in md
+    assert "| dph 16 | SAAT | " in md and "| n/a | n/a |" in md  # the cost table's row without costs
 
 
 def test_the_strongest_attack_is_one_run_on_every_query():
