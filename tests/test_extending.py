@@ -57,7 +57,7 @@ def train_step(ctx: StepContext, batch, step: int) -> dict:
     return {"loss": loss.detach(), "bits_flipped": flipped(u, u_adv)}
 
 
-DEFENCE = Defence(name="fgsm_at", label="FGSM-AT", config=FGSMATConfig, step=train_step, seed_offset=5, order=5)
+DEFENCE = Defence(name="fgsm_at", label="FGSM-AT", config=FGSMATConfig, step=train_step, seed_offset=50, order=50)
 '''
 
 CONFIG_LINES = [
