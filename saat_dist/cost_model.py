@@ -114,6 +114,7 @@ def mode_defaults() -> dict[str, dict]:
     return {"saat": {"iters": saat.iters, "epochs": saat.epochs},
             "saat_fgsm": {"iters": fgsm.iters, "epochs": fgsm.epochs},
             "saat_free": {"replays": free.replays, "epochs": free.epochs},
+            # the tables are at 224 px, where the phases' scale (0.5: 112 px) stays above min_side (32)
             "saat_curriculum": {"phases": phases_from_config(curriculum.phases), "epochs": curriculum.epochs}}
 
 

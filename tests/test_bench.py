@@ -15,10 +15,10 @@ def test_bench_small_writes_json(tmp_path):
     for which in ("map", "mainstay", "saat-step", "modes"):  # the soak is a whole run: the pipeline tests have one
         assert main(["bench", which, "--small", "--out", str(tmp_path)]) == 0
     modes = json.loads((tmp_path / "modes.json").read_text())["modes"]
-    # passes per sample, counted: tiny's SAAT has 2 inner steps; the curriculum's 75 % at 1 step and 1/4 of the
-    # pixels, 25 % at 3 steps
+    # passes per sample, counted: tiny's SAAT has 2 inner steps; the curriculum's 75 % at 1 step (at 32 px its
+    # half-side phase stays at full resolution: min_side), 25 % at 3 steps
     assert {n: r["passes_per_sample"] for n, r in modes.items()} == pytest.approx(
-        {"benign": 1.0, "saat": 4.0, "saat_fgsm": 3.0, "saat_free": 8.0, "saat_curriculum": 0.75 * 3 / 4 + 0.25 * 5})
+        {"benign": 1.0, "saat": 4.0, "saat_fgsm": 3.0, "saat_free": 8.0, "saat_curriculum": 0.75 * 3 + 0.25 * 5})
     assert modes["saat"]["seconds_vs_saat"] == 1.0 and all(r["seconds_per_batch"] > 0 for r in modes.values())
     m = json.loads((tmp_path / "map.json").read_text())
     assert m["abs_diff"] < 1e-6 and 0 < m["saat_dist"]["map"] < 1  # both methods computed the same mAP

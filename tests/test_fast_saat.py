@@ -126,6 +126,9 @@ def test_curriculum_phases_and_resolution():
     phases = SAATCurriculumConfig().phases
     assert [phase_at(phases, s, 100).iters for s in (0, 74, 75, 99)] == [1, 1, 3, 3]
     assert resized(torch.rand(2, 3, 32, 32), 0.5).shape[-2:] == (16, 16)
+    assert resized(torch.rand(2, 3, 32, 32), 0.5, min_side=32).shape[-2:] == (32, 32)  # the default floor
+    assert resized(torch.rand(2, 3, 224, 224), 0.5, min_side=32).shape[-2:] == (112, 112)
+    assert SAATCurriculumConfig().min_side == 32
     with pytest.raises(ValueError, match="the last at 1.0"):
         SAATCurriculumConfig(phases=[CurriculumPhase(until=0.5, iters=1)])
     model, _, (x, _, _), _ = _setup()
@@ -146,7 +149,7 @@ def test_cyclic_lr_rises_to_its_peak_and_falls_to_zero():
 def test_each_mode_trains_in_the_loop_and_records_its_cost(tiny_demo, tmp_path, name, per_sample):
     shards = tiny_demo[1]["shard_dir"]
     cfg = tiny_cfg(tmp_path, shards, f"{name}.epochs=2", f"{name}.batch_size=40", f"{name}.guard.probe_size=8"
-                   if name != "saat_curriculum" else "seed=0")
+                   if name != "saat_curriculum" else "saat_curriculum.min_side=8")  # the 16-px phase runs
     run_in_process(cfg, TRAIN)
     run_in_process(cfg, DEFENCE_STAGES[name])
     t = json.loads((tmp_path / name / "train.json").read_text())
