@@ -48,7 +48,7 @@ class SAATCurriculumConfig(AdvTrainConfig):
     two phases in SAAT's terms: the first 75 % of the steps with a 1-step
     attack at half the image side (not below ``min_side``), the last 25 %
     with 3 steps at full resolution (at 224 px 20 % of SAAT's passes; at
-    the demo's 32 px, all at full resolution, 28 %); SAAT's loss, optimizer
+    the demo's 32 px, all at full resolution, 39 %); SAAT's loss, optimizer
     and epochs. Departure from AdvXL, stated: its low-resolution phase
     pre-trains from scratch for most of a long schedule; here the stage
     fine-tunes the benign model for SAAT's epochs."""
