@@ -95,8 +95,7 @@ def train_step(ctx: StepContext, batch, step: int) -> dict[str, torch.Tensor]:
     settings = dataclasses.replace(s, iters=p.iters, step_size=p.step_size or min(s.eps, 2.5 * s.eps / p.iters))
     x, y, index = batch
     return saat_step(ctx.model, ctx.stepper, (resized(x, p.scale, s.min_side), y, index), ctx.bank, ctx.loss_fn,
-                     settings, step,
-                     check=False, hash_bank=ctx.hash_bank, keys=ctx.keys(batch, step))
+                     settings, step, check=False, hash_bank=ctx.hash_bank, keys=ctx.keys(batch, step))
 
 
 DEFENCE = Defence(name="saat_curriculum", label="SAAT curriculum", config=SAATCurriculumConfig, step=train_step,
