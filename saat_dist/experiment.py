@@ -32,7 +32,7 @@ from saat_dist.config import ConfigError, RunConfig, save_config
 from saat_dist.data.source import DataSource
 from saat_dist.evaluation import EvaluationStage
 from saat_dist.evaluation.identity import (  # noqa: F401  (re-exported: the experiment's public names)
-    cell_config, cell_name, evaluation_settings, manifest_digest, settings_digests, settings_sha256,
+    BEFORE_ADDED, cell_config, cell_name, evaluation_settings, manifest_digest, settings_digests, settings_sha256,
     training_settings)
 from saat_dist.evaluation.results import RESULTS_FORMAT
 from saat_dist.pipeline import check_layout, ensure_data, launch, record_stage, train
@@ -58,17 +58,22 @@ def _check_cell(cfg: RunConfig, cell_dir: Path, settings: dict, source: DataSour
                           f"{diff[2]!r}; use another experiment output_dir (or remove the cell to retrain it)")
 
 
-def _first_difference(old, new, key, default=None):
+def _first_difference(old, new, key, default=None, before_added=BEFORE_ADDED):
     """The first setting that differs, as (key, old, new), or None. A key
     the old settings lack (a setting added to the code since) is the same
     when the new value is its default, and a whole section they lack (a
-    defence added since) was not trained then: neither refuses a cell."""
+    defence added since) was not trained then: neither refuses a cell. A
+    setting in ``before_added`` (one whose default changed the training) is
+    compared with its value from before it existed instead."""
     if isinstance(old, dict) and isinstance(new, dict):
         for k in sorted(set(old) | set(new)):
+            path = f"{key}.{k}" if key else k
             here = default.get(k) if isinstance(default, dict) else None
-            if k not in old and (not key or (default is not None and new.get(k) == here)):
+            if k not in old and path in before_added:
+                old = {**old, k: before_added[path]}
+            elif k not in old and (not key or (default is not None and new.get(k) == here)):
                 continue
-            d = _first_difference(old.get(k), new.get(k), f"{key}.{k}" if key else k, here)
+            d = _first_difference(old.get(k), new.get(k), path, here, before_added)
             if d:
                 return d
         return None

@@ -360,3 +360,10 @@ def test_a_setting_added_since_a_cell_was_trained_refuses_it_only_away_from_its_
     cyclic = {**new, "saat": {"epochs": 6, "optim": {"lr": 0.05, "schedule": "cyclic"}}}
     assert _first_difference(old, cyclic, "", default) == ("saat.optim.schedule", None, "cyclic")
     assert _first_difference(old, {**new, "saat": {**new["saat"], "epochs": 7}}, "", default) == ("saat.epochs", 6, 7)
+    # a setting whose default changed the training (saat_curriculum.min_side: 8 px before it existed, now 32)
+    # refuses a cell written before it, unless set to what it was then
+    curriculum = {"saat": new["saat"], "saat_curriculum": {"epochs": 6}}
+    assert _first_difference(curriculum, {**new, "saat_curriculum": {"epochs": 6, "min_side": 32}}, "", default) \
+        == ("saat_curriculum.min_side", 8, 32)
+    assert _first_difference(curriculum, {**new, "saat_curriculum": {"epochs": 6, "min_side": 8}}, "", default) is None
+    assert _first_difference(old, {**new, "saat_curriculum": {"epochs": 6, "min_side": 32}}, "", default) is None

@@ -29,6 +29,10 @@ TRAINING_DISTRIBUTED = ("precision", "grad_accum", "gradient_clipping", "bank_sy
 # What the evaluation's numbers depend on besides the model files.
 EVALUATION_SECTIONS = ("seed", "attack", "eval")
 EVALUATION_DATA = ("image_size", "resize")
+# Settings added to the code since cells were first trained whose default changes what is trained:
+# the value that gives the training from before the setting existed. A cell written before it is
+# compared with that value, not with the default (a new default must retrain, not pass unseen).
+BEFORE_ADDED = {"saat_curriculum.min_side": 8}
 # which cells and models exist, and whether they are also certified: not what one evaluation gives
 GRID = ("hashes", "bits", "defences", "certify")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from saat_dist.checkpoint import CheckpointError, load_state
@@ -103,6 +102,10 @@ def build_backbone(name: str, pretrained_path: str | None = None, width: int = 3
     if name not in _TORCHVISION:
         raise ValueError(f"model.backbone: {name!r} is not one of {list(BACKBONE_NAMES)}")
     ctor, kind = _TORCHVISION[name]
+    # Imported here: torchvision.models pulls in torch._dynamo (~3 s of CPU),
+    # which every Ray worker of a small_cnn run would otherwise pay.
+    import torchvision.models
+
     net = getattr(torchvision.models, ctor)(weights=None)  # never downloads
     if pretrained_path:
         load_pretrained(net, pretrained_path)
