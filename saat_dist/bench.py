@@ -391,7 +391,8 @@ def bench_soak(sizes: dict) -> dict:
 
 # What the cases import; their processes fork from a server that imported it
 # once (a fresh process, not a fork of this one, without ~4 s of imports each).
-CHILD_PRELOAD = ["torch", "saat_dist.hashing", "saat_dist.mainstay", "saat_dist.metrics",
+# torch._dynamo: a child's first torch optimizer imports it (~2 s of CPU)
+CHILD_PRELOAD = ["torch", "torch._dynamo", "saat_dist.hashing", "saat_dist.mainstay", "saat_dist.metrics",
                  "saat_dist.metrics.reference", "saat_dist.models", "saat_dist.training"]
 
 

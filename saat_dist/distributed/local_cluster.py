@@ -175,7 +175,7 @@ class LocalCluster:
         self._spawn(name, ["--address", self.address, "--num-cpus", str(self.cpus_per_node),
                            "--grace-s", str(self.grace_s)], timeout_s if wait else None)
         if wait:
-            self.wait_for_nodes(timeout_s)
+            self.wait_for_nodes(timeout_s, [name])
         return name
 
     def _spawn(self, name: str, args: list[str], timeout_s: float | None) -> None:
@@ -203,16 +203,20 @@ class LocalCluster:
         self.nodes[name] = json.loads(path.read_text())
         return self.nodes[name]
 
-    def wait_for_nodes(self, timeout_s: float = 120.0) -> None:
-        """Until every started node wrote its state and Ray lists it alive."""
-        for name in self.procs:
+    def wait_for_nodes(self, timeout_s: float = 120.0, names: list[str] | None = None) -> None:
+        """Until the nodes ``names`` (default: every started node) wrote their
+        state and Ray lists them alive. A node added while another drains
+        waits for itself only: the drained one may be gone first (measured:
+        a node that took 12 s to start against a 10 s grace)."""
+        names = list(self.procs) if names is None else names
+        for name in names:
             if name not in self.nodes:
                 self._wait_state(name, timeout_s)
-        want, deadline = {s["node_id"] for s in self.nodes.values()}, time.monotonic() + timeout_s
+        want, deadline = {self.nodes[n]["node_id"] for n in names}, time.monotonic() + timeout_s
         while not want <= self.alive_node_ids():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"Ray lists {len(self.alive_node_ids())} live nodes of {len(want)} after "
-                                   f"{timeout_s:.0f} s")
+                missing = [n for n in names if self.nodes[n]["node_id"] not in self.alive_node_ids()]
+                raise TimeoutError(f"Ray does not list node(s) {missing} alive after {timeout_s:.0f} s")
             time.sleep(0.2)
 
     def alive_node_ids(self) -> set[str]:
