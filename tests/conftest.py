@@ -69,7 +69,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         name = item.path.name
         item.add_marker(pytest.mark.xdist_group("ray" if name in RAY_MODULES else name))
-    if getattr(config.option, "dist", "no") != "no":
+    if hasattr(config, "workerinput"):  # an xdist worker (whose own option.dist is "no")
         items.sort(key=lambda item: item.path.name not in RAY_MODULES)  # stable: each module keeps its order
 
 
