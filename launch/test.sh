@@ -16,15 +16,11 @@ if ! command -v prometheus >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1
     || echo "[test] could not install prometheus; the test that needs it will be skipped"
 fi
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
-# SAAT_DIST_TEST_PROCS=N: N test processes (pytest-xdist, default 2), each
-# test module in one process (its fixtures built once), the Ray modules
-# together and first (tests/conftest.py); 0 runs everything in this process.
-# With more than one, torch uses one thread per process (OMP_NUM_THREADS=1
-# unless set): two processes of two threads on 2 cores measured slower than
-# one process, as their threads spin against each other.
-procs=${SAAT_DIST_TEST_PROCS:-2}
+# SAAT_DIST_TEST_PROCS=N: N test processes (pytest-xdist), a test file
+# per process at a time (a file's Ray cluster and fixtures stay in one process);
+# 0 (the default) runs in this one: on 2 cores two processes measured no faster.
+procs=${SAAT_DIST_TEST_PROCS:-0}
 if [ "$procs" -gt 0 ]; then
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-  exec .venv/bin/python -m pytest -q -n "$procs" --dist loadgroup --no-loadscope-reorder --durations=25 "$@"
+  exec .venv/bin/python -m pytest -q -n "$procs" --dist loadfile "$@"
 fi
 exec .venv/bin/python -m pytest -q --durations=25 "$@"

@@ -54,25 +54,6 @@ def one_ray_at_a_time(tmp_path_factory):
         lock.release()
 
 
-# The modules that start Ray: one xdist group, run first (see pytest_collection_modifyitems).
-RAY_MODULES = ("test_distributed.py", "test_pipeline.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (launch/test.sh runs 2 processes) with ``--dist
-    loadgroup``: each test module is one group, so its module fixtures are
-    built once, in one process; the two Ray modules are one group together
-    (one Ray at a time on this machine) and go first, so the other process
-    runs every other module while they wait on Ray. Measured on 2 cores:
-    the Ray modules keep a core ~20 % idle, waiting on Ray and its
-    processes; the two processes fill it."""
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("ray" if name in RAY_MODULES else name))
-    if hasattr(config, "workerinput"):  # an xdist worker (whose own option.dist is "no")
-        items.sort(key=lambda item: item.path.name not in RAY_MODULES)  # stable: each module keeps its order
-
-
 @pytest.fixture(scope="module")
 def local_cluster(tmp_path_factory):
     """A Ray cluster of a head (no CPUs: drivers and Ray Train's controller
