@@ -16,11 +16,38 @@ if ! command -v prometheus >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1
     || echo "[test] could not install prometheus; the test that needs it will be skipped"
 fi
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
-# SAAT_DIST_TEST_PROCS=N: N test processes (pytest-xdist), a test file
-# per process at a time (a file's Ray cluster and fixtures stay in one process);
-# 0 (the default) runs in this one: on 2 cores two processes measured no faster.
-procs=${SAAT_DIST_TEST_PROCS:-0}
-if [ "$procs" -gt 0 ]; then
-  exec .venv/bin/python -m pytest -q -n "$procs" --dist loadfile "$@"
+# Every module a test process compiles is cached (setup.sh compiled the common
+# ones): the suite starts ~100 Python processes (Ray's daemons and workers,
+# spawned CLIs), and where PYTHONDONTWRITEBYTECODE is set each would compile
+# what it imports again.
+unset PYTHONDONTWRITEBYTECODE
+# The whole suite (no arguments) runs as two pytest processes side by side:
+# the Ray modules (a local multi-node cluster, Ray Train jobs: mostly waiting
+# on node starts, worker groups and checkpoints) and every other file. One
+# torch thread each: two processes share the 2 cores. Any argument (a file,
+# -k, -m "not slow") runs one process; SAAT_DIST_TEST_PROCS=1 forces one.
+RAY_FILES=(tests/test_pipeline.py tests/test_distributed.py)
+if [ "$#" -gt 0 ] || [ "${SAAT_DIST_TEST_PROCS:-2}" = 1 ]; then
+  exec .venv/bin/python -m pytest -q --durations=25 "$@"
 fi
-exec .venv/bin/python -m pytest -q --durations=25 "$@"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# both under one directory: the Ray modules' lock (tests/conftest.py) lives beside them
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/saat-dist-tests.XXXXXX")
+others=()
+for f in tests/test_*.py; do
+  case " ${RAY_FILES[*]} " in *" $f "*) ;; *) others+=("$f") ;; esac
+done
+echo "[test] two processes: ${RAY_FILES[*]} | the other ${#others[@]} files (logs under $tmp)"
+.venv/bin/python -m pytest -q --durations=15 --basetemp "$tmp/ray" -p no:cacheprovider "${RAY_FILES[@]}" \
+  > "$tmp/ray.log" 2>&1 &
+ray_pid=$!
+.venv/bin/python -m pytest -q --durations=15 --basetemp "$tmp/others" "${others[@]}" > "$tmp/others.log" 2>&1 &
+others_pid=$!
+trap 'kill "$ray_pid" "$others_pid" 2>/dev/null' INT TERM
+status=0
+wait "$others_pid" || status=$?
+echo "===== the other files ====="; cat "$tmp/others.log"
+wait "$ray_pid" || status=$?
+echo "===== the Ray modules ====="; cat "$tmp/ray.log"
+if [ "$status" = 0 ]; then echo "[test] both processes passed"; rm -rf "$tmp"; else echo "[test] FAILED (exit $status); its files: $tmp"; fi
+exit "$status"

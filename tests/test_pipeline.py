@@ -250,7 +250,7 @@ class _SaatAgain:
 
 
 # Ray's controller registers a reported checkpoint when it next polls the
-# workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 0.5 s in the tests)
+# workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 0.1 s in the tests)
 REGISTERED_S = 1.0
 
 
