@@ -57,22 +57,35 @@ install_with_pip() {
 # Where PYTHONDONTWRITEBYTECODE is set (as on these machines) Python never
 # caches a module it compiles, so every process (each Ray worker, each CLI)
 # would compile torch, Ray and DeepSpeed again; compiling all 18,000 modules
-# of the environment instead takes 60 s on 2 cores, this ~20 s. Modules
-# already cached are not compiled again.
+# of the environment instead takes 60 s on 2 cores, this ~15 s. Two
+# processes: the training side (torch first) and Ray's own daemons (torch
+# last, by then compiled by the other); a module already cached is not
+# compiled again.
 warm_up() {
-  env -u PYTHONDONTWRITEBYTECODE DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}" "$VENV/bin/python" - <<'PY'
+  local training ray_side
+  training=$(cat <<'PY'
 import importlib, pkgutil, warnings
 warnings.simplefilter("ignore")
-import saat_dist
-for name in ("torch._dynamo", "torchvision.models", "deepspeed", "ray.train.torch", "ray.dashboard.dashboard",
-             "ray.dashboard.agent", "ray._private.runtime_env.agent.main", "ray._private.log_monitor"):
+import torch, torch._dynamo, torchvision.models, deepspeed, saat_dist
+for module in pkgutil.walk_packages(saat_dist.__path__, "saat_dist."):
+    importlib.import_module(module.name)
+PY
+)
+  ray_side=$(cat <<'PY'
+import importlib, warnings
+warnings.simplefilter("ignore")
+for name in ("ray.dashboard.dashboard", "ray.dashboard.agent", "ray._private.runtime_env.agent.main",
+             "ray._private.log_monitor", "ray.autoscaler._private.monitor", "ray.train.torch"):
     try:
         importlib.import_module(name)
     except (Exception, SystemExit):  # a module Ray runs as a script may exit on import; what it imported is cached
         pass
-for module in pkgutil.walk_packages(saat_dist.__path__, "saat_dist."):
-    importlib.import_module(module.name)
 PY
+)
+  local run=(env -u PYTHONDONTWRITEBYTECODE DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}" "$VENV/bin/python" -c)
+  "${run[@]}" "$ray_side" & local ray_pid=$!
+  "${run[@]}" "$training"
+  wait "$ray_pid"
 }
 
 stamp="$VENV/.saat-dist-installed"

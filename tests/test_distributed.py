@@ -14,7 +14,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -123,8 +122,13 @@ class TestLiveRun:
             return text if (_value(text, "saat_steps_total", int(r)) or 0) > 0 else None
 
         first = {r: _wait_for(lambda r=r, p=p: stepped(r, p), 180, f"rank {r} steps") for r, p in ports.items()}
-        time.sleep(3)
-        later = {r: _scrape(p) for r, p in ports.items()}
+
+        def moved(r, port):  # later steps: an epoch's end (its checkpoint, the bank sync) can pause a rank seconds
+            text = _scrape(port)
+            steps = _value(text, "saat_steps_total", int(r))
+            return text if steps > _value(first[r], "saat_steps_total", int(r)) else None
+
+        later = {r: _wait_for(lambda r=r, p=p: moved(r, p), 60, f"rank {r} stepping on") for r, p in ports.items()}
         for r in ("0", "1"):
             rank = int(r)
             assert _value(later[r], "saat_steps_total", rank) > _value(first[r], "saat_steps_total", rank)
