@@ -22,11 +22,12 @@ export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 # what it imports again.
 unset PYTHONDONTWRITEBYTECODE
 # The whole suite (no arguments) runs as two pytest processes side by side:
-# the Ray modules (a local multi-node cluster, Ray Train jobs: mostly waiting
-# on node starts, worker groups and checkpoints) and every other file. One
+# the Ray modules (a local multi-node cluster, Ray Train jobs: they wait on
+# node starts, worker groups and checkpoints) then the bench's tests, and
+# every other file; measured, the two end within ~30 s of each other. One
 # torch thread each: two processes share the 2 cores. Any argument (a file,
 # -k, -m "not slow") runs one process; SAAT_DIST_TEST_PROCS=1 forces one.
-RAY_FILES=(tests/test_pipeline.py tests/test_distributed.py)
+RAY_SIDE=(tests/test_pipeline.py tests/test_distributed.py tests/test_bench.py)
 if [ "$#" -gt 0 ] || [ "${SAAT_DIST_TEST_PROCS:-2}" = 1 ]; then
   exec .venv/bin/python -m pytest -q --durations=25 "$@"
 fi
@@ -35,10 +36,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/saat-dist-tests.XXXXXX")
 others=()
 for f in tests/test_*.py; do
-  case " ${RAY_FILES[*]} " in *" $f "*) ;; *) others+=("$f") ;; esac
+  case " ${RAY_SIDE[*]} " in *" $f "*) ;; *) others+=("$f") ;; esac
 done
-echo "[test] two processes: ${RAY_FILES[*]} | the other ${#others[@]} files (logs under $tmp)"
-.venv/bin/python -m pytest -q --durations=15 --basetemp "$tmp/ray" -p no:cacheprovider "${RAY_FILES[@]}" \
+echo "[test] two processes: ${RAY_SIDE[*]} | the other ${#others[@]} files (logs under $tmp)"
+.venv/bin/python -m pytest -q --durations=15 --basetemp "$tmp/ray" -p no:cacheprovider "${RAY_SIDE[@]}" \
   > "$tmp/ray.log" 2>&1 &
 ray_pid=$!
 .venv/bin/python -m pytest -q --durations=15 --basetemp "$tmp/others" "${others[@]}" > "$tmp/others.log" 2>&1 &
@@ -48,6 +49,6 @@ status=0
 wait "$others_pid" || status=$?
 echo "===== the other files ====="; cat "$tmp/others.log"
 wait "$ray_pid" || status=$?
-echo "===== the Ray modules ====="; cat "$tmp/ray.log"
+echo "===== ${RAY_SIDE[*]} ====="; cat "$tmp/ray.log"
 if [ "$status" = 0 ]; then echo "[test] both processes passed"; rm -rf "$tmp"; else echo "[test] FAILED (exit $status); its files: $tmp"; fi
 exit "$status"
