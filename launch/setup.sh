@@ -57,7 +57,7 @@ install_with_pip() {
 # Where PYTHONDONTWRITEBYTECODE is set (as on these machines) Python never
 # caches a module it compiles, so every process (each Ray worker, each CLI)
 # would compile torch, Ray and DeepSpeed again; compiling all 18,000 modules
-# of the environment instead takes 60 s on 2 cores, this ~15 s. Two
+# of the environment instead takes 62 s on 2 cores, this 22 s. Two
 # processes: the training side (torch first) and Ray's own daemons (torch
 # last, by then compiled by the other); a module already cached is not
 # compiled again.
