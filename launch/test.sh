@@ -39,6 +39,7 @@ for f in tests/test_*.py; do
   case " ${RAY_SIDE[*]} " in *" $f "*) ;; *) others+=("$f") ;; esac
 done
 echo "[test] two processes: ${RAY_SIDE[*]} | the other ${#others[@]} files (logs under $tmp)"
+# one process keeps pytest's cache (--lf): two would overwrite each other's record
 .venv/bin/python -m pytest -q --durations=15 --basetemp "$tmp/ray" -p no:cacheprovider "${RAY_SIDE[@]}" \
   > "$tmp/ray.log" 2>&1 &
 ray_pid=$!
