@@ -45,8 +45,12 @@ def _start_node(head: bool, address: str | None, num_cpus: float, temp_dir: str 
     import ray._private.node
     from ray._private.parameter import RayParams
 
+    # dashboard_agent_listen_port None: every node's agent (the head's holds the job API) on a free
+    # port, not Ray's fixed 52365, which a Ray started on this machine before or after (ray.init,
+    # another local cluster going down) may hold: seen, a new head's agent then serves no job API
     params = RayParams(node_ip_address=LOOPBACK, num_cpus=num_cpus, num_gpus=0, min_worker_port=0,
-                       max_worker_port=0, object_store_memory=150 * 2**20, temp_dir=temp_dir)
+                       max_worker_port=0, object_store_memory=150 * 2**20, temp_dir=temp_dir,
+                       dashboard_agent_listen_port=None)
     if head:
         # a node whose raylet stops answering is declared dead after 3 missed 1 s health checks (Ray's
         # defaults: 5 x 3 s), so a lost node shows in seconds, as the tests and try-outs want
@@ -54,8 +58,7 @@ def _start_node(head: bool, address: str | None, num_cpus: float, temp_dir: str 
                       _system_config={"health_check_period_ms": 1000, "health_check_failure_threshold": 3})
     else:
         # one log monitor per machine (the head's); Ray picks free ports
-        params.update(gcs_address=address, include_log_monitor=False, node_manager_port=0,
-                      dashboard_agent_listen_port=None)
+        params.update(gcs_address=address, include_log_monitor=False, node_manager_port=0)
     return ray._private.node.Node(params, head=head, shutdown_at_exit=True, spawn_reaper=True)
 
 
