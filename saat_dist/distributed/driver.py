@@ -4,11 +4,12 @@ as a Ray Train job.
 Each stage or chain is a ``TorchTrainer`` whose ScalingConfig (workers, CPU/GPU,
 resources per worker) and RunConfig (storage path, failure and checkpoint
 config) come from ``cfg.distributed``. Ray Train runs are named
-``<name>-<stage>-<run dir key>-<timestamp>`` and recorded in
-``<run_dir>/ray_runs.json``; ``resume=True`` reuses the recorded run of the
-stage (or, that file gone, the newest run of this run directory under the
-storage path that has a checkpoint), so Ray restores its newest complete
-checkpoint and the workers continue from it.
+``<name>-<job>-<run dir key>-<timestamp>`` (the job: the stage, or ``run``
+for a whole ``saat-dist run``) and recorded in ``<run_dir>/ray_runs.json``;
+``resume=True`` reuses the recorded run of the job (or, that file gone, the
+newest run of this run directory under the storage path that has a
+checkpoint), so Ray restores its newest complete checkpoint and the workers
+continue from it (``distributed.ray_checkpoint``: the stage that wrote it).
 """
 
 from __future__ import annotations
@@ -135,14 +136,16 @@ def process_group_backend(cfg: RunConfig) -> str:
     return GPU_BACKEND if cfg.distributed.use_gpu else CPU_BACKEND
 
 
-def build_trainer(cfg: RunConfig, stage, run_dir: Path, resume: bool = False):
+def build_trainer(cfg: RunConfig, stage, run_dir: Path, resume: bool = False, job: str | None = None):
     """The TorchTrainer of a stage value (a training ``Stage`` or an
     ``EvaluationStage``) or of a chain of them (a tuple: run in order by one
-    worker group, named after the first; not started): scaling, storage,
-    failure handling and the process-group backend all come from the config here."""
+    worker group; not started), its Ray run named after ``job`` (by default
+    the first stage's name): scaling, storage, failure handling and the
+    process-group backend all come from the config here."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
+    from saat_dist.distributed.ray_trainer import ShardStreamTrainer
     from saat_dist.distributed.worker import worker_main
 
     d = cfg.distributed
@@ -150,8 +153,8 @@ def build_trainer(cfg: RunConfig, stage, run_dir: Path, resume: bool = False):
     if d.use_gpu:
         resources["GPU"] = d.gpus_per_worker
     stages = stage if isinstance(stage, tuple) else (stage,)
-    key = stages[0].name
-    return TorchTrainer(
+    key = job or stages[0].name
+    return ShardStreamTrainer(
         worker_main,
         train_loop_config={"run": _absolute_paths(cfg, run_dir), "stages": stages},
         torch_config=TorchConfig(backend=process_group_backend(cfg)),
@@ -225,9 +228,10 @@ def describe_failure(key: str, error: BaseException) -> StageFailed:
     return StageFailed(f"{key} failed in Ray Train: {type(root).__name__}: {_last_line(str(root))}", False)
 
 
-def run_stage(cfg: RunConfig, stage, run_dir: Path, resume: bool = False):
-    """Run ``stage`` (a training ``Stage`` or an ``EvaluationStage``) on Ray
-    workers; returns Ray's Result.
+def run_stage(cfg: RunConfig, stage, run_dir: Path, resume: bool = False, job: str | None = None):
+    """Run ``stage`` (a training ``Stage`` or an ``EvaluationStage``, or a
+    chain of them) on Ray workers as the Ray run ``job`` (``build_trainer``);
+    returns Ray's Result.
     A failure raises ``StageFailed`` with one line naming the worker's error
     (Ray has retried ``distributed.max_failures`` times from the newest checkpoint)."""
     from ray.train import TrainingFailedError
@@ -235,7 +239,7 @@ def run_stage(cfg: RunConfig, stage, run_dir: Path, resume: bool = False):
     init_ray(cfg)
     key = "+".join(s.name for s in (stage if isinstance(stage, tuple) else (stage,)))
     try:
-        result = build_trainer(cfg, stage, run_dir, resume).fit()
+        result = build_trainer(cfg, stage, run_dir, resume, job).fit()
     except TrainingFailedError as e:
         raise describe_failure(key, e) from e
     if result.error is not None:
