@@ -243,7 +243,8 @@ class DistributedConfig:
     preemption_poll_s: Annotated[float, Field(gt=0, description=(
         "how often Ray Train polls Ray for draining nodes (RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S): a preempted "
         "node's grace must cover this, preemption_check_every steps and one checkpoint"))] = 5.0
-    num_to_keep: Annotated[int, Field(ge=1, description="checkpoints kept per stage")] = 2
+    num_to_keep: Annotated[int, Field(ge=1, description=(
+        "checkpoints kept per Ray run: a stage's, or a whole `saat-dist run`'s (its newest, the latest stage's)"))] = 2
     local_cpus: Annotated[Annotated[int, Field(ge=1)] | None, Field(description=(
         "CPUs of the local Ray started when address is null (null: all)"))] = None
 

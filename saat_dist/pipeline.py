@@ -110,10 +110,12 @@ def _metrics_sink(cfg: RunConfig, stage: Stage | EvaluationStage, run_dir: Path)
 
 
 def launch(cfg: RunConfig, stage: Stage | EvaluationStage | tuple, run_dir: Path, resume: bool = False,
-           source: DataSource | None = None) -> None:
-    """Run one stage value, or a chain of them (a tuple, run in order: a
-    training stage and the evaluation of its model start one worker group,
-    not two): the one in-process-or-Ray dispatch. With
+           source: DataSource | None = None, job: str | None = None) -> None:
+    """Run one stage value, or a chain of them (a tuple, run in order by one
+    worker group: a training stage and the evaluation of its model, or the
+    whole ``run``, start one group, not several): the one in-process-or-Ray
+    dispatch. ``job`` names the chain's Ray run (by default its first
+    stage; ``--resume`` finds the run by it). With
     ``distributed.num_workers >= 1`` a Ray Train job (``distributed.driver``);
     with 0 this process, with a torch optimizer, local ``step-N`` checkpoints
     and (if enabled) a metrics endpoint. Either way ``runner.run_here`` runs
@@ -128,7 +130,7 @@ def launch(cfg: RunConfig, stage: Stage | EvaluationStage | tuple, run_dir: Path
     if not cfg.distributed.in_process:
         from saat_dist.distributed.driver import run_stage
 
-        run_stage(cfg, stage, run_dir, resume)
+        run_stage(cfg, stage, run_dir, resume, job)
     else:
         source = source or ensure_data(cfg)
         for one in stages:
@@ -232,15 +234,19 @@ def run_all(cfg: RunConfig, resume: bool = False) -> dict:
     check_layout(cfg, source, [TRAIN, SAAT])
     run_dir = prepare_run_dir(cfg)
     record_stage(run_dir, "data", time.monotonic() - t0)
-    # --resume skips stages whose outputs exist and resumes an interrupted
-    # one; a training stage and the evaluation of its model share one launch
+    # One launch for the whole protocol: one Ray worker group (a group start
+    # costs more than the tiny run's training). --resume skips stages whose
+    # outputs exist and resumes the interrupted one: the Ray run is named
+    # "run" whichever stage the chain starts at, so a head lost during SAAT
+    # finds SAAT's checkpoints again.
+    chain: tuple = ()
     for training, which in ((TRAIN, "benign"), (SAAT, "saat")):
-        chain = (() if resume and (run_dir / which / "model.pt").is_file() else (training,)) + (
+        chain += (() if resume and (run_dir / which / "model.pt").is_file() else (training,)) + (
             () if resume and which == "benign" and results_current(run_dir / which / RUN_RESULTS)
             else (run_evaluation(cfg, which),))
-        if chain and chain[0] is training and training.needs and not (run_dir / training.needs / "model.pt").is_file():
+    for training in (s for s in chain if isinstance(s, Stage) and s.needs):
+        if not (run_dir / training.needs / "model.pt").is_file() and training.needs not in {s.out for s in chain if isinstance(s, Stage)}:
             raise FileNotFoundError(f"{run_dir / training.needs / 'model.pt'}: run the stage that writes it first")
-        if chain:
-            launch(cfg, chain if len(chain) > 1 else chain[0], run_dir, resume, source)
+    launch(cfg, chain, run_dir, resume, source, job="run")
     record_stage(run_dir, "total", time.monotonic() - t0)
     return write_run_report(cfg, run_dir)

@@ -145,8 +145,15 @@ def test_checkpoints_are_state_dicts(tiny_run):
     assert state["format"] == "saat-dist-model/1" and state["bits"] == 16
     assert all(isinstance(v, torch.Tensor) for v in state["model"].values())
     assert set(state) == {"format", "backbone", "bits", "model", "steps"}  # a model file holds the model only
-    # Ray Train checkpoints: DeepSpeed state + each rank's train state (bank codes are +-1 after SAAT)
-    (ckpt,) = sorted(p for p in (tmp / "run" / "ray").glob("*-saat-*/checkpoint_*") if p.is_dir())[-1:]
+    # Ray Train checkpoints: DeepSpeed state + each rank's train state (bank codes are +-1 after SAAT).
+    # One Ray run for the whole `run` (one worker group); each checkpoint names its stage
+    from ray.train import Checkpoint
+
+    (ray_run,) = (tmp / "run" / "ray").glob("tiny-run-*")
+    kept = sorted(p for p in ray_run.glob("checkpoint_*") if p.is_dir())  # names carry the time
+    stages = [Checkpoint.from_directory(p).get_metadata()["stage"] for p in kept]
+    assert stages and set(stages) == {"saat"}, stages  # the newest (num_to_keep) are SAAT's
+    ckpt = kept[-1]
     for rank in (0, 1):
         train_state = torch.load(ckpt / f"rank-{rank}.pt", weights_only=True)
         assert set(train_state["bank"]["bank"]["codes"].unique().tolist()) <= {-1.0, 1.0}
@@ -218,17 +225,17 @@ class _SaatAgain:
     with what the tests watch: Ray's checkpoints, the ranks' processes (from
     their metrics target files) and the driver's log."""
 
-    def __init__(self, tiny_run, run, log, *extra):
+    def __init__(self, tiny_run, run, log, *extra, done=("model.pt", "eval.json")):
         tmp, args, _ = tiny_run
         self.run, self.log, self.reference = run, log, tmp / "run"
         base_url = next(a.split("=", 1)[1] for a in args if a.startswith("data.base_url="))
         self.args = _args(run, tmp / "no-shared-shards", base_url, *extra)
         (run / "benign").mkdir(parents=True)
-        for done in ("model.pt", "eval.json"):  # the benign stages are done: `run --resume auto` goes on to SAAT
-            shutil.copy(tmp / "run" / "benign" / done, run / "benign" / done)
+        for name in done:  # the benign stages that are done: `run --resume auto` skips them
+            shutil.copy(tmp / "run" / "benign" / name, run / "benign" / name)
 
-    def checkpoints(self):
-        return sorted(p for p in (self.run / "ray").glob("*-saat-*/checkpoint_*") if p.is_dir())
+    def checkpoints(self):  # SAAT's: the benign stages were copied, not run (`run` names its Ray run "run")
+        return sorted(p for p in (self.run / "ray").glob("*/checkpoint_*") if p.is_dir())
 
     def newest(self) -> str:  # Ray keeps the newest few: names carry the time
         return max((p.name for p in self.checkpoints()), default="")
@@ -256,13 +263,14 @@ REGISTERED_S = 1.0
 
 @pytest.mark.slow
 def test_a_lost_node_a_preemption_and_a_lost_head(tiny_run, local_cluster, tmp_path):
-    """The run's SAAT stage again, from its benign model and evaluation, on
-    the 3-node cluster with a spawned driver (`saat-dist run`, resume: auto:
-    it skips the finished benign stages and launches SAAT with its
-    evaluation in one job):
+    """The run's SAAT stage again, from its benign model, on the 3-node
+    cluster with a spawned driver (`saat-dist run`, resume: auto: it skips
+    the benign training, whose model is there, and runs the benign
+    evaluation, SAAT and SAAT's evaluation as one job, one worker group):
     1. worker node 2 SIGKILLed after two checkpoints (a lost node): the
        group waits for capacity; with a node added back both ranks restore
-       the newest checkpoint;
+       the newest checkpoint, SAAT's, and skip the benign evaluation that
+       had finished before it;
     2. SIGTERM to worker node 1 (a preemption with a 10 s grace): it asks Ray
        to drain it, every rank checkpoints at its next step, within the
        grace, trains on and checkpoints again just before the deadline; a
@@ -276,7 +284,7 @@ def test_a_lost_node_a_preemption_and_a_lost_head(tiny_run, local_cluster, tmp_p
     # every checkpoint kept: the preemption's may otherwise rotate away before the test reads it
     cluster = local_cluster
     again = _SaatAgain(tiny_run, tmp_path / "faults", tmp_path / "faults.log", "distributed.num_to_keep=1000",
-                       "distributed.preemption_notices=true")
+                       "distributed.preemption_notices=true", done=("model.pt",))
     with _killed_at_exit(["run", "--address", cluster.address, *again.args], again.log) as proc:
         going = lambda: proc.poll() is None and not again.ended()  # noqa: E731
 
@@ -342,10 +350,14 @@ def test_a_lost_node_a_preemption_and_a_lost_head(tiny_run, local_cluster, tmp_p
     assert len(restored) == 3 and 3 <= restored[0] < jit_step and restored[1] == final_step, train["restores"]
     assert restored[2] == train["resumed_from_step"] > final_step
     assert max_diff(params(again.reference), params(again.run)) <= 1e-6
-    # the chained SAAT evaluation ran after it, and `run` skipped the finished benign stages
+    # the chained SAAT evaluation ran after it, and `run` skipped the benign training; the benign
+    # evaluation ran once, before SAAT: each restart of the group went on from SAAT's checkpoint
     report = json.loads((again.run / "report.json").read_text())
-    assert report["saat"]["clean_map"] > 0 and set(report["stage_seconds"]) >= {"saat", "evaluate_saat"}
-    assert "train" not in report["stage_seconds"] and "evaluate_benign" not in report["stage_seconds"]
+    assert report["saat"]["clean_map"] > 0 and set(report["stage_seconds"]) >= {"evaluate_benign", "saat",
+                                                                                 "evaluate_saat"}
+    assert "train" not in report["stage_seconds"]
+    skipped = "restart: evaluate_benign finished before the checkpoint of saat; going on from saat"
+    assert again.log.read_text().count(skipped) == 2, again.log.read_text()[-3000:]
 
 
 def _why(checkpoint) -> str | None:

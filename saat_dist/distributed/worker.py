@@ -21,7 +21,7 @@ from saat_dist.config import RunConfig, config_from_dict
 from saat_dist.console import configure_logging, is_debug
 from saat_dist.data.source import DataSource
 from saat_dist.distributed.deepspeed_setup import DeepSpeedBackend
-from saat_dist.distributed.ray_checkpoint import RayCheckpointer
+from saat_dist.distributed.ray_checkpoint import RayCheckpointer, checkpoint_stage
 from saat_dist.monitoring.prometheus import WorkerMetrics
 from saat_dist.runner import run_timed
 from saat_dist.training.trainer import Launch, Notice, this_process
@@ -32,9 +32,11 @@ rank_log = logging.getLogger("saat_dist.rank")
 
 def worker_main(config: dict) -> None:
     """One worker's part of the stage values in ``config["stages"]``, in
-    order (a training stage and the evaluation of its model: one worker
-    group, one start). After a restart a finished training stage restores
-    its last checkpoint and only writes its model again."""
+    order (a training stage and the evaluation of its model, or a whole
+    ``run``: one worker group, one start). After a restart the stages before
+    the one that wrote the restored checkpoint are skipped (they had
+    finished); a finished training stage restores its last checkpoint and
+    only writes its model again."""
     import ray.train
 
     configure_logging()  # the driver's --log-level, from the job's environment
@@ -58,14 +60,23 @@ def worker_main(config: dict) -> None:
                   where["pid"])
     # no per-step barrier for notices nobody sends (distributed.preemption_notices off: no watcher)
     notice = preemption_notice if cfg.distributed.preemption_notices else None
+    # after a restart, the stages before the one whose checkpoint Ray restores had finished
+    names = [s.name for s in stages]
+    written_by = checkpoint_stage(ray.train.get_checkpoint())
+    first = names.index(written_by) if written_by in names else 0
+    if first:
+        log.info("restart: %s finished before the checkpoint of %s; going on from %s", ", ".join(names[:first]),
+                 written_by, written_by)
     for i, stage in enumerate(stages):
+        if i < first:
+            continue
         metrics = WorkerMetrics(rank, stage.name)
         if cfg.metrics.enabled:
             port = metrics.serve(cfg.metrics.bind, cfg.metrics.port, run_dir, local_rank)
             # Prometheus finds it through the target file under <run_dir>/metrics
             rank_log.debug("rank %d (pid %d) serves metrics on %s:%d", rank, os.getpid(), cfg.metrics.bind, port)
         try:
-            run_timed(cfg, stage, run_dir, Launch(rank, world, _device(cfg), make_backend, RayCheckpointer(),
+            run_timed(cfg, stage, run_dir, Launch(rank, world, _device(cfg), make_backend, RayCheckpointer(stage.name),
                                                   metrics, where, notice), source)
         finally:
             linger = cfg.metrics.linger_s if cfg.metrics.enabled else 0.0
