@@ -33,14 +33,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, threads: int, env: dict, fn, args: tuple, out) -> None:
+def _entry(rank: int, world: int, port: int, threads: int, env: dict, fn, args: tuple, out,
+           backend: str = "gloo") -> None:
     # the fork server's environment is that of its start: bring this call's
     os.environ.clear()
     os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     torch.set_num_threads(threads)  # 1, as Ray Train workers (OMP_NUM_THREADS=1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group(backend, rank=rank, world_size=world)
     try:
         # plain pickle bytes: a queue would pass tensors as shared memory that
         # vanishes with this process
@@ -52,14 +53,15 @@ def _entry(rank: int, world: int, port: int, threads: int, env: dict, fn, args: 
         dist.destroy_process_group()
 
 
-def run_on_group(fn, world: int, *args, threads: int = 1) -> list:
-    """``fn(rank, world, *args)`` on ``world`` processes (gloo, loopback,
-    ``threads`` threads each); returns every rank's result. ``fn`` must be
-    importable (a module-level function) and its result picklable."""
+def run_on_group(fn, world: int, *args, threads: int = 1, backend: str = "gloo") -> list:
+    """``fn(rank, world, *args)`` on ``world`` processes (a ``backend``
+    process group, gloo by default, loopback, ``threads`` threads each);
+    returns every rank's result. ``fn`` must be importable (a module-level
+    function) and its result picklable."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     out = ctx.SimpleQueue()
-    context = mp.start_processes(_entry, args=(world, _free_port(), threads, dict(os.environ), fn, args, out),
+    context = mp.start_processes(_entry, args=(world, _free_port(), threads, dict(os.environ), fn, args, out, backend),
                                  nprocs=world, join=False, start_method="forkserver")
     results: dict[int, tuple] = {}
 

@@ -1,15 +1,12 @@
 """SyncedBank across two real processes (gloo), against one process holding everything."""
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from saat_dist.comm.bank_sync import SyncedBank
 from saat_dist.mainstay import CodeBank, label_set_table
+from tests.gloo import run_on_group
 
 
 def _labels():
@@ -28,33 +25,24 @@ def _batches(step, rank):
     return idx, torch.randint(0, 2, (16, 12), generator=g).float() * 2 - 1
 
 
-def _worker(rank, world, port, sync_every, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        labels = _labels()
-        bank = CodeBank(labels, 12)
-        synced = SyncedBank(bank, sync_every)
-        queries = labels[:30]
-        mainstay_per_step, tables = [], []
-        for step in range(6):
-            synced.update(*_batches(step, rank))
-            mainstay_per_step.append(synced.mainstay(queries))
-            tables.append(bank.set_sums.clone())
-        synced.sync_table()
-        out[rank] = {"mainstay": mainstay_per_step, "tables": tables, "final_table": bank.set_sums.clone(),
-                     "codes": bank.codes.clone(), "set_labels": bank.set_labels}
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, sync_every):
+    labels = _labels()
+    bank = CodeBank(labels, 12)
+    synced = SyncedBank(bank, sync_every)
+    queries = labels[:30]
+    mainstay_per_step, tables = [], []
+    for step in range(6):
+        synced.update(*_batches(step, rank))
+        mainstay_per_step.append(synced.mainstay(queries))
+        tables.append(bank.set_sums.clone())
+    synced.sync_table()
+    return {"mainstay": mainstay_per_step, "tables": tables, "final_table": bank.set_sums.clone(),
+            "codes": bank.codes.clone(), "set_labels": bank.set_labels}
 
 
 def _run(sync_every):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, port, sync_every, out), nprocs=2, join=True)
-    return dict(out)
+    """Both ranks' results, on a 2-process gloo group (tests/gloo.py)."""
+    return dict(enumerate(run_on_group(_worker, 2, sync_every)))
 
 
 def _single_process():
@@ -119,51 +107,41 @@ def test_bytes_per_sync_do_not_depend_on_items():
 # ---- a bank of own items, on a process group made as the driver asks Ray for it on GPUs
 
 
-def _own_items_worker(rank, world, port, out):
+def _own_items_worker(rank, world):
     from saat_dist.comm.collectives import all_gather_ragged, average_buffers
-    from saat_dist.distributed.driver import GPU_BACKEND
     from saat_dist.hashing import DPHLoss
     from saat_dist.mainstay import label_set_counts
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # "cpu:gloo,cuda:nccl" as on GPUs; this machine has no CUDA, so the CPU half of it
-    backend = GPU_BACKEND.split(",")[0]
-    dist.init_process_group(backend, rank=rank, world_size=world)
-    try:
-        labels = _labels()
-        mine = torch.arange(rank, 400, world)  # a fixed item -> rank assignment
-        counts = label_set_counts(labels[mine], torch.unique(labels.long(), dim=0))
-        dist.all_reduce(counts)
-        bank = CodeBank(labels[mine], 12, torch.unique(labels.long(), dim=0), index=mine, set_counts=counts)
-        synced = SyncedBank(bank, 1, share_codes=False)
-        g = torch.Generator().manual_seed(7)
-        losses = []
-        for step in range(4):
-            idx = mine[torch.randperm(len(mine), generator=g)[:16]]
-            synced.update(idx, torch.randn(16, 12, generator=torch.Generator().manual_seed(step * 10 + rank)).sign())
-            u = torch.randn(16, 12, generator=torch.Generator().manual_seed(step)).tanh()
-            losses.append(float(DPHLoss().from_stats(u, labels[:16], *synced.dph_stats())[0]))
-        gathered = all_gather_ragged(torch.arange(rank + 1, dtype=torch.float32)[:, None])
-        bn = torch.nn.BatchNorm1d(3)
-        bn.running_mean.fill_(float(rank))
-        average_buffers(bn)
-        out[rank] = {"losses": losses, "codes": bank.codes.shape, "gathered": gathered.flatten().tolist(),
-                     "bn_mean": bn.running_mean.tolist(), "backend": str(dist.get_backend())}
-    finally:
-        dist.destroy_process_group()
+    labels = _labels()
+    mine = torch.arange(rank, 400, world)  # a fixed item -> rank assignment
+    counts = label_set_counts(labels[mine], torch.unique(labels.long(), dim=0))
+    dist.all_reduce(counts)
+    bank = CodeBank(labels[mine], 12, torch.unique(labels.long(), dim=0), index=mine, set_counts=counts)
+    synced = SyncedBank(bank, 1, share_codes=False)
+    g = torch.Generator().manual_seed(7)
+    losses = []
+    for step in range(4):
+        idx = mine[torch.randperm(len(mine), generator=g)[:16]]
+        synced.update(idx, torch.randn(16, 12, generator=torch.Generator().manual_seed(step * 10 + rank)).sign())
+        u = torch.randn(16, 12, generator=torch.Generator().manual_seed(step)).tanh()
+        losses.append(float(DPHLoss().from_stats(u, labels[:16], *synced.dph_stats())[0]))
+    gathered = all_gather_ragged(torch.arange(rank + 1, dtype=torch.float32)[:, None])
+    bn = torch.nn.BatchNorm1d(3)
+    bn.running_mean.fill_(float(rank))
+    average_buffers(bn)
+    return {"losses": losses, "codes": bank.codes.shape, "gathered": gathered.flatten().tolist(),
+            "bn_mean": bn.running_mean.tolist(), "backend": str(dist.get_backend())}
 
 
 @pytest.mark.slow
 def test_own_items_bank_on_a_cpu_gloo_group_equals_one_process():
     """Each rank holds half the codes; after each step's sync its DPH loss
     equals the loss one process holding all codes computes."""
+    from saat_dist.distributed.driver import GPU_BACKEND
     from saat_dist.hashing import DPHLoss
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_own_items_worker, args=(2, port, out), nprocs=2, join=True)
+    # "cpu:gloo,cuda:nccl" as on GPUs; this machine has no CUDA, so the CPU half of it
+    out = run_on_group(_own_items_worker, 2, backend=GPU_BACKEND.split(",")[0])
     labels = _labels()
     bank = CodeBank(labels, 12)
     expected = []

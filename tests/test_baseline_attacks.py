@@ -4,13 +4,8 @@ and that it moves codes the way its paper says."""
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from saat_dist.attacks import (
     GENERATORS,
@@ -31,6 +26,7 @@ from saat_dist.attacks.square import hamming_objective, square_share
 from saat_dist.attacks.transfer import input_diversity
 from saat_dist.mainstay import mainstay_codes
 from saat_dist.training.encode import encode
+from tests.gloo import run_on_group
 
 EPS = 16 / 255
 
@@ -250,31 +246,22 @@ def test_a_prototype_net_reaches_its_target_codes():
     assert torch.equal(got, class_codes)
 
 
-def _prototype_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from saat_dist.comm.collectives import all_gather_ragged, all_reduce_sum
+def _prototype_worker(rank, world):
+    from saat_dist.comm.collectives import all_gather_ragged, all_reduce_sum
 
-        _, bank, labels = _class_bank()
-        half = slice(0, 23) if rank == 0 else slice(23, 40)  # unequal parts
-        trainer = PrototypeTrainer(4, 16, torch.eye(4), total_steps=6, seed=0, device="cpu", lr=1e-3,
-                                   gather=all_gather_ragged, all_reduce=all_reduce_sum, world=world)
-        trainer.step(bank[half], labels[half], 8)
-        out[rank] = {k: p.grad.clone() for k, p in trainer.net.named_parameters()}
-    finally:
-        dist.destroy_process_group()
+    _, bank, labels = _class_bank()
+    half = slice(0, 23) if rank == 0 else slice(23, 40)  # unequal parts
+    trainer = PrototypeTrainer(4, 16, torch.eye(4), total_steps=6, seed=0, device="cpu", lr=1e-3,
+                               gather=all_gather_ragged, all_reduce=all_reduce_sum, world=world)
+    trainer.step(bank[half], labels[half], 8)
+    return {k: p.grad.clone() for k, p in trainer.net.named_parameters()}
 
 
 @pytest.mark.slow
 def test_prototype_training_split_over_processes_equals_one_process():
     """The circle loss's logsumexps combine exactly across two gloo processes
     holding unequal parts of the bank."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_prototype_worker, args=(2, port, out), nprocs=2, join=True)
+    out = run_on_group(_prototype_worker, 2)  # a 2-process gloo group (tests/gloo.py)
     _, bank, labels = _class_bank()
     single = PrototypeTrainer(4, 16, torch.eye(4), total_steps=6, seed=0, device="cpu", lr=1e-3)
     single.step(bank, labels, 8)
