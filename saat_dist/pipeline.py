@@ -33,7 +33,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from saat_dist.config import RunConfig, save_config
-from saat_dist.runner import record_stage
+from saat_dist.runner import clear_stages, record_stage
 from saat_dist.data.demo import DemoSpec, build_demo
 from saat_dist.data.shards import MANIFEST
 from saat_dist.data.source import DataSource
@@ -120,12 +120,14 @@ def launch(cfg: RunConfig, stage: Stage | EvaluationStage | tuple, run_dir: Path
     with 0 this process, with a torch optimizer, local ``step-N`` checkpoints
     and (if enabled) a metrics endpoint. Either way ``runner.run_here`` runs
     each stage. Wall times go into stages.json: a chain's stages each their
-    own, the first with the job's start."""
+    own (every attempt of a restarted one added up), the first with the
+    job's start and restarts."""
     from saat_dist.monitoring.tracking import check_tracking
     from saat_dist.runner import run_timed
 
     check_tracking(cfg)  # a missing MLflow fails here, before any worker starts
     stages = stage if isinstance(stage, tuple) else (stage,)
+    clear_stages(run_dir, [s.name for s in stages])  # each stage's attempts in this launch are added up
     t = time.monotonic()
     if not cfg.distributed.in_process:
         from saat_dist.distributed.driver import run_stage

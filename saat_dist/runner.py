@@ -20,12 +20,21 @@ from saat_dist.stages import Stage
 from saat_dist.training.trainer import Launch, train_stage
 
 
-def record_stage(run_dir: Path, stage: str, seconds: float) -> None:
-    """Add a stage's wall time to ``<run_dir>/stages.json``."""
+def record_stage(run_dir: Path, stage: str, seconds: float, add: bool = False) -> None:
+    """Write a stage's wall time into ``<run_dir>/stages.json`` (``add``: to
+    the time already there, as each attempt of a restarted stage does)."""
     path = Path(run_dir) / "stages.json"
     times = json.loads(path.read_text()) if path.is_file() else {}
-    times[stage] = round(seconds, 2)
+    times[stage] = round(seconds + (times.get(stage, 0.0) if add else 0.0), 2)
     write_text_atomic(path, json.dumps(times, indent=1))
+
+
+def clear_stages(run_dir: Path, stages: list[str]) -> None:
+    """Forget the recorded times of ``stages`` (a launch about to run them again)."""
+    path = Path(run_dir) / "stages.json"
+    if path.is_file():
+        times = json.loads(path.read_text())
+        write_text_atomic(path, json.dumps({k: v for k, v in times.items() if k not in stages}, indent=1))
 
 
 def run_timed(cfg: RunConfig, stage: Stage | EvaluationStage, run_dir: Path, launch: Launch, source: DataSource):
@@ -37,8 +46,8 @@ def run_timed(cfg: RunConfig, stage: Stage | EvaluationStage, run_dir: Path, lau
         out = run_here(cfg, stage, run_dir, replace(launch, tracker=tracker), source)
         if isinstance(stage, EvaluationStage) and out is not None:  # rank 0 holds the results
             tracker.log(evaluation_scalars(out), 0)
-    if launch.rank == 0:
-        record_stage(run_dir, stage.name, time.monotonic() - t)
+    if launch.rank == 0:  # added up: a stage restarted in the same launch counts every attempt
+        record_stage(run_dir, stage.name, time.monotonic() - t, add=True)
     return out
 
 

@@ -357,7 +357,8 @@ def test_a_lost_node_a_preemption_and_a_lost_head(tiny_run, local_cluster, tmp_p
                                                                                  "evaluate_saat"}
     assert "train" not in report["stage_seconds"]
     skipped = "restart: evaluate_benign finished before the checkpoint of saat; going on from saat"
-    assert again.log.read_text().count(skipped) == 2, again.log.read_text()[-3000:]
+    # (two restarts; a group start that fails before its first step would log it again)
+    assert again.log.read_text().count(skipped) >= 2, again.log.read_text()[-3000:]
 
 
 def _why(checkpoint) -> str | None:

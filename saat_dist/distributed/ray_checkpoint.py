@@ -9,7 +9,8 @@ A worker group may run a chain of stages (``saat-dist run``: benign
 training, its evaluation, SAAT, its evaluation), so each checkpoint names
 the training stage that wrote it (Ray's checkpoint metadata) and a stage
 restores only its own: a restart skips the stages before the checkpoint's
-(they had finished) and every later training stage starts afresh.
+that left their outputs (they had finished), and a training stage given
+another stage's checkpoint starts afresh.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ def checkpoint_stage(checkpoint) -> str | None:
 
 
 class RayCheckpointer:
-    def __init__(self, stage: str | None = None) -> None:
+    def __init__(self, stage: str | None = None, rank: int = 0) -> None:
         self.stage = stage  # the training stage whose checkpoints these are
+        self.rank = rank
 
     @contextlib.contextmanager
     def restore(self):
@@ -50,7 +52,7 @@ class RayCheckpointer:
         with tempfile.TemporaryDirectory(prefix="saat-ckpt-") as tmp:
             write(Path(tmp))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            if self.stage:  # every rank writes the same metadata file; Ray merges the ranks' files
+            if self.stage and self.rank == 0:  # one writer: Ray merges the ranks' files into one checkpoint
                 checkpoint.set_metadata({"stage": self.stage})
             ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)
 

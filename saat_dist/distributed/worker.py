@@ -60,15 +60,19 @@ def worker_main(config: dict) -> None:
                   where["pid"])
     # no per-step barrier for notices nobody sends (distributed.preemption_notices off: no watcher)
     notice = preemption_notice if cfg.distributed.preemption_notices else None
-    # after a restart, the stages before the one whose checkpoint Ray restores had finished
+    # after a restart, the stages before the one whose checkpoint Ray restores
+    # had finished: skipped, when their outputs are there (a run directory
+    # lost with its outputs, the storage path kept, runs them again)
     names = [s.name for s in stages]
     written_by = checkpoint_stage(ray.train.get_checkpoint())
     first = names.index(written_by) if written_by in names else 0
-    if first:
-        log.info("restart: %s finished before the checkpoint of %s; going on from %s", ", ".join(names[:first]),
-                 written_by, written_by)
+    skip = {s.name for s in stages[:first] if stage_done(s, run_dir)}
+    if skip:
+        log.info("restart: %s finished before the checkpoint of %s; going on from %s",
+                 ", ".join(n for n in names if n in skip), written_by,
+                 next(n for n in names if n not in skip))
     for i, stage in enumerate(stages):
-        if i < first:
+        if stage.name in skip:
             continue
         metrics = WorkerMetrics(rank, stage.name)
         if cfg.metrics.enabled:
@@ -76,14 +80,28 @@ def worker_main(config: dict) -> None:
             # Prometheus finds it through the target file under <run_dir>/metrics
             rank_log.debug("rank %d (pid %d) serves metrics on %s:%d", rank, os.getpid(), cfg.metrics.bind, port)
         try:
-            run_timed(cfg, stage, run_dir, Launch(rank, world, _device(cfg), make_backend, RayCheckpointer(stage.name),
-                                                  metrics, where, notice), source)
+            run_timed(cfg, stage, run_dir, Launch(rank, world, _device(cfg), make_backend,
+                                                  RayCheckpointer(stage.name, rank), metrics, where, notice), source)
         finally:
             linger = cfg.metrics.linger_s if cfg.metrics.enabled else 0.0
             if i + 1 < len(stages):  # the next stage starts now; this endpoint lingers for Prometheus meanwhile
                 threading.Thread(target=metrics.close, args=(linger,), daemon=True).start()
             else:
                 metrics.close(linger)
+
+
+def stage_done(stage, run_dir: Path) -> bool:
+    """Whether ``stage`` left its outputs in ``run_dir``: a training stage its
+    model file, an evaluation its results (in the current format)."""
+    from saat_dist.evaluation import EvaluationStage
+    from saat_dist.evaluation.results import results_current
+    from saat_dist.stages import Stage
+
+    if isinstance(stage, Stage):
+        return (run_dir / stage.out / "model.pt").is_file()
+    if isinstance(stage, EvaluationStage):
+        return results_current(run_dir / stage.folder / stage.results)
+    return False  # anything else runs again
 
 
 def _quiet_report_lines() -> None:
