@@ -128,3 +128,38 @@ def test_resume_finds_the_newest_run_of_this_directory_under_the_storage_path(tm
     assert json.loads((run_dir / "ray_runs.json").read_text())["saat"] == f"tiny-saat-{key}-20261201-120000"
     (run_dir / "ray_runs.json").unlink()
     assert _run_name(cfg, "evaluate", run_dir, resume=True).startswith(f"tiny-evaluate-{key}-")  # none: a new one
+
+
+def test_a_restarted_chain_skips_only_the_stages_whose_outputs_are_there(tmp_path):
+    """`saat-dist run` is one Ray job (train, evaluate_benign, saat,
+    evaluate_saat); after a restart the worker skips the stages before the
+    restored checkpoint's stage when they left their outputs, and runs them
+    again when those are gone (a run directory lost, the storage path kept)."""
+    from saat_dist.config import load_config
+    from saat_dist.distributed.worker import stage_done
+    from saat_dist.evaluation.results import RESULTS_FORMAT
+    from saat_dist.pipeline import run_evaluation
+    from saat_dist.stages import SAAT, TRAIN
+
+    cfg = load_config("configs/tiny.yaml", [f"output_dir={tmp_path}"])
+    evaluation = run_evaluation(cfg, "benign")
+    assert not stage_done(TRAIN, tmp_path) and not stage_done(evaluation, tmp_path)
+    (tmp_path / "benign").mkdir()
+    (tmp_path / "benign" / "model.pt").write_bytes(b"")
+    assert stage_done(TRAIN, tmp_path) and not stage_done(SAAT, tmp_path)
+    results = tmp_path / "benign" / evaluation.results
+    results.write_text(json.dumps({"format": RESULTS_FORMAT}))
+    assert stage_done(evaluation, tmp_path)
+    results.write_text(json.dumps({"format": "an older one"}))  # results of an older format are evaluated again
+    assert not stage_done(evaluation, tmp_path)
+
+
+def test_stage_times_add_up_over_a_restarted_stage_and_a_launch_starts_them_afresh(tmp_path):
+    from saat_dist.runner import clear_stages, record_stage
+
+    record_stage(tmp_path, "train", 5.0)
+    record_stage(tmp_path, "saat", 7.0)
+    clear_stages(tmp_path, ["saat"])  # a launch that runs SAAT again
+    record_stage(tmp_path, "saat", 3.0, add=True)  # its first attempt, stopped by a lost node
+    record_stage(tmp_path, "saat", 4.5, add=True)  # the attempt that finished
+    assert json.loads((tmp_path / "stages.json").read_text()) == {"train": 5.0, "saat": 7.5}
