@@ -33,13 +33,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from saat_dist.config import RunConfig, save_config
-from saat_dist.runner import clear_stages, record_stage
+from saat_dist.runner import clear_stages, record_stage, stage_done
 from saat_dist.data.demo import DemoSpec, build_demo
 from saat_dist.data.shards import MANIFEST
 from saat_dist.data.source import DataSource
 from saat_dist.device import select_device
 from saat_dist.evaluation.plan import RUN_RESULTS, EvaluationStage
-from saat_dist.evaluation.results import results_current
 from saat_dist.stages import SAAT, TRAIN, Stage
 
 log = logging.getLogger("saat_dist")
@@ -243,11 +242,12 @@ def run_all(cfg: RunConfig, resume: bool = False) -> dict:
     # finds SAAT's checkpoints again.
     chain: tuple = ()
     for training, which in ((TRAIN, "benign"), (SAAT, "saat")):
-        chain += (() if resume and (run_dir / which / "model.pt").is_file() else (training,)) + (
-            () if resume and which == "benign" and results_current(run_dir / which / RUN_RESULTS)
-            else (run_evaluation(cfg, which),))
-    for training in (s for s in chain if isinstance(s, Stage) and s.needs):
-        if not (run_dir / training.needs / "model.pt").is_file() and training.needs not in {s.out for s in chain if isinstance(s, Stage)}:
+        evaluation = run_evaluation(cfg, which)
+        chain += (() if resume and stage_done(training, run_dir) else (training,)) + (
+            () if resume and which == "benign" and stage_done(evaluation, run_dir) else (evaluation,))
+    trained_here = {s.out for s in chain if isinstance(s, Stage)}
+    for training in (s for s in chain if isinstance(s, Stage) and s.needs and s.needs not in trained_here):
+        if not (run_dir / training.needs / "model.pt").is_file():
             raise FileNotFoundError(f"{run_dir / training.needs / 'model.pt'}: run the stage that writes it first")
     launch(cfg, chain, run_dir, resume, source, job="run")
     record_stage(run_dir, "total", time.monotonic() - t0)

@@ -20,6 +20,19 @@ from saat_dist.stages import Stage
 from saat_dist.training.trainer import Launch, train_stage
 
 
+def stage_done(stage: Stage | EvaluationStage, run_dir: Path) -> bool:
+    """Whether ``stage`` left its outputs in ``run_dir``: a training stage its
+    model file, an evaluation its results in the current format (what
+    ``--resume`` and a restarted worker group skip)."""
+    from saat_dist.evaluation.results import results_current
+
+    if isinstance(stage, Stage):
+        return (Path(run_dir) / stage.out / "model.pt").is_file()
+    if isinstance(stage, EvaluationStage):
+        return results_current(Path(run_dir) / stage.folder / stage.results)
+    return False  # anything else runs again
+
+
 def record_stage(run_dir: Path, stage: str, seconds: float, add: bool = False) -> None:
     """Write a stage's wall time into ``<run_dir>/stages.json`` (``add``: to
     the time already there, as each attempt of a restarted stage does)."""

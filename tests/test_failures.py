@@ -136,9 +136,9 @@ def test_a_restarted_chain_skips_only_the_stages_whose_outputs_are_there(tmp_pat
     restored checkpoint's stage when they left their outputs, and runs them
     again when those are gone (a run directory lost, the storage path kept)."""
     from saat_dist.config import load_config
-    from saat_dist.distributed.worker import stage_done
     from saat_dist.evaluation.results import RESULTS_FORMAT
     from saat_dist.pipeline import run_evaluation
+    from saat_dist.runner import stage_done
     from saat_dist.stages import SAAT, TRAIN
 
     cfg = load_config("configs/tiny.yaml", [f"output_dir={tmp_path}"])

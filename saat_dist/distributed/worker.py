@@ -23,7 +23,7 @@ from saat_dist.data.source import DataSource
 from saat_dist.distributed.deepspeed_setup import DeepSpeedBackend
 from saat_dist.distributed.ray_checkpoint import RayCheckpointer, checkpoint_stage
 from saat_dist.monitoring.prometheus import WorkerMetrics
-from saat_dist.runner import run_timed
+from saat_dist.runner import run_timed, stage_done
 from saat_dist.training.trainer import Launch, Notice, this_process
 
 log = logging.getLogger("saat_dist")
@@ -34,9 +34,9 @@ def worker_main(config: dict) -> None:
     """One worker's part of the stage values in ``config["stages"]``, in
     order (a training stage and the evaluation of its model, or a whole
     ``run``: one worker group, one start). After a restart the stages before
-    the one that wrote the restored checkpoint are skipped (they had
-    finished); a finished training stage restores its last checkpoint and
-    only writes its model again."""
+    the one that wrote the restored checkpoint are skipped when their
+    outputs are there (they had finished); a finished training stage
+    restores its last checkpoint and only writes its model again."""
     import ray.train
 
     configure_logging()  # the driver's --log-level, from the job's environment
@@ -88,20 +88,6 @@ def worker_main(config: dict) -> None:
                 threading.Thread(target=metrics.close, args=(linger,), daemon=True).start()
             else:
                 metrics.close(linger)
-
-
-def stage_done(stage, run_dir: Path) -> bool:
-    """Whether ``stage`` left its outputs in ``run_dir``: a training stage its
-    model file, an evaluation its results (in the current format)."""
-    from saat_dist.evaluation import EvaluationStage
-    from saat_dist.evaluation.results import results_current
-    from saat_dist.stages import Stage
-
-    if isinstance(stage, Stage):
-        return (run_dir / stage.out / "model.pt").is_file()
-    if isinstance(stage, EvaluationStage):
-        return results_current(run_dir / stage.folder / stage.results)
-    return False  # anything else runs again
 
 
 def _quiet_report_lines() -> None:
