@@ -26,8 +26,8 @@ unset PYTHONDONTWRITEBYTECODE
 # node starts, worker groups and checkpoints), and every other file (the
 # bench's tests with them since `run` became one Ray job: the Ray side had
 # ended ~45 s after the others). One torch thread each: two processes share
-# the 2 cores. Any argument (a file, -k, -m "not
-# slow") runs one process; SAAT_DIST_TEST_PROCS=1 (or 0) forces one.
+# the 2 cores. Any argument (a file, -k, -m "not slow") runs one process;
+# SAAT_DIST_TEST_PROCS=1 (or 0) forces one.
 RAY_SIDE=(tests/test_pipeline.py tests/test_distributed.py)
 if [ "$#" -gt 0 ] || [ "${SAAT_DIST_TEST_PROCS:-2}" -le 1 ]; then
   exec .venv/bin/python -m pytest -q --durations=25 "$@"
