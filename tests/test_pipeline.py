@@ -25,13 +25,15 @@ STAGE_KEYS = {"clean_map", "attacked_map", "targeted_tmap", "theory_map", "theor
               "precision_at", "perceptibility"}
 
 
-# SAAT long enough (144 steps, a checkpoint every 3; ~6 steps/s) for the failure test to
-# lose a node, preempt one (10 s of training on to its deadline) and lose the head
-# in one stage; failures retried.
-# The cluster configs' settings: one worker per node where it can, resume auto.
-SAAT_OVERRIDES = ["saat.epochs=12", "saat.batch_size=16", "distributed.checkpoint_every=3",
-                  "distributed.max_failures=2", "distributed.placement_strategy=SPREAD", "resume=auto",
-                  "distributed.preemption_poll_s=0.5"]
+# SAAT long enough (144 steps) for the failure test to lose a node, preempt one
+# (10 s of training on to its deadline) and lose the head in one stage; failures
+# retried. The cluster configs' settings: one worker per node where it can, resume auto.
+SAAT_OVERRIDES = ["saat.epochs=12", "saat.batch_size=16", "distributed.max_failures=2",
+                  "distributed.placement_strategy=SPREAD", "resume=auto", "distributed.preemption_poll_s=0.5"]
+# The runs that lose nodes checkpoint every 3 steps (~4 steps/s on 2 Ray workers against ~18
+# in one process: each Ray checkpoint is a collective report); the module's run, their
+# uninterrupted reference, at epoch ends: checkpoints do not move the parameters.
+FREQUENT_CHECKPOINTS = "distributed.checkpoint_every=3"
 
 
 def _args(run, shard_dir, base_url=None, *extra) -> list[str]:
@@ -229,7 +231,7 @@ class _SaatAgain:
         tmp, args, _ = tiny_run
         self.run, self.log, self.reference = run, log, tmp / "run"
         base_url = next(a.split("=", 1)[1] for a in args if a.startswith("data.base_url="))
-        self.args = _args(run, tmp / "no-shared-shards", base_url, *extra)
+        self.args = _args(run, tmp / "no-shared-shards", base_url, FREQUENT_CHECKPOINTS, *extra)
         (run / "benign").mkdir(parents=True)
         for name in done:  # the benign stages that are done: `run --resume auto` skips them
             shutil.copy(tmp / "run" / "benign" / name, run / "benign" / name)
