@@ -167,8 +167,6 @@ def _bad_input_errors() -> tuple[type, ...]:
 
 
 def _main(args) -> int:
-    from saat_dist.config import load_config
-
     if args.command == "config":
         from saat_dist.config import config_command
 
@@ -186,6 +184,8 @@ def _main(args) -> int:
 
         print(json.dumps(run_bench(args.which, Path(args.out), small=args.small), indent=1))
         return 0
+    from saat_dist.config import load_config  # imports torch: not for `cluster` (a node's CLI) or `data`
+
     overrides = list(args.overrides) + ([f"distributed.address={args.address}"] if args.address else [])
     cfg = load_config(args.config, overrides, preset=args.preset)  # bad configs fail here, before any work
     for warning in cfg.warnings():
