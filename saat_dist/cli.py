@@ -156,14 +156,16 @@ def _one_line(e: BaseException) -> str:
     return text if len(text) <= 2000 else text[:2000] + " ..."
 
 
-def _bad_input_errors() -> tuple[type, ...]:
-    from saat_dist.checkpoint import CheckpointError
-    from saat_dist.config import ConfigError
-    from saat_dist.data.listformat import DataFormatError
-    from saat_dist.data.shards import ManifestError
-    from saat_dist.data.decode import ShardError
+_BAD_INPUT = {"saat_dist.config": "ConfigError", "saat_dist.data.listformat": "DataFormatError",
+              "saat_dist.data.shards": "ManifestError", "saat_dist.data.decode": "ShardError",
+              "saat_dist.checkpoint": "CheckpointError"}
 
-    return ConfigError, DataFormatError, ManifestError, ShardError, CheckpointError, FileNotFoundError
+
+def _bad_input_errors() -> tuple[type, ...]:
+    # only the modules already imported: an error of a class can only come from its module, and
+    # importing the config (torch with it) to classify a `cluster` command's error costs 4 CPU-s
+    loaded = [getattr(sys.modules[m], name) for m, name in _BAD_INPUT.items() if m in sys.modules]
+    return (*loaded, FileNotFoundError)
 
 
 def _main(args) -> int:
