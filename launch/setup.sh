@@ -64,7 +64,7 @@ install_with_uv() {
 }
 
 install_with_pip() {
-  "$VENV/bin/python" -m pip --version >/dev/null 2>&1 || "$VENV/bin/python" -m ensurepip -q
+  "$VENV/bin/python" -m pip --version >/dev/null 2>&1 || "$VENV/bin/python" -m ensurepip >/dev/null
   quiet "$VENV/bin/python" -m pip install -q --upgrade pip
   quiet "$VENV/bin/python" -m pip install -q -r requirements-dev.txt -c requirements.lock
   quiet "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
