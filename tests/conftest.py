@@ -98,10 +98,15 @@ def ray_address(tmp_path_factory):
     run without a job API; the other process runs files without Ray."""
     import ray
 
+    from saat_dist.config import load_config
+    from saat_dist.distributed.driver import job_env
+
+    # the environment the CLI's own ray.init gives a job of the tiny config (init_ray keeps a Ray this
+    # process already joined, and with it this one): no preemption watcher, its start timeout, log level
+    env = job_env(load_config(ROOT / "configs" / "tiny.yaml"))
     with one_ray_at_a_time(tmp_path_factory):
         context = ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-                           _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}},
-                           configure_logging=False)
+                           _node_ip_address="127.0.0.1", runtime_env={"env_vars": env}, configure_logging=False)
         _RAY["dashboard"] = f"http://{context.dashboard_url}"
         yield ray.get_runtime_context().gcs_address
         ray.shutdown()
