@@ -20,6 +20,7 @@ if ! command -v prometheus >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1
 fi
 bash launch/setup.sh
 [ -z "$apt_pid" ] || wait "$apt_pid" || true
+echo "[test] set-up: ${SECONDS} s"
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 # Every module a test process compiles is cached (setup.sh compiled the common
 # ones): the suite starts ~100 Python processes (Ray's daemons and workers,
