@@ -4,7 +4,8 @@ Package map, in layers (a module imports only its own layer and those
 listed before it; ``docs/design.md``, checked by ``tests/test_layers.py``):
 
   keyed_random, device, progress, console,     random draws keyed by item; one device choice; progress lines;
-  config_fields, checkpoint                     the log level and library noise; config section types; atomic writes
+  config_fields, checkpoint, optimizers         the log level and library noise; config section types; atomic writes;
+                                                torch's Adam and SGD without importing torch._dynamo
   metrics/, hashing/, mainstay, comm/, data/    retrieval metrics; hash losses; mainstay codes and the CodeBank;
                                                 collectives, bank sync, synced BatchNorm; shards, decoding, the global order
   models/                                       hash models on torchvision backbones, the adapter for any logits module,

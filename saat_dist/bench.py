@@ -53,6 +53,8 @@ from pathlib import Path
 
 import torch
 
+from saat_dist import optimizers
+
 SIZES = {
     "map": {"queries": 2000, "database": 200_000, "bits": 64, "classes": 21, "top_k": 5000},
     "mainstay": {"batch": 128, "items": 1_000_000, "label_sets": 1000, "classes": 80, "bits": 64},
@@ -192,7 +194,7 @@ def _case_saat_step(method: str, s: dict, queue) -> None:
     loss_fn.use_stats = method == "bank"
     torch.manual_seed(0)
     model = build_hash_model("small_cnn", s["bits"])
-    stepper = TorchStepper(torch.optim.SGD(model.parameters(), lr=0.05, weight_decay=1e-5))
+    stepper = TorchStepper(optimizers.SGD(model.parameters(), lr=0.05, weight_decay=1e-5))
     settings = SAATSettings(eps=8 / 255, step_size=2 / 255, iters=7)
 
     def batch():
@@ -391,8 +393,7 @@ def bench_soak(sizes: dict) -> dict:
 
 # What the cases import; their processes fork from a server that imported it
 # once (a fresh process, not a fork of this one, without ~4 s of imports each).
-# torch._dynamo: a child's first torch optimizer imports it (~2 s of CPU)
-CHILD_PRELOAD = ["torch", "torch._dynamo", "saat_dist.hashing", "saat_dist.mainstay", "saat_dist.metrics",
+CHILD_PRELOAD = ["torch", "saat_dist.hashing", "saat_dist.mainstay", "saat_dist.metrics",
                  "saat_dist.metrics.reference", "saat_dist.models", "saat_dist.training"]
 
 
@@ -757,7 +758,7 @@ def bench_modes(sizes: dict) -> dict:
     bank.update(torch.arange(sizes["items"]), torch.sign(torch.randn(sizes["items"], bits, generator=g)))
     torch.manual_seed(0)
     model = build_hash_model(cfg.model.backbone, bits, width=cfg.model.width).train()
-    stepper = TorchStepper(torch.optim.SGD(model.parameters(), lr=1e-4))
+    stepper = TorchStepper(optimizers.SGD(model.parameters(), lr=1e-4))
     counter = PassCounter(model, side)
     total = 100  # a curriculum's phases are fractions of this
 

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from saat_dist import optimizers
+
 # Peak dense BF16 tensor throughput of one H200 SXM (the same chip as H100 SXM):
 # NVIDIA's datasheets give 1,979 TFLOPS BF16 "with sparsity" (2:4); dense is half.
 H200_BF16_DENSE_TFLOPS = 989.0
@@ -305,7 +307,7 @@ def measure_step_mfu(model: nn.Module, batch: torch.Tensor, device: str | torch.
     with torch.no_grad():
         bits = model(x[:2]).shape[1]
     guide = torch.randint(0, 2, (b, bits), device=device).float() * 2 - 1
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, weight_decay=1e-5)
+    optimizer = optimizers.SGD(model.parameters(), lr=1e-4, weight_decay=1e-5)
     cast = (contextlib.nullcontext() if dtype == torch.float32
             else torch.autocast(device_type=device.type, dtype=dtype))
     per_image = pass_flops(model, x[:2])

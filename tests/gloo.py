@@ -21,9 +21,10 @@ import torch.multiprocessing as mp
 
 # What every rank imports anyway; the fork server imports it once. Only
 # imports: a module run here must not start threads or touch the environment.
-# deepspeed and torch._dynamo (which a rank's first torch optimizer imports) are
-# imported lazily by the package: named here, or every rank pays ~3 s of CPU.
-PRELOAD = ["torch", "torch._dynamo", "deepspeed", "saat_dist.distributed.deepspeed_setup", "saat_dist.training.trainer",
+# deepspeed is imported lazily by the package: named here, or every rank pays
+# ~2 s of CPU. (torch._dynamo, which torch's optimizers import at their first
+# call, is not needed: the package's are saat_dist.optimizers.)
+PRELOAD = ["torch", "deepspeed", "saat_dist.distributed.deepspeed_setup", "saat_dist.training.trainer",
            "saat_dist.evaluation", "saat_dist.data.source", "tests.gloo"]
 
 

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "saat_dist"
 # package root stands for itself only.
 LAYERS = [
     ["saat_dist", "saat_dist.keyed_random", "saat_dist.device", "saat_dist.progress", "saat_dist.console",
-     "saat_dist.config_fields", "saat_dist.checkpoint", "saat_dist.certify_settings"],
+     "saat_dist.config_fields", "saat_dist.checkpoint", "saat_dist.certify_settings", "saat_dist.optimizers"],
     ["saat_dist.metrics", "saat_dist.hashing", "saat_dist.mainstay", "saat_dist.comm", "saat_dist.data"],
     ["saat_dist.models"],
     ["saat_dist.attacks"],

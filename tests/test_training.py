@@ -1,5 +1,7 @@
 """The benign and SAAT steps as plain functions."""
 
+import sys
+
 import pytest
 import torch
 
@@ -91,7 +93,12 @@ def _deepspeed_optimizer(rank, world, optim):
     opt = backend.engine.optimizer
     inner = getattr(opt, "optimizer", opt)  # ZeRO wraps the client optimizer
     group = inner.param_groups[0]
-    return type(inner).__name__, group["betas"], group["lr"]
+    inner.zero_grad()
+    inner.step()  # no gradients: the update skips every parameter, the wrappers run
+    state = inner.state_dict()
+    inner.load_state_dict(state)
+    # a fresh process from the fork server, which imported torch, DeepSpeed and the package
+    return type(inner).__name__, group["betas"], group["lr"], "torch._dynamo" in sys.modules
 
 
 @pytest.mark.slow
@@ -99,8 +106,39 @@ def test_adam_gets_its_betas_through_deepspeed():
     from saat_dist.config import load_config
     from tests.gloo import run_on_group
 
-    (name, betas, lr), = run_on_group(_deepspeed_optimizer, 1, load_config(None).atrdh.optim)
+    (name, betas, lr, dynamo), = run_on_group(_deepspeed_optimizer, 1, load_config(None).atrdh.optim)
     assert name == "Adam" and tuple(betas) == (0.5, 0.999) and lr == pytest.approx(1e-4)
+    assert not dynamo, "building and stepping the optimizer imported torch._dynamo (~2 CPU-s a Ray worker)"
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_the_package_optimizers_step_as_torchs_to_the_bit(name):
+    """saat_dist.optimizers (torch's classes without their import of
+    torch._dynamo): the same parameters and state as torch's after steps,
+    a state_dict round trip and zero_grad, weight decay and momentum on."""
+    from saat_dist import optimizers
+
+    ours_cls, torch_cls = {"adam": (optimizers.Adam, torch.optim.Adam), "sgd": (optimizers.SGD, torch.optim.SGD)}[name]
+    extra = {"adam": {"betas": (0.5, 0.99)}, "sgd": {"momentum": 0.9}}[name]
+
+    def train(cls):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+        opt = cls(net.parameters(), lr=0.05, weight_decay=0.01, **extra)
+        for step in range(4):
+            opt.zero_grad()
+            net(torch.randn(4, 6)).pow(2).mean().backward()
+            opt.step()
+            if step == 1:
+                opt.load_state_dict(opt.state_dict())
+        return [p.detach() for p in net.parameters()], opt.state_dict()
+
+    (ours, ours_state), (theirs, their_state) = train(ours_cls), train(torch_cls)
+    assert isinstance(ours_cls([torch.nn.Parameter(torch.zeros(1))]), torch_cls)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert ours_state["param_groups"] == their_state["param_groups"]
+    for key, value in their_state["state"][0].items():
+        assert torch.equal(ours_state["state"][0][key], value), key
 
 
 def test_lr_scaling_rules_and_warmup():

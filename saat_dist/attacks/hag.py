@@ -23,6 +23,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from saat_dist import optimizers
 from saat_dist.attacks.base import Attack, AttackContext, AttackOutput
 from saat_dist.attacks.mainstay_pgd import ALPHA_SCHEDULE, alpha_at, model_mode, project
 from saat_dist.config_fields import section
@@ -61,7 +62,7 @@ def hag_attack(model: nn.Module, x_BCHW: torch.Tensor, *, eps: float, iters: int
         with torch.no_grad():
             clean = model(x_BCHW, alpha=1.0)
         x_adv = x_BCHW.clone().requires_grad_(True)
-        opt = torch.optim.SGD([x_adv], lr=lr, momentum=momentum)
+        opt = optimizers.SGD([x_adv], lr=lr, momentum=momentum)
         for it in range(iters):
             u = model(x_adv, alpha=alpha_at(it, iters, alpha_schedule))
             # gradients for the image only: the model's parameters get none

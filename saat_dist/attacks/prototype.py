@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from saat_dist import optimizers
 from saat_dist.attacks.anchor import target_code_attack
 from saat_dist.attacks.base import Attack, AttackContext, AttackOutput
 from saat_dist.config_fields import StepSize, section
@@ -94,7 +95,7 @@ class PrototypeTrainer:
             torch.manual_seed(seed)
             self.net = PrototypeNet(num_classes, bits)
         self.net.to(device)
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr, betas=betas)
+        self.optimizer = optimizers.Adam(self.net.parameters(), lr=lr, betas=betas)
         milestones = sorted({max(1, int(total_steps * m)) for m in (0.5, 0.75)})
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=milestones, gamma=0.1)
         sets = label_sets.to(torch.float32)

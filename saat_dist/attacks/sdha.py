@@ -27,6 +27,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from saat_dist import optimizers
 from saat_dist.attacks.base import Attack, AttackContext, AttackOutput
 from saat_dist.attacks.mainstay_pgd import ALPHA_SCHEDULE, alpha_at, model_mode, project
 from saat_dist.config_fields import section
@@ -95,7 +96,7 @@ def sdha_attack(model: nn.Module, x_BCHW: torch.Tensor, y_BC: torch.Tensor, pool
         with torch.no_grad():
             own = torch.sign(model(x_BCHW, alpha=1.0))
         x_adv = x_BCHW.clone().requires_grad_(True)
-        opt = torch.optim.Adam([x_adv], lr=lr, betas=(0.9, 0.999))
+        opt = optimizers.Adam([x_adv], lr=lr, betas=(0.9, 0.999))
         for it in range(iters):
             q = model(x_adv, alpha=alpha_at(it, iters, alpha_schedule))
             qd = q.detach().requires_grad_(True)

@@ -19,6 +19,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field, field_validator
 
+from saat_dist import optimizers
 from saat_dist.config_fields import field, section
 
 
@@ -102,8 +103,8 @@ def build_optimizer(params, cfg: OptimConfig, global_batch: int | None = None) -
     ``cfg`` and its lr scaled for ``global_batch`` (None: unscaled)."""
     lr = cfg.lr * (1.0 if global_batch is None else lr_factor(cfg, global_batch))
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return optimizers.Adam(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    return optimizers.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def milestone_steps(cfg: OptimConfig, total_steps: int, steps_per_epoch: int) -> list[int]:
