@@ -188,14 +188,17 @@ loss = engine(torch.ones(8, 4)).sum()
 engine.backward(loss)
 engine.step()
 import deepspeed.comm.comm as cdb
-print(json.dumps({"shm_op": cdb.cdb.shm_comm_op is not None, "step": engine.global_steps}))
+print(json.dumps({"shm_op": cdb.cdb.shm_comm_op is not None, "step": engine.global_steps,
+                  "imported": sorted(m for m in ("mlflow", "torch._dynamo") if m in sys.modules)}))
 """
 
 
 def test_an_engine_trains_without_compiling_deepspeeds_cpu_comm_extension(tmp_path):
     """DeepSpeed's CPU accelerator would compile its shared-memory comm op
     (45-65 s, g++ and ninja) for its inference all-reduce; training does not
-    use it, so a fresh extension directory stays empty."""
+    use it, so a fresh extension directory stays empty. The process, as a
+    Ray worker, imports neither MLflow (DeepSpeed's autotuner would, 1.5
+    CPU-s) nor torch._dynamo (torch's optimizers would, 2.3 CPU-s)."""
     import os
     import subprocess
     import sys
@@ -206,5 +209,5 @@ def test_an_engine_trains_without_compiling_deepspeeds_cpu_comm_extension(tmp_pa
                          env={**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(ext), "LOCAL_RANK": "0",
                               "RANK": "0", "WORLD_SIZE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"shm_op": False, "step": 1}
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"shm_op": False, "step": 1, "imported": []}
     assert not list(ext.rglob("*.so")) and "built successfully" not in out.stdout + out.stderr

@@ -74,7 +74,7 @@ def build_engine(model: torch.nn.Module, optim: OptimConfig, d: DistributedConfi
     """(engine, scheduler): the engine is the model wrapper and the stepper.
     ``schedule``: the stage's ``trainer.Schedule``; DeepSpeed's global batch
     is its global batch (micro batch x grad_accum x workers, checked here)."""
-    import deepspeed
+    deepspeed = import_deepspeed()  # first: a plain `import deepspeed` imports MLflow
 
     if schedule.micro_batch * schedule.grad_accum * world_size != schedule.global_batch:
         raise ValueError(f"micro batch {schedule.micro_batch} x {schedule.grad_accum} x {world_size} workers "
