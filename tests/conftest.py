@@ -40,9 +40,10 @@ def tiny_demo(tmp_path_factory):
 
 @contextlib.contextmanager
 def one_ray_at_a_time(tmp_path_factory):
-    """One Ray module at a time over the test processes (a file lock): every
-    Ray takes the dashboard agent's fixed port, 52365, and a second one would
-    run without a job API; the other process runs files without Ray."""
+    """One Ray cluster at a time over the test processes (a file lock): the
+    suite's two processes run the Ray modules in one and every other file,
+    without Ray, in the other; a run of the files in any other split waits
+    here rather than start a second cluster beside the first."""
     import ray
     from filelock import FileLock
 
@@ -56,13 +57,18 @@ def one_ray_at_a_time(tmp_path_factory):
         lock.release()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_cluster(tmp_path_factory):
-    """A Ray cluster of a head (no CPUs: drivers and Ray Train's controller
-    only) and 2 worker nodes of 1 CPU each, every node its own raylet and
-    process (saat_dist.distributed.local_cluster), on 127.0.0.1; preempted
-    nodes drain for 10 s. Started and stopped by the users' script,
-    launch/local-cluster.sh; a driver joins it with ``--address``."""
+    """A Ray cluster of a head (no CPUs: drivers, Ray Train's controller and
+    the job API only) and 2 worker nodes of 1 CPU each, every node its own
+    raylet and process (saat_dist.distributed.local_cluster), on 127.0.0.1;
+    preempted nodes drain for 10 s. Started and stopped by the users'
+    script, launch/local-cluster.sh; a driver joins it with ``--address``,
+    ``ray job submit`` with ``cluster.dashboard``. One per session: the Ray
+    modules share it (a cluster start is ~20 CPU-s: every node's raylet,
+    agents and the head's dashboard); a test that loses nodes says what it
+    leaves, and a module that needs two worker nodes adds what is missing
+    (``two_worker_nodes``)."""
     import ray
 
     from saat_dist.distributed.local_cluster import LocalCluster
@@ -85,40 +91,10 @@ def local_cluster(tmp_path_factory):
             assert not list(state.glob("*.json")), "a node outlived `down`"
 
 
-@pytest.fixture(scope="module")
-def ray_address(tmp_path_factory):
-    """One local Ray per test module (loopback, 4 logical CPUs): the CLI run
-    in this process joins it (``init_ray`` finds it started), and a CLI in a
-    subprocess joins it with ``--address``. Per module, not per session: the
-    modules that SIGKILL drivers and workers leave Ray Train's bookkeeping
-    behind them (measured: a later job's controller waited forever after
-    "PlacementGroupCleaner launched"), and a fresh cluster costs ~5 s. One
-    Ray module at a time over the test processes (a file lock): every Ray
-    takes the dashboard agent's fixed port, 52365, and a second one would
-    run without a job API; the other process runs files without Ray."""
-    import ray
-
-    from saat_dist.config import load_config
-    from saat_dist.distributed.driver import job_env
-
-    # the environment the CLI's own ray.init gives a job of the tiny config (init_ray keeps a Ray this
-    # process already joined, and with it this one): no preemption watcher, its start timeout, log level
-    env = job_env(load_config(ROOT / "configs" / "tiny.yaml"))
-    with one_ray_at_a_time(tmp_path_factory):
-        context = ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-                           _node_ip_address="127.0.0.1", runtime_env={"env_vars": env}, configure_logging=False)
-        _RAY["dashboard"] = f"http://{context.dashboard_url}"
-        yield ray.get_runtime_context().gcs_address
-        ray.shutdown()
-
-
-_RAY: dict = {}
-
-
-@pytest.fixture(scope="module")
-def ray_dashboard(ray_address):
-    """The job API of the session's Ray (its dashboard, on 127.0.0.1)."""
-    return _RAY["dashboard"]
+def two_worker_nodes(cluster) -> None:
+    """Add worker nodes until ``cluster`` has 2 (a test before may have lost one)."""
+    while len(cluster.workers) < 2:
+        cluster.add_node()
 
 
 @pytest.fixture(autouse=True)

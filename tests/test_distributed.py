@@ -1,8 +1,9 @@
-"""The distributed pipeline on a real local Ray cluster: 2 DeepSpeed workers
-on gloo, streamed shards (6 train shards over 2 workers), the code bank
+"""The distributed pipeline on the session's local Ray cluster (a head and
+2 worker nodes on 127.0.0.1, tests/conftest.py): 2 DeepSpeed workers on
+gloo, streamed shards (6 train shards over 2 workers), the code bank
 all-reduce, Prometheus endpoints scraped directly and by a real Prometheus
-server, the live training sent with `ray job submit` to the loopback head
-node. (The whole `run`, a killed worker and a killed driver on Ray:
+server, the live training sent with `ray job submit` to the head's job API.
+(The whole `run`, lost nodes, a preemption and a lost head:
 tests/test_pipeline.py.)"""
 
 from __future__ import annotations
@@ -25,13 +26,20 @@ import yaml
 from saat_dist.cli import main
 from saat_dist.data.convert import convert
 from saat_dist.monitoring.prometheus import read_target_file
-from tests.conftest import need
+from tests.conftest import need, two_worker_nodes
 from tests.test_cluster import MONITORING, dashboard_queries
 from tests.test_failures import _wait_for
 
 pytestmark = pytest.mark.slow  # real Ray clusters and DeepSpeed engines: the full tier only
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster(local_cluster):
+    """The session's cluster with its 2 worker nodes (a test before may have lost one)."""
+    two_worker_nodes(local_cluster)
+    return local_cluster
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +59,7 @@ def base_args(run_dir, shards, *extra):
     return args
 
 
-def test_a_corrupt_sample_stops_the_run_in_one_line(tmp_path, six_shards, capsys, ray_address):
+def test_a_corrupt_sample_stops_the_run_in_one_line(tmp_path, six_shards, capsys, cluster):
     """2 Ray workers; train shard 1 (rank 1's) holds an undecodable image: the
     run stops with one line naming the rank, shard and sample (with
     data.skip_corrupt it is skipped on every rank: tests/test_deepspeed.py)."""
@@ -62,7 +70,8 @@ def test_a_corrupt_sample_stops_the_run_in_one_line(tmp_path, six_shards, capsys
     rewrite_sample(shards / "train-000001.tar", "00000050",
                    lambda f: {**f, **{e: b"not an image" for e in f if e != "json"}})
     run = tmp_path / "stops"
-    assert main(["train", *base_args(run, shards, "train.epochs=1", "distributed.max_failures=0")]) == 2
+    assert main(["train", "--address", cluster.address,
+                 *base_args(run, shards, "train.epochs=1", "distributed.max_failures=0")]) == 2
     # the command's own error is one line, the last; Ray Train's controller
     # also forwards the worker's log (its traceback included) to the console
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -81,27 +90,27 @@ def _value(text: str, name: str, rank: int) -> float | None:
 
 
 class TestLiveRun:
-    """A 2-worker training sent to the module's Ray with `launch/submit.sh`
-    (`ray job submit` through the job API on 127.0.0.1), running in the
+    """A 2-worker training sent to the cluster with `launch/submit.sh`
+    (`ray job submit` through the head's job API on 127.0.0.1), running in the
     background while its metrics are scraped: directly over HTTP, and by a
     real Prometheus server; then stopped through the job API."""
 
     @pytest.fixture(scope="class")
     @classmethod
-    def live_run(cls, six_shards, tmp_path_factory, ray_dashboard):
+    def live_run(cls, six_shards, tmp_path_factory, cluster):
         from ray.job_submission import JobSubmissionClient
 
         tmp = tmp_path_factory.mktemp("live")
         run = tmp / "run"
         sets = base_args(run, six_shards, "train.epochs=400", "train.batch_size=8", "distributed.bank_sync_every=2")
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-               "RAY_ADDRESS": ray_dashboard, "RAY_BIN": str(Path(sys.executable).with_name("ray")),
+               "RAY_ADDRESS": cluster.dashboard, "RAY_BIN": str(Path(sys.executable).with_name("ray")),
                "JOB_PYTHON": sys.executable, "SUBMIT_FLAGS": "--no-wait"}
         sub = subprocess.run(["bash", "launch/submit.sh", "train", *sets[1:]], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=300)
         assert sub.returncode == 0, (sub.stdout[-3000:], sub.stderr[-2000:])
         job_id = re.search(r"Job '(raysubmit_\w+)'", sub.stdout + sub.stderr).group(1)
-        client = JobSubmissionClient(ray_dashboard)
+        client = JobSubmissionClient(cluster.dashboard)
         try:
             _wait_for(lambda: len(list((run / "metrics").glob("train-rank*.json"))) == 2
                       or client.get_job_status(job_id).is_terminal(), 240, "both workers' metrics target files")

@@ -186,7 +186,10 @@ class LocalCluster:
         with contextlib.suppress(FileNotFoundError):
             state.unlink()
         log_file = open(self.state_dir / f"{name}.log", "ab")
-        env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+        # "0": every process of the node (its agents, Ray's workers) takes 127.0.0.1 for this machine's address;
+        # with "1" Ray turns a 127.0.0.1 address into the machine's outward one, where nothing listens: the
+        # head's agent then hung connecting to the GCS at the first `ray job submit` (the job API never answered)
+        env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "saat_dist.distributed.local_cluster", "--state-dir", str(self.state_dir.resolve()),
              "--name", name, *args], stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
