@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from saat_dist.cli import main
+from tests.conftest import two_worker_nodes
 from tests.test_failures import _killed_at_exit, _wait_for, max_diff, params
 from tests.test_stream import serving
 
@@ -405,8 +406,7 @@ def test_elastic_goes_on_with_fewer_workers(tiny_run, local_cluster, tmp_path):
     stage ends within the worker-count tolerance of the same stage run
     uninterrupted in one process. Last in the module: it leaves one worker node."""
     cluster = local_cluster
-    if len(cluster.workers) < 2:
-        cluster.add_node()
+    two_worker_nodes(cluster)
     again = _SaatAgain(tiny_run, tmp_path / "elastic", tmp_path / "elastic.log", *ELASTIC)
     with _killed_at_exit(["saat", "--address", cluster.address, *again.args], again.log) as proc:
         going = lambda: proc.poll() is None and not again.ended()  # noqa: E731
