@@ -9,9 +9,11 @@ one-epoch tiny train), though nothing here compiles. ``Adam`` and ``SGD``
 here are torch's classes, their update the same code, with those wrappers
 replaced by ones that do the same once ``torch._dynamo`` is loaded and
 nothing before: Dynamo can trace only when it is, and a graph break
-outside a trace does nothing. ``isinstance(opt, torch.optim.Adam)`` holds,
-so DeepSpeed treats them as torch's. ``tests/test_training.py`` checks
-they step as torch's to the bit and import nothing.
+outside a trace does nothing. ``isinstance(opt, torch.optim.Adam)`` holds;
+ZeRO, which names the optimizers it has tested by exact type, is told
+``Adam`` is one (``distributed/deepspeed_setup.py``). ``tests/test_training.py``
+checks they step as torch's to the bit, with Dynamo loaded and in a fresh
+process without it, and import nothing.
 """
 
 from __future__ import annotations
@@ -21,10 +23,16 @@ import inspect
 import sys
 
 import torch
+import torch._compile
 
 
 def _dynamo():
-    return sys.modules.get("torch._dynamo")
+    """``torch._dynamo`` if something loaded it, else None (never imports it)."""
+    if "torch._dynamo" not in sys.modules:
+        return None
+    import torch._dynamo  # loaded, or being loaded by another thread: this waits until it is whole
+
+    return torch._dynamo
 
 
 def _disabled_when_dynamo_is_loaded(fn):
@@ -66,13 +74,24 @@ def _grad_mode_step(step):
     return call
 
 
+# the wrappers torch 2.14 puts around these methods: _disable_dynamo's, the
+# step's grad mode (_use_grad_for_differentiable) and its profiling hook
+# (Optimizer.profile_hook_step, added at a class's first instance)
+_OPTIMIZER_FILE = inspect.getfile(torch.optim.Optimizer)
+_KNOWN_WRAPPERS = {(torch._compile.__file__, "inner"), (_OPTIMIZER_FILE, "_use_grad"), (_OPTIMIZER_FILE, "wrapper")}
+
+
 def _unwrapped(cls: type, name: str):
-    """The function torch wrapped as ``cls.name``; None where this torch
-    wraps it otherwise (then torch's method is kept as it is)."""
-    method = getattr(cls, name)
-    inner = inspect.unwrap(method)  # below the step's profiling hook too, where torch added it already
-    return inner if inner is not method and getattr(inner, "__code__", None) and inner.__code__.co_name == name \
-        else None
+    """The function torch wrapped as ``cls.name``; None where any wrapper
+    around it is not one of today's (then torch's method is kept as it is)."""
+    layer, layers = getattr(cls, name), 0
+    while hasattr(layer, "__wrapped__"):
+        code = getattr(layer, "__code__", None)
+        if code is None or (code.co_filename, code.co_name) not in _KNOWN_WRAPPERS:
+            return None
+        layer, layers = layer.__wrapped__, layers + 1
+    code = getattr(layer, "__code__", None)
+    return layer if layers and code is not None and code.co_name == name else None
 
 
 def _without_dynamo_import(cls: type) -> type:

@@ -97,6 +97,16 @@ def two_worker_nodes(cluster) -> None:
         cluster.add_node()
 
 
+def fresh_driver() -> None:
+    """Leave the Ray this process joined: the CLI keeps a Ray its process
+    already joined (``init_ray``), and with it the job environment of the
+    command that joined it (a preemption watcher, say), so a module's first
+    command joins anew with its own."""
+    import ray
+
+    ray.shutdown()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

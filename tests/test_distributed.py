@@ -26,7 +26,7 @@ import yaml
 from saat_dist.cli import main
 from saat_dist.data.convert import convert
 from saat_dist.monitoring.prometheus import read_target_file
-from tests.conftest import need, two_worker_nodes
+from tests.conftest import fresh_driver, need, two_worker_nodes
 from tests.test_cluster import MONITORING, dashboard_queries
 from tests.test_failures import _wait_for
 
@@ -37,7 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster(local_cluster):
-    """The session's cluster with its 2 worker nodes (a test before may have lost one)."""
+    """The session's cluster with its 2 worker nodes (a test before may have
+    lost one), joined anew by this module's first command."""
+    fresh_driver()
     two_worker_nodes(local_cluster)
     return local_cluster
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from saat_dist.cli import main
-from tests.conftest import two_worker_nodes
+from tests.conftest import fresh_driver, two_worker_nodes
 from tests.test_failures import _killed_at_exit, _wait_for, max_diff, params
 from tests.test_stream import serving
 
@@ -53,6 +53,7 @@ def tiny_run(tmp_path_factory, local_cluster):
     from saat_dist.pipeline import ensure_data
 
     tmp = tmp_path_factory.mktemp("tiny_run")
+    fresh_driver()  # the run joins with its own job environment, whichever module ran before
     ensure_data(load_config("configs/tiny.yaml", [f"data.shard_dir={tmp / 'data' / 'shards'}"]))
     with serving(tmp / "data" / "shards") as url:
         args = _args(tmp / "run", tmp / "no-shared-shards", url)

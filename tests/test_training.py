@@ -97,8 +97,11 @@ def _deepspeed_optimizer(rank, world, optim):
     inner.step()  # no gradients: the update skips every parameter, the wrappers run
     state = inner.state_dict()
     inner.load_state_dict(state)
+    from deepspeed.runtime.zero.utils import is_zero_supported_optimizer
+
     # a fresh process from the fork server, which imported torch, DeepSpeed and the package
-    return type(inner).__name__, group["betas"], group["lr"], "torch._dynamo" in sys.modules
+    return (type(inner).__name__, group["betas"], group["lr"], "torch._dynamo" in sys.modules,
+            is_zero_supported_optimizer(inner))
 
 
 @pytest.mark.slow
@@ -106,16 +109,17 @@ def test_adam_gets_its_betas_through_deepspeed():
     from saat_dist.config import load_config
     from tests.gloo import run_on_group
 
-    (name, betas, lr, dynamo), = run_on_group(_deepspeed_optimizer, 1, load_config(None).atrdh.optim)
+    (name, betas, lr, dynamo, zero_tested), = run_on_group(_deepspeed_optimizer, 1, load_config(None).atrdh.optim)
     assert name == "Adam" and tuple(betas) == (0.5, 0.999) and lr == pytest.approx(1e-4)
     assert not dynamo, "building and stepping the optimizer imported torch._dynamo (~2 CPU-s a Ray worker)"
+    assert zero_tested  # ZeRO 1-3 would warn of an untested optimizer
 
 
-@pytest.mark.parametrize("name", ["adam", "sgd"])
-def test_the_package_optimizers_step_as_torchs_to_the_bit(name):
-    """saat_dist.optimizers (torch's classes without their import of
-    torch._dynamo): the same parameters and state as torch's after steps,
-    a state_dict round trip and zero_grad, weight decay and momentum on."""
+def _both_optimizers(rank, world, name):
+    """(ours, torch's) parameters and optimizer state after the same steps,
+    a state_dict round trip between them, weight decay and momentum on; and
+    whether torch._dynamo was loaded while ours ran (before torch's, which
+    imports it)."""
     from saat_dist import optimizers
 
     ours_cls, torch_cls = {"adam": (optimizers.Adam, torch.optim.Adam), "sgd": (optimizers.SGD, torch.optim.SGD)}[name]
@@ -133,12 +137,45 @@ def test_the_package_optimizers_step_as_torchs_to_the_bit(name):
                 opt.load_state_dict(opt.state_dict())
         return [p.detach() for p in net.parameters()], opt.state_dict()
 
-    (ours, ours_state), (theirs, their_state) = train(ours_cls), train(torch_cls)
+    ours = train(ours_cls)
+    dynamo = "torch._dynamo" in sys.modules
     assert isinstance(ours_cls([torch.nn.Parameter(torch.zeros(1))]), torch_cls)
-    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
-    assert ours_state["param_groups"] == their_state["param_groups"]
+    return ours, train(torch_cls), dynamo
+
+
+def _assert_equal(ours, theirs):
+    (params, state), (their_params, their_state) = ours, theirs
+    assert all(torch.equal(a, b) for a, b in zip(params, their_params, strict=True))
+    assert state["param_groups"] == their_state["param_groups"]
     for key, value in their_state["state"][0].items():
-        assert torch.equal(ours_state["state"][0][key], value), key
+        assert torch.equal(state["state"][0][key], value), key
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_the_package_optimizers_step_as_torchs_to_the_bit_with_dynamo_loaded(name):
+    """saat_dist.optimizers are torch's classes without their import of
+    torch._dynamo: with Dynamo loaded (a torchvision backbone loads it),
+    their wrappers are Dynamo's, and they end where torch's do."""
+    import importlib
+
+    importlib.import_module("torch._dynamo")
+    ours, theirs, dynamo = _both_optimizers(0, 1, name)
+    assert dynamo
+    _assert_equal(ours, theirs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_the_package_optimizers_step_as_torchs_to_the_bit_without_dynamo(name):
+    """The path a Ray worker of a small_cnn run takes: a fresh process
+    (from the fork server, which imported torch, DeepSpeed and the package)
+    where nothing loaded torch._dynamo; ours load nothing and end where
+    torch's do."""
+    from tests.gloo import run_on_group
+
+    ours, theirs, dynamo = run_on_group(_both_optimizers, 1, name)[0]
+    assert not dynamo
+    _assert_equal(ours, theirs)
 
 
 def test_lr_scaling_rules_and_warmup():

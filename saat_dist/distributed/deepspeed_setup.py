@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from saat_dist import optimizers
 from saat_dist.config import DistributedConfig, OptimConfig
 from saat_dist.training.optim import build_optimizer, build_scheduler
 
@@ -70,11 +71,24 @@ def skip_shm_comm_build() -> None:
         compatible[builder.NAME] = False
 
 
+def _zero_knows_the_package_adam() -> None:
+    """ZeRO names the optimizers it has tested by exact type (it appends its
+    own Muon to the list so). The package's Adam is torch's, without the
+    import of torch._dynamo (saat_dist.optimizers): listed beside it, ZeRO
+    1-3 do not warn of an untested optimizer."""
+    from deepspeed.runtime.zero import utils
+
+    supported = getattr(utils, "ZERO_SUPPORTED_OPTIMIZERS", None)
+    if isinstance(supported, list) and torch.optim.Adam in supported and optimizers.Adam not in supported:
+        supported.append(optimizers.Adam)
+
+
 def build_engine(model: torch.nn.Module, optim: OptimConfig, d: DistributedConfig, schedule, world_size: int):
     """(engine, scheduler): the engine is the model wrapper and the stepper.
     ``schedule``: the stage's ``trainer.Schedule``; DeepSpeed's global batch
     is its global batch (micro batch x grad_accum x workers, checked here)."""
     deepspeed = import_deepspeed()  # first: a plain `import deepspeed` imports MLflow
+    _zero_knows_the_package_adam()
 
     if schedule.micro_batch * schedule.grad_accum * world_size != schedule.global_batch:
         raise ValueError(f"micro batch {schedule.micro_batch} x {schedule.grad_accum} x {world_size} workers "
