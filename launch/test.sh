@@ -31,7 +31,7 @@ unset PYTHONDONTWRITEBYTECODE
 # the Ray modules (a local multi-node cluster, Ray Train jobs: they wait on
 # node starts, worker groups and checkpoints) after the scale-invariance
 # groups and the certify command's test, and every other file. The split
-# keeps the two about equally long (fresh clones: at 2d79071 the Ray modules
+# keeps the two about equally long (fresh clones: at fe1ac46 the Ray modules
 # 410 s, the others 521 s, of which the scale-invariance groups took 43 s;
 # with those moved, at 6e6caeb and 3afa666, the others still ended 40-49 s
 # later, and the certify test took 23-26 s of theirs). One torch thread
