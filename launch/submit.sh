@@ -5,9 +5,10 @@
 #   RAY_ADDRESS=... bash launch/submit.sh train configs/cluster-cpu.yaml --resume auto
 # COMMAND is run, experiment or one stage (train, saat, evaluate, report);
 # everything after CONFIG goes to that command.
-# The working directory travels as the job's runtime_env, without .git, data,
-# run outputs, virtualenvs or caches (Ray's upload limit is ~100 MiB). Inside
-# the job, saat-dist joins the cluster that runs it (RAY_ADDRESS is set there).
+# The working directory travels as the job's runtime_env (launch/job-runtime-env.yaml:
+# the checkout without .git, data, run outputs, virtualenvs or caches; Ray's
+# upload limit is ~100 MiB). Inside the job, saat-dist joins the cluster that
+# runs it (RAY_ADDRESS is set there).
 # Token auth: clusters started with RAY_AUTH_MODE=token need the same for this
 # CLI (export RAY_AUTH_MODE=token and the token, see docs/cluster.md).
 set -euo pipefail
@@ -24,11 +25,5 @@ esac
 address=${RAY_ADDRESS:-http://127.0.0.1:8265}
 ray_bin=${RAY_BIN:-$(command -v ray || echo .venv/bin/ray)}
 python_bin=${JOB_PYTHON:-python}
-runtime_env=$(cat <<JSON
-{"working_dir": ".",
- "excludes": [".git", ".venv", "data", "runs", "bench-results", "__pycache__", "*.pyc", ".pytest_cache", "*.egg-info"],
- "env_vars": {"PYTHONUNBUFFERED": "1"}}
-JSON
-)
-exec "$ray_bin" job submit --address "$address" --runtime-env-json "$runtime_env" ${SUBMIT_FLAGS:-} \
+exec "$ray_bin" job submit --address "$address" --runtime-env launch/job-runtime-env.yaml ${SUBMIT_FLAGS:-} \
   -- "$python_bin" -m saat_dist.cli "$command" --config "$config" "$@"

@@ -108,7 +108,9 @@ class TestLiveRun:
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
                "RAY_ADDRESS": cluster.dashboard, "RAY_BIN": str(Path(sys.executable).with_name("ray")),
                "JOB_PYTHON": sys.executable, "SUBMIT_FLAGS": "--no-wait"}
-        sub = subprocess.run(["bash", "launch/submit.sh", "train", *sets[1:]], cwd=ROOT, env=env, capture_output=True,
+        # --debug: a job that fails shows its traceback in the job's log
+        sub = subprocess.run(["bash", "launch/submit.sh", "train", *sets[1:], "--debug"], cwd=ROOT, env=env,
+                             capture_output=True,
                              text=True, timeout=300)
         assert sub.returncode == 0, (sub.stdout[-3000:], sub.stderr[-2000:])
         job_id = re.search(r"Job '(raysubmit_\w+)'", sub.stdout + sub.stderr).group(1)

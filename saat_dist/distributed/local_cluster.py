@@ -39,7 +39,7 @@ LOOPBACK = "127.0.0.1"
 
 
 # --------------------------------------------------------- one node process
-def _start_node(head: bool, address: str | None, num_cpus: float, temp_dir: str | None):
+def _start_node(name: str, head: bool, address: str | None, num_cpus: float, temp_dir: str | None):
     """A Ray node in this process (the raylet and its agents are children,
     with a reaper that kills them when this process dies)."""
     import ray._private.node
@@ -50,7 +50,14 @@ def _start_node(head: bool, address: str | None, num_cpus: float, temp_dir: str 
     # another local cluster going down) may hold: seen, a new head's agent then serves no job API
     params = RayParams(node_ip_address=LOOPBACK, num_cpus=num_cpus, num_gpus=0, min_worker_port=0,
                        max_worker_port=0, object_store_memory=150 * 2**20, temp_dir=temp_dir,
-                       dashboard_agent_listen_port=None)
+                       dashboard_agent_listen_port=None,
+                       # Nodes on one machine share the session directory. Each runtime-env agent
+                       # unpacks a job's working_dir with overwrite (rmtree, then unzip) the first time
+                       # one of its workers needs it; in a shared runtime_resources/ a worker node
+                       # starting the job's workers deleted the files under the running driver (seen:
+                       # "No module named saat_dist.distributed.ray_trainer"). One folder per node, as
+                       # on a real cluster.
+                       runtime_env_dir_name=f"runtime_resources_{name}")
     if head:
         # a node whose raylet stops answering is declared dead after 3 missed 1 s health checks (Ray's
         # defaults: 5 x 3 s), so a lost node shows in seconds, as the tests and try-outs want
@@ -77,7 +84,7 @@ def node_main(argv: list[str] | None = None) -> None:
     p.add_argument("--temp-dir")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    node = _start_node(a.head, a.address, a.num_cpus, a.temp_dir)
+    node = _start_node(a.name, a.head, a.address, a.num_cpus, a.temp_dir)
     state_file = a.state_dir / f"{a.name}.json"
     state = {"name": a.name, "pid": os.getpid(), "node_id": node.node_id, "head": a.head,
              "address": node.gcs_address, "dashboard": f"http://{node.webui_url}" if a.head else None}
