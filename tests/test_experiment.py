@@ -199,15 +199,19 @@ def test_checks_trigger_on_a_gradient_masked_model(experiment, trained_small):
 
 
 class Saturated(torch.nn.Module):
-    """A hash model whose tanh saturates: logits scaled by 1e4, so every
-    input gradient underflows to zero while the codes stay the model's."""
+    """A hash model whose tanh saturates: logits pushed at least 0.1 from
+    zero (by their sign, whose gradient is zero) and scaled by 1e4, so every
+    input gradient is exactly zero while the codes stay the model's. (Scaling
+    alone left a logit within 1e-3 of zero unsaturated: at one torch thread a
+    query of the small model had one, and the check counted 15 of 16.)"""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
     def logits(self, x):
-        return 1e4 * self.model.logits(x)
+        z = self.model.logits(x)
+        return 1e4 * (z + 0.1 * torch.sign(z))
 
     def forward(self, x, alpha=None):
         return torch.tanh((1.0 if alpha is None else alpha) * self.logits(x).float())
