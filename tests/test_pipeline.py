@@ -8,9 +8,12 @@ run's parameters."""
 import contextlib
 import io
 import json
+import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 
 import pytest
@@ -260,6 +263,36 @@ class _SaatAgain:
         return _wait_for(lambda: _step(first), 60, f"rank 0's state in {first}")
 
 
+@contextlib.contextmanager
+def _slowed(pids, share: float = 0.2, period_s: float = 0.2):
+    """The processes ``pids`` run ``share`` of every ``period_s`` and are
+    stopped the rest (SIGSTOP and SIGCONT, as cpulimit does): a machine
+    5x slower, for as long as the block lasts. A process that has gone is
+    passed over; every one is continued at the end."""
+    done = threading.Event()
+
+    def send(sig):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def cycle():
+        while not done.is_set():
+            send(signal.SIGCONT)
+            time.sleep(share * period_s)
+            send(signal.SIGSTOP)
+            done.wait((1 - share) * period_s)
+        send(signal.SIGCONT)
+
+    thread = threading.Thread(target=cycle, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 # Ray's controller registers a reported checkpoint when it next polls the
 # workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 0.1 s in the tests)
 REGISTERED_S = 1.0
@@ -315,15 +348,19 @@ def test_a_lost_node_a_preemption_and_a_lost_head(tiny_run, local_cluster, tmp_p
         time.sleep(REGISTERED_S)
         before, last = {r: again.pid(r) for r in (0, 1)}, again.newest()
         victim, t = cluster.workers[0], time.monotonic()
-        cluster.preempt(victim)
-        jit = _wait_for(lambda: [p for p in again.checkpoints() if p.name > last and _why(p) == "preemption notice"]
-                        or not going(), 30, "the preemption notice's checkpoint")
-        saved_after = time.monotonic() - t
-        assert going(), "the stage ended before the preemption; make it longer"
-        assert saved_after <= 10.0, f"the preemption checkpoint came {saved_after:.1f} s after SIGTERM"
-        jit_step = _wait_for(lambda: _step(jit[0]), 30, "the preemption checkpoint's step")
-        cluster.add_node()  # a replacement joins while the victim drains (as an autoscaler would)
-        cluster.wait_gone(victim, 60)
+        # the ranks slowed 5x through the grace: the stage's steps left must outlast it on any machine
+        # (seen unslowed, at 13 steps/s: the 63 steps left ended within the 10 s, before the deadline)
+        with _slowed(list(before.values())):
+            cluster.preempt(victim)
+            jit = _wait_for(lambda: [p for p in again.checkpoints()
+                                     if p.name > last and _why(p) == "preemption notice"]
+                            or not going(), 30, "the preemption notice's checkpoint")
+            saved_after = time.monotonic() - t
+            assert going(), "the stage ended before the preemption; make it longer"
+            assert saved_after <= 10.0, f"the preemption checkpoint came {saved_after:.1f} s after SIGTERM"
+            jit_step = _wait_for(lambda: _step(jit[0]), 30, "the preemption checkpoint's step")
+            cluster.add_node()  # a replacement joins while the victim drains (as an autoscaler would)
+            cluster.wait_gone(victim, 60)
         # trained on, then checkpointed again just before the deadline and waited for the stop
         final = [p for p in again.checkpoints() if p.name > jit[0].name and _why(p) == "preemption deadline"]
         assert final and _step(final[0]) > jit_step, [(_step(p), _why(p)) for p in again.checkpoints()]
