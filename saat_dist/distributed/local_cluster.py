@@ -112,7 +112,23 @@ def node_main(argv: list[str] | None = None) -> None:
     with contextlib.suppress(FileNotFoundError):
         state_file.unlink()
     node.kill_all_processes(check_alive=False, allow_graceful=False)
+    _kill_the_rest_of_my_group()
     log.info("node %s: down (%s)", a.name, stopping[0])
+
+
+def _kill_the_rest_of_my_group() -> None:
+    """SIGKILL every other process of this node's process group (LocalCluster
+    starts each node in a session of its own): the raylet's agents are not
+    among the processes ``kill_all_processes`` knows, and left behind they
+    lived ~2 minutes after the cluster went down, one of them spinning at
+    half a core, retrying the gone GCS (measured: 56 CPU-s in 95 s)."""
+    me = os.getpid()
+    if os.getpgid(0) != me:  # not a group of our own (run by hand in a shell): leave it alone
+        return
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if pid != me and os.getpgid(pid) == me:
+                os.kill(pid, signal.SIGKILL)
 
 
 def _write_json(path: Path, value: dict) -> None:
