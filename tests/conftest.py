@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -95,6 +98,36 @@ def two_worker_nodes(cluster) -> None:
     """Add worker nodes until ``cluster`` has 2 (a test before may have lost one)."""
     while len(cluster.workers) < 2:
         cluster.add_node()
+
+
+@contextlib.contextmanager
+def slowed(pids, share: float = 0.2, period_s: float = 0.2):
+    """The processes ``pids`` run ``share`` of every ``period_s`` and are
+    stopped the rest (SIGSTOP and SIGCONT, as cpulimit does): a machine
+    5x slower, for as long as the block lasts. A process that has gone is
+    passed over; every one is continued at the end."""
+    done = threading.Event()
+
+    def send(sig):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def cycle():
+        while not done.is_set():
+            send(signal.SIGCONT)
+            time.sleep(share * period_s)
+            send(signal.SIGSTOP)
+            done.wait((1 - share) * period_s)
+        send(signal.SIGCONT)
+
+    thread = threading.Thread(target=cycle, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def fresh_driver() -> None:

@@ -26,7 +26,7 @@ import yaml
 from saat_dist.cli import main
 from saat_dist.data.convert import convert
 from saat_dist.monitoring.prometheus import read_target_file
-from tests.conftest import fresh_driver, need, two_worker_nodes
+from tests.conftest import fresh_driver, need, slowed, two_worker_nodes
 from tests.test_cluster import MONITORING, dashboard_queries
 from tests.test_failures import _wait_for
 
@@ -119,7 +119,15 @@ class TestLiveRun:
             _wait_for(lambda: len(list((run / "metrics").glob("train-rank*.json"))) == 2
                       or client.get_job_status(job_id).is_terminal(), 240, "both workers' metrics target files")
             assert not client.get_job_status(job_id).is_terminal(), client.get_job_logs(job_id)[-3000:]
-            yield run, client, job_id
+            # once both ranks step, they run a fifth of the time while the tests watch: nothing here
+            # depends on their speed, and the cores go to the other test process (the ranks had trained
+            # flat out on both)
+            targets = [read_target_file(f) for f in (run / "metrics").glob("train-rank*.json")]
+            _wait_for(lambda: all((_value(_scrape(t["port"]), "saat_steps_total", int(t["rank"])) or 0) > 0
+                                  for t in targets) or client.get_job_status(job_id).is_terminal(), 180,
+                      "both ranks' first steps")
+            with slowed([t["pid"] for t in targets]):
+                yield run, client, job_id
         finally:
             client.stop_job(job_id)
             _wait_for(lambda: client.get_job_status(job_id).is_terminal(), 120, "the job to stop")

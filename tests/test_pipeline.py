@@ -8,19 +8,16 @@ run's parameters."""
 import contextlib
 import io
 import json
-import os
 import re
 import shutil
-import signal
 import sys
-import threading
 import time
 
 import pytest
 import torch
 
 from saat_dist.cli import main
-from tests.conftest import fresh_driver, two_worker_nodes
+from tests.conftest import fresh_driver, slowed, two_worker_nodes
 from tests.test_failures import _killed_at_exit, _wait_for, max_diff, params
 from tests.test_stream import serving
 
@@ -263,36 +260,6 @@ class _SaatAgain:
         return _wait_for(lambda: _step(first), 60, f"rank 0's state in {first}")
 
 
-@contextlib.contextmanager
-def _slowed(pids, share: float = 0.2, period_s: float = 0.2):
-    """The processes ``pids`` run ``share`` of every ``period_s`` and are
-    stopped the rest (SIGSTOP and SIGCONT, as cpulimit does): a machine
-    5x slower, for as long as the block lasts. A process that has gone is
-    passed over; every one is continued at the end."""
-    done = threading.Event()
-
-    def send(sig):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-
-    def cycle():
-        while not done.is_set():
-            send(signal.SIGCONT)
-            time.sleep(share * period_s)
-            send(signal.SIGSTOP)
-            done.wait((1 - share) * period_s)
-        send(signal.SIGCONT)
-
-    thread = threading.Thread(target=cycle, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
-
-
 # Ray's controller registers a reported checkpoint when it next polls the
 # workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 0.1 s in the tests)
 REGISTERED_S = 1.0
@@ -350,7 +317,7 @@ def test_a_lost_node_a_preemption_and_a_lost_head(tiny_run, local_cluster, tmp_p
         victim, t = cluster.workers[0], time.monotonic()
         # the ranks slowed 5x through the grace: the stage's steps left must outlast it on any machine
         # (seen unslowed, at 13 steps/s: the 63 steps left ended within the 10 s, before the deadline)
-        with _slowed(list(before.values())):
+        with slowed(list(before.values())):
             cluster.preempt(victim)
             jit = _wait_for(lambda: [p for p in again.checkpoints()
                                      if p.name > last and _why(p) == "preemption notice"]
