@@ -27,39 +27,64 @@ export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 # spawned CLIs), and where PYTHONDONTWRITEBYTECODE is set each would compile
 # what it imports again.
 unset PYTHONDONTWRITEBYTECODE
-# The whole suite (no arguments) runs as two pytest processes side by side:
-# the Ray modules (a local multi-node cluster, Ray Train jobs: they wait on
-# node starts, worker groups and checkpoints) after the scale-invariance
-# groups and the certify command's test, and every other file. The split
-# keeps the two about equally long (fresh clones: at fe1ac46 the Ray modules
-# 410 s, the others 521 s, of which the scale-invariance groups took 43 s;
-# with those moved, at 6e6caeb and 3afa666, the others still ended 40-49 s
-# later, and the certify test took 23-26 s of theirs). One torch thread
-# each: two processes share the 2 cores. Any argument (a file, -k, -m "not
-# slow") runs one process; SAAT_DIST_TEST_PROCS=1 (or 0) forces one.
-RAY_SIDE=(tests/test_scale_invariance.py tests/test_certify_stage.py tests/test_pipeline.py tests/test_distributed.py)
+# The whole suite (no arguments) runs as two pytest processes side by side,
+# one torch thread each (they share the 2 cores): the Ray modules (a local
+# multi-node cluster, Ray Train jobs: they wait on node starts, worker groups
+# and checkpoints) in one, the other files without Ray in the other. Then
+# each takes the next of the SHARED files, heaviest first, until none is
+# left (one pytest run a file, claimed with an atomic mkdir): the two end
+# close together whatever the machine's speed. A static split could not: the
+# Ray side's waits do not scale with the machine, its compute does (fresh
+# clones: at fe1ac46 the Ray side ended 111 s first; with the scale-invariance
+# and certify files moved to it, at d78df9e 21 s last and at 87ffdea, on a
+# faster machine, 58 s last). Any argument (a file, -k, -m "not slow") runs
+# one process; SAAT_DIST_TEST_PROCS=1 (or 0) forces one.
+RAY_SIDE=(tests/test_pipeline.py tests/test_distributed.py)
+SHARED=(tests/test_paper_presets.py tests/test_scale_invariance.py tests/test_deepspeed.py tests/test_experiment.py
+        tests/test_certify_stage.py)
 if [ "$#" -gt 0 ] || [ "${SAAT_DIST_TEST_PROCS:-2}" -le 1 ]; then
   exec .venv/bin/python -m pytest -q --durations=25 "$@"
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-# both under one directory: the Ray modules' lock (tests/conftest.py) lives beside them
+# all under one directory: the Ray modules' lock (tests/conftest.py) lives beside them
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/saat-dist-tests.XXXXXX")
+mkdir "$tmp/claimed"
 others=()
 for f in tests/test_*.py; do
-  case " ${RAY_SIDE[*]} " in *" $f "*) ;; *) others+=("$f") ;; esac
+  case " ${RAY_SIDE[*]} ${SHARED[*]} " in *" $f "*) ;; *) others+=("$f") ;; esac
 done
-echo "[test] two processes: ${RAY_SIDE[*]} | the other ${#others[@]} files (logs under $tmp)"
+# the shared files this process gets to, one pytest run each; its status: the worst
+take_shared() {
+  local f name status=0
+  for f in "${SHARED[@]}"; do
+    name=$(basename "$f" .py)
+    mkdir "$tmp/claimed/$name" 2>/dev/null || continue
+    echo "----- $f"
+    .venv/bin/python -m pytest -q --durations=5 --basetemp "$tmp/$name" -p no:cacheprovider "$f" || status=1
+  done
+  return "$status"
+}
+side() {  # pytest on this side's own files, then shared files
+  local status=0
+  .venv/bin/python -m pytest -q --durations=15 "$@" || status=1
+  take_shared || status=1
+  return "$status"
+}
+echo "[test] two processes: ${RAY_SIDE[*]} | the other ${#others[@]} files; then each takes the next of" \
+     "${SHARED[*]} (logs under $tmp)"
 # one process keeps pytest's cache (--lf): two would overwrite each other's record
-.venv/bin/python -m pytest -q --durations=15 --basetemp "$tmp/ray" -p no:cacheprovider "${RAY_SIDE[@]}" \
-  > "$tmp/ray.log" 2>&1 &
+side --basetemp "$tmp/ray" -p no:cacheprovider "${RAY_SIDE[@]}" > "$tmp/ray.log" 2>&1 &
 ray_pid=$!
-.venv/bin/python -m pytest -q --durations=15 --basetemp "$tmp/others" "${others[@]}" > "$tmp/others.log" 2>&1 &
+side --basetemp "$tmp/others" "${others[@]}" > "$tmp/others.log" 2>&1 &
 others_pid=$!
 trap 'kill "$ray_pid" "$others_pid" 2>/dev/null' INT TERM
 status=0
 wait "$others_pid" || status=$?
-echo "===== the other files ====="; cat "$tmp/others.log"
+echo "===== the other files, then shared ones ====="; cat "$tmp/others.log"
 wait "$ray_pid" || status=$?
-echo "===== ${RAY_SIDE[*]} ====="; cat "$tmp/ray.log"
+echo "===== ${RAY_SIDE[*]}, then shared ones ====="; cat "$tmp/ray.log"
+for f in "${SHARED[@]}"; do  # each ran once (a side that died early leaves the rest to the other)
+  [ -d "$tmp/claimed/$(basename "$f" .py)" ] || { echo "[test] $f did not run"; status=1; }
+done
 if [ "$status" = 0 ]; then echo "[test] both processes passed"; rm -rf "$tmp"; else echo "[test] FAILED (exit $status); its files: $tmp"; fi
 exit "$status"
