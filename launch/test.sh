@@ -54,31 +54,47 @@ others=()
 for f in tests/test_*.py; do
   case " ${RAY_SIDE[*]} ${SHARED[*]} " in *" $f "*) ;; *) others+=("$f") ;; esac
 done
-# the shared files this process gets to, one pytest run each; its status: the worst
+# the shared files this side gets to, one pytest run each (CACHE: its pytest
+# cache option); the status: the worst
 take_shared() {
   local f name status=0
   for f in "${SHARED[@]}"; do
     name=$(basename "$f" .py)
     mkdir "$tmp/claimed/$name" 2>/dev/null || continue
     echo "----- $f"
-    .venv/bin/python -m pytest -q --durations=5 --basetemp "$tmp/$name" -p no:cacheprovider "$f" || status=1
+    .venv/bin/python -m pytest -q --durations=5 --basetemp "$tmp/$name" ${CACHE:-} "$f" || status=1
   done
   return "$status"
 }
 side() {  # pytest on this side's own files, then shared files
   local status=0
-  .venv/bin/python -m pytest -q --durations=15 "$@" || status=1
+  .venv/bin/python -m pytest -q --durations=15 ${CACHE:-} "$@" || status=1
   take_shared || status=1
   return "$status"
 }
 echo "[test] two processes: ${RAY_SIDE[*]} | the other ${#others[@]} files; then each takes the next of" \
      "${SHARED[*]} (logs under $tmp)"
-# one process keeps pytest's cache (--lf): two would overwrite each other's record
-side --basetemp "$tmp/ray" -p no:cacheprovider "${RAY_SIDE[@]}" > "$tmp/ray.log" 2>&1 &
+# one side keeps pytest's cache (--lf), its runs one after another: two sides
+# would overwrite each other's record
+CACHE="-p no:cacheprovider" side --basetemp "$tmp/ray" "${RAY_SIDE[@]}" > "$tmp/ray.log" 2>&1 &
 ray_pid=$!
 side --basetemp "$tmp/others" "${others[@]}" > "$tmp/others.log" 2>&1 &
 others_pid=$!
-trap 'kill "$ray_pid" "$others_pid" 2>/dev/null' INT TERM
+# Stopped (INT, TERM): each side is a subshell, so its pytest is signalled by
+# parent id; a pytest that joined Ray may not stop on a signal (Ray handles
+# them in its drivers), so what is left after 5 s is killed, and a local
+# cluster of the suite taken down by its state directory.
+stop_all() {
+  pkill -TERM -P "$ray_pid,$others_pid" 2>/dev/null || true
+  kill "$ray_pid" "$others_pid" 2>/dev/null || true
+  sleep 5
+  pkill -KILL -f -- "--basetemp $tmp/" 2>/dev/null || true
+  local d
+  for d in "$tmp"/*/cluster[0-9]*; do
+    [ -d "$d" ] && bash launch/local-cluster.sh down --state-dir "$d" >/dev/null 2>&1 || true
+  done
+}
+trap stop_all INT TERM
 status=0
 wait "$others_pid" || status=$?
 echo "===== the other files, then shared ones ====="; cat "$tmp/others.log"

@@ -129,11 +129,14 @@ def test_a_submitted_job_gets_the_whole_package(tmp_path):
     import zipfile
 
     import yaml
+    from ray._private.ray_constants import get_runtime_env_default_excludes
     from ray._private.runtime_env.packaging import create_package
 
     env = yaml.safe_load((ROOT / "launch" / "job-runtime-env.yaml").read_text())
     assert env["working_dir"] == "."
-    create_package(str(ROOT), tmp_path / "job.zip", include_gitignore=True, excludes=env["excludes"])
+    # Ray puts its own defaults (.git, .venv, venv, __pycache__) before the user's, as the upload does
+    excludes = get_runtime_env_default_excludes() + env["excludes"]
+    create_package(str(ROOT), tmp_path / "job.zip", include_gitignore=True, excludes=excludes)
     sent = set(zipfile.ZipFile(tmp_path / "job.zip").namelist())
     wanted = {str(p.relative_to(ROOT)) for top in ("saat_dist", "configs", "launch") for p in (ROOT / top).rglob("*")
               if p.is_file() and "__pycache__" not in p.parts}

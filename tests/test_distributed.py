@@ -8,6 +8,7 @@ tests/test_pipeline.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -123,9 +124,15 @@ class TestLiveRun:
             # depends on their speed, and the cores go to the other test process (the ranks had trained
             # flat out on both)
             targets = [read_target_file(f) for f in (run / "metrics").glob("train-rank*.json")]
-            _wait_for(lambda: all((_value(_scrape(t["port"]), "saat_steps_total", int(t["rank"])) or 0) > 0
-                                  for t in targets) or client.get_job_status(job_id).is_terminal(), 180,
+
+            def stepped(t):  # a rank that has stepped (its server gone: it has not)
+                with contextlib.suppress(OSError):
+                    return (_value(_scrape(t["port"]), "saat_steps_total", int(t["rank"])) or 0) > 0
+                return False
+
+            _wait_for(lambda: client.get_job_status(job_id).is_terminal() or all(map(stepped, targets)), 180,
                       "both ranks' first steps")
+            assert not client.get_job_status(job_id).is_terminal(), client.get_job_logs(job_id)[-3000:]
             with slowed([t["pid"] for t in targets]):
                 yield run, client, job_id
         finally:
