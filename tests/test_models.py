@@ -45,7 +45,7 @@ def test_pretrained_errors_name_the_file(tmp_path):
     bad = tmp_path / "wrong.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), bad)
     with pytest.raises(ValueError, match="wrong.pth"):
-        build_hash_model("vgg11", 16, pretrained_path=str(bad))
+        build_hash_model("resnet50", 16, pretrained_path=str(bad))  # another architecture's weights
     with pytest.raises(ValueError, match="not one of"):
         build_hash_model("vgg13", 16)
 
