@@ -111,8 +111,7 @@ class TestLiveRun:
                "JOB_PYTHON": sys.executable, "SUBMIT_FLAGS": "--no-wait"}
         # --debug: a job that fails shows its traceback in the job's log
         sub = subprocess.run(["bash", "launch/submit.sh", "train", *sets[1:], "--debug"], cwd=ROOT, env=env,
-                             capture_output=True,
-                             text=True, timeout=300)
+                             capture_output=True, text=True, timeout=300)
         assert sub.returncode == 0, (sub.stdout[-3000:], sub.stderr[-2000:])
         job_id = re.search(r"Job '(raysubmit_\w+)'", sub.stdout + sub.stderr).group(1)
         client = JobSubmissionClient(cluster.dashboard)

@@ -40,8 +40,10 @@ LOOPBACK = "127.0.0.1"
 
 # --------------------------------------------------------- one node process
 def _start_node(name: str, head: bool, address: str | None, num_cpus: float, temp_dir: str | None):
-    """A Ray node in this process (the raylet and its agents are children,
-    with a reaper that kills them when this process dies)."""
+    """A Ray node in this process: its raylet and daemons are children that
+    the kernel ends with it (Ray's fate sharing on Linux); the raylet's
+    agents, which outlived a node's stop, go with the rest of the group
+    (``_kill_the_rest_of_my_group``)."""
     import ray._private.node
     from ray._private.parameter import RayParams
 
