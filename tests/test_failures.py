@@ -163,3 +163,36 @@ def test_stage_times_add_up_over_a_restarted_stage_and_a_launch_starts_them_afre
     record_stage(tmp_path, "saat", 3.0, add=True)  # its first attempt, stopped by a lost node
     record_stage(tmp_path, "saat", 4.5, add=True)  # the attempt that finished
     assert json.loads((tmp_path / "stages.json").read_text()) == {"train": 5.0, "saat": 7.5}
+
+
+def _deadline_watch(deadline_in: float, keep_s: float):
+    from saat_dist.training.trainer import Launch, Notice, PreemptionWatch
+
+    notice = Notice("a node drains", time.time() + deadline_in, keep_s)
+    watch = PreemptionWatch(Launch(0, 1, torch.device("cpu"), None, None, notice=lambda: notice), 1, "saat")
+    assert watch.why_checkpoint(1, 10) == "preemption notice"  # at once
+    watch.step_s, watch.checkpoint_s = 0.1, 0.2  # as last measured: 3 steps and 2 checkpoints = 0.7 s
+    return watch
+
+
+@pytest.mark.parametrize("keep_s", [0.0, 2.0])
+def test_the_deadline_checkpoint_leaves_the_launcher_time_to_keep_it(keep_s):
+    """The last checkpoint before a preemption deadline comes three steps,
+    two checkpoints, the launcher's time to keep it (Ray Train's report
+    collection: measured, a checkpoint written 1.1 s before the deadline was
+    on storage but a restart restored the one before) and 1 s before it."""
+    margin = 0.7 + keep_s + 1.0
+    early = _deadline_watch(margin + 1.0, keep_s)
+    assert early.why_checkpoint(2, 10) is None  # trains on
+    late = _deadline_watch(margin - 0.5, keep_s)
+    assert late.why_checkpoint(2, 10) == "preemption deadline"
+    assert late.why_checkpoint(3, 10) is None  # one final checkpoint
+
+
+def test_the_keep_time_is_ray_trains_report_collection_interval(monkeypatch):
+    from saat_dist.distributed.worker import report_collect_s
+
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    assert report_collect_s() == 2.0  # Ray 2.60's default
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    assert report_collect_s() == 0.5

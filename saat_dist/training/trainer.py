@@ -91,13 +91,19 @@ class Notice:
 
     text: str
     deadline: float | None = None
+    # how long before the deadline a checkpoint must be written for the
+    # launcher to keep it: Ray Train's controller collects reports at its
+    # health checks, so one written closer than that to the deadline is on
+    # storage but not registered, and the restart restores an older one
+    keep_s: float = 0.0
 
 
 class PreemptionWatch:
     """What the loop does about a preemption notice, asked every
     ``distributed.preemption_check_every`` steps: checkpoint at once, train
     on, and when the deadline is near (three steps and two checkpoints
-    away, the time of each as last measured) checkpoint again and wait for
+    away, the time of each as last measured, plus the launcher's time to
+    keep a checkpoint, ``Notice.keep_s``) checkpoint again and wait for
     the stop, so that a restart loses no step. The decision is agreed by
     every rank (a one-number all-reduce per step once noticed). If no stop
     comes by a minute past the deadline, training goes on."""
@@ -121,7 +127,8 @@ class PreemptionWatch:
             return "preemption notice" if self.notice else None
         if self.notice.deadline is None:
             return None
-        near = time.time() + 3 * self.step_s + 2 * self.checkpoint_s + 1.0 >= self.notice.deadline
+        margin = 3 * self.step_s + 2 * self.checkpoint_s + self.notice.keep_s + 1.0
+        near = time.time() + margin >= self.notice.deadline
         if not all_reduce_sum(torch.tensor([float(near)], dtype=torch.float64)).item():
             return None
         self.final = True
