@@ -239,12 +239,12 @@ class DistributedConfig:
     preemption_check_every: Annotated[int, Field(ge=1, description=(
         "steps between checks for a preemption notice (a barrier over the workers; with preemption_notices); "
         "on a notice every worker checkpoints at once, trains on, checkpoints again when the node's deadline is "
-        "three steps, two checkpoints and Ray Train's report collection (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s) "
-        "away and waits for Ray to stop it"))] = 1
+        "three steps, two checkpoints and the time Ray Train takes to keep a checkpoint (two polls, "
+        "2 x RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 4 s by default) away and waits for Ray to stop it"))] = 1
     preemption_poll_s: Annotated[float, Field(gt=0, description=(
         "how often Ray Train polls Ray for draining nodes (RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S): a preempted "
-        "node's grace must cover this, preemption_check_every steps, two checkpoints and Ray Train's report "
-        "collection (2 s)"))] = 5.0
+        "node's grace must cover this, preemption_check_every steps, two checkpoints and the time Ray Train "
+        "takes to keep the last one (4 s by default)"))] = 5.0
     num_to_keep: Annotated[int, Field(ge=1, description=(
         "checkpoints kept per Ray run: a stage's, or a whole `saat-dist run`'s (its newest, the latest stage's)"))] = 2
     local_cpus: Annotated[Annotated[int, Field(ge=1)] | None, Field(description=(

@@ -175,12 +175,12 @@ def _deadline_watch(deadline_in: float, keep_s: float):
     return watch
 
 
-@pytest.mark.parametrize("keep_s", [0.0, 2.0])
+@pytest.mark.parametrize("keep_s", [0.0, 4.0])
 def test_the_deadline_checkpoint_leaves_the_launcher_time_to_keep_it(keep_s):
     """The last checkpoint before a preemption deadline comes three steps,
-    two checkpoints, the launcher's time to keep it (Ray Train's report
-    collection: measured, a checkpoint written 1.1 s before the deadline was
-    on storage but a restart restored the one before) and 1 s before it."""
+    two checkpoints, the launcher's time to keep it (Ray Train: two polls of
+    its controller; measured, a checkpoint written 1.1 s before the deadline
+    was on storage but a restart restored the one before) and 1 s before it."""
     margin = 0.7 + keep_s + 1.0
     early = _deadline_watch(margin + 1.0, keep_s)
     assert early.why_checkpoint(2, 10) is None  # trains on
@@ -189,10 +189,15 @@ def test_the_deadline_checkpoint_leaves_the_launcher_time_to_keep_it(keep_s):
     assert late.why_checkpoint(3, 10) is None  # one final checkpoint
 
 
-def test_the_keep_time_is_ray_trains_report_collection_interval(monkeypatch):
-    from saat_dist.distributed.worker import report_collect_s
+def test_the_keep_time_is_two_of_ray_trains_report_polls(monkeypatch):
+    from ray.train.v2._internal import constants
 
-    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
-    assert report_collect_s() == 2.0  # Ray 2.60's default
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    assert report_collect_s() == 0.5
+    from saat_dist.distributed.preemption import REPORT_POLL_DEFAULT_S, REPORT_POLL_ENV, report_keep_s
+
+    # the names and default are Ray's own (copied, not imported: the import costs a second)
+    assert (REPORT_POLL_ENV, REPORT_POLL_DEFAULT_S) == (constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR,
+                                                       constants.DEFAULT_HEALTH_CHECK_INTERVAL_S)
+    assert report_keep_s({}) == 4.0
+    assert report_keep_s({REPORT_POLL_ENV: "0.5"}) == 1.0
+    with pytest.raises(ValueError, match="RAY_TRAIN_HEALTH_CHECK_INTERVAL_S='2s' is not a number"):
+        report_keep_s({REPORT_POLL_ENV: "2s"})

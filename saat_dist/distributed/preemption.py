@@ -17,8 +17,29 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Mapping
 
 PREEMPTION = "DRAIN_NODE_REASON_PREEMPTION"
+# Ray Train's controller collects the workers' reports (their checkpoints)
+# when it polls them, every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray 2.60's
+# names and default, checked against Ray's own in tests/test_failures.py;
+# not imported from Ray's private module, which costs a second of import)
+REPORT_POLL_ENV, REPORT_POLL_DEFAULT_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0
+
+
+def report_keep_s(environ: Mapping[str, str] = os.environ) -> float:
+    """How long before its node goes a checkpoint must be reported for Ray
+    Train to keep it: two of its controller's polls, one for a report still
+    queued ahead of it (a worker holds one; an epoch-end checkpoint the step
+    before) and one for its own. Closer than that it is on storage but never
+    registered, and the restart restores an older one (measured: the
+    deadline's checkpoint written 1.1 s before the deadline, the step after
+    an epoch end's, at the 2 s default: 1 step redone)."""
+    try:
+        poll_s = float(environ.get(REPORT_POLL_ENV, REPORT_POLL_DEFAULT_S))
+    except ValueError as e:
+        raise ValueError(f"{REPORT_POLL_ENV}={environ[REPORT_POLL_ENV]!r} is not a number of seconds") from e
+    return 2 * poll_s
 
 
 def drain(address: str, node_id: str, deadline_s: float, why: str) -> None:

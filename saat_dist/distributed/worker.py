@@ -21,6 +21,7 @@ from saat_dist.config import RunConfig, config_from_dict
 from saat_dist.console import configure_logging, is_debug
 from saat_dist.data.source import DataSource
 from saat_dist.distributed.deepspeed_setup import DeepSpeedBackend
+from saat_dist.distributed.preemption import report_keep_s
 from saat_dist.distributed.ray_checkpoint import RayCheckpointer, checkpoint_stage
 from saat_dist.monitoring.prometheus import WorkerMetrics
 from saat_dist.runner import run_timed, stage_done
@@ -117,26 +118,7 @@ def preemption_notice() -> Notice | None:
     ranks = sorted(r for v in info.preempted_node_to_ranks.values() for r in v)
     deadline = info.deadline_ms / 1000 if info.deadline_ms else None
     left = f", {deadline - time.time():.1f} s before its deadline" if deadline else ""
-    return Notice(f"preemption notice for node(s) {nodes} (ranks {ranks}){left}", deadline, report_collect_s())
-
-
-def report_collect_s() -> float:
-    """How often Ray Train's controller collects the workers' reports (its
-    health check, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s in Ray 2.60): a
-    checkpoint reported less than this before a node goes may never be
-    registered (measured: the deadline's checkpoint written 1.1 s before it
-    was on storage, and the restart restored the one before)."""
-    import os
-
-    try:  # a private module of Ray 2.60; another version falls back to its default
-        from ray.train.v2._internal.constants import (DEFAULT_HEALTH_CHECK_INTERVAL_S,
-                                                      HEALTH_CHECK_INTERVAL_S_ENV_VAR)
-    except ImportError:
-        return 2.0
-    try:
-        return float(os.environ.get(HEALTH_CHECK_INTERVAL_S_ENV_VAR, DEFAULT_HEALTH_CHECK_INTERVAL_S))
-    except ValueError:
-        return DEFAULT_HEALTH_CHECK_INTERVAL_S
+    return Notice(f"preemption notice for node(s) {nodes} (ranks {ranks}){left}", deadline, report_keep_s())
 
 
 def _device(cfg: RunConfig) -> torch.device:

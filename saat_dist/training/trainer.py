@@ -92,9 +92,9 @@ class Notice:
     text: str
     deadline: float | None = None
     # how long before the deadline a checkpoint must be written for the
-    # launcher to keep it: Ray Train's controller collects reports at its
-    # health checks, so one written closer than that to the deadline is on
-    # storage but not registered, and the restart restores an older one
+    # launcher to keep it (Ray Train: two polls of its controller, see
+    # distributed.preemption.report_keep_s); closer, the restart restores
+    # an older one
     keep_s: float = 0.0
 
 
