@@ -390,3 +390,23 @@ def test_config_check_builds_the_users_model_factory(capsys):
     code = main(["config", "check", "--config", "configs/tiny.yaml", "--set", "model.factory=no_such_pkg.models:build"])
     err = capsys.readouterr().err
     assert code == 2 and "model.factory" in err and "no_such_pkg" in err
+
+
+def test_the_readme_fault_tolerance_settings_are_the_cluster_configs_and_valid():
+    """README's "Run on a cluster" block: every key a config key, its values
+    the cluster config's (all but the elastic range), and the whole block
+    valid on top of the cluster config."""
+    text = (ROOT / "README.md").read_text()
+    found = re.search(r"<!-- snippet: fault-tolerance -->\s*```yaml\n(.*?)```\s*<!-- /snippet -->", text, re.S)
+    assert found, "README.md has no yaml block between <!-- snippet: fault-tolerance --> and <!-- /snippet -->"
+    block = yaml.safe_load(found.group(1))
+    sets = [f"resume={block['resume']}"] + [f"distributed.{k}={json.dumps(v)}" for k, v in block["distributed"].items()]
+    cfg = load_config(ROOT / "configs" / "cluster-cpu.yaml", sets)
+    shipped = load_config(ROOT / "configs" / "cluster-cpu.yaml")
+    assert cfg.resume == shipped.resume == "auto"
+    for key, value in block["distributed"].items():
+        have = getattr(cfg.distributed, key)
+        assert (list(have) if isinstance(have, tuple) else have) == value, key
+        if key != "num_workers":
+            assert getattr(shipped.distributed, key) == value, key
+    assert cfg.distributed.preemption_notices and cfg.distributed.max_failures > 0
