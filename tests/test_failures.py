@@ -189,7 +189,7 @@ def test_the_deadline_checkpoint_leaves_the_launcher_time_to_keep_it(keep_s):
     assert late.why_checkpoint(3, 10) is None  # one final checkpoint
 
 
-def test_the_keep_time_is_two_of_ray_trains_report_polls(monkeypatch):
+def test_the_keep_time_is_two_of_ray_trains_report_polls():
     from ray.train.v2._internal import constants
 
     from saat_dist.distributed.preemption import REPORT_POLL_DEFAULT_S, REPORT_POLL_ENV, report_keep_s
